@@ -1,0 +1,96 @@
+"""One configuration object per command: the single source of every default and of the CLI's flags.
+
+Each field's metadata carries its help text; ``cli.py`` turns fields into flags one-to-one and
+the run folder stores the resolved training config as ``config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def opt(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = opt(None, "competition folder (train.csv + train/); default: the bundled sample in data/sample")
+    arch: str = opt("resnet34", "cnn, resnet18, resnet34, resnet50, or timm:<name> (e.g. timm:convnext_tiny)")
+    epochs: int = opt(10, "training epochs (after the frozen epochs of a pretrained model)")
+    size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256")
+    bs: int = opt(32, "batch size")
+    lr: str = opt("auto", "learning rate: a number, or 'auto' for lr_find's valley suggestion")
+    lr_find_iters: int = opt(40, "iterations of the learning-rate finder")
+    seed: int = opt(42, "random seed: split, initialisation, augmentation order")
+    out: str = opt("runs", "parent folder of the run folders")
+    channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
+                        choices=["auto", "rgb", "rgby"])
+    pretrained: bool = opt(True, "start from ImageNet weights when they are cached or downloadable")
+    weights: str | None = opt(None, "start from this local checkpoint (.pth state dict or safetensors)")
+    loss: str = opt("bce", "loss function", choices=["bce", "focal"])
+    focal_gamma: float = opt(2.0, "gamma of the focal loss")
+    valid_pct: float = opt(0.2, "share of images held out for validation (random split)")
+    n_folds: int = opt(0, "multi-label stratified K-fold split: number of folds (0 = random split)")
+    fold: int = opt(0, "which fold is the validation set when --n-folds is set")
+    patience: int = opt(3, "early stopping: epochs without improvement of --monitor")
+    monitor: str = opt("f1_macro", "metric for early stopping and best-epoch selection",
+                       choices=["f1_macro", "f1_samples", "valid_loss"])
+    threshold: float = opt(0.5, "probability threshold of the F1 metrics during training")
+    precision: str = opt("auto", "auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU",
+                         choices=["auto", "fp32", "fp16", "bf16"])
+    workers: int | None = opt(None, "DataLoader worker processes; default: 0 on CPU, up to 8 on GPU")
+    freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing")
+    skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
+    log: str = opt("none", "extra logger", choices=["none", "tensorboard"])
+
+    @property
+    def monitor_higher_is_better(self) -> bool:
+        return self.monitor != "valid_loss"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path) -> "TrainConfig":
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class PredictConfig:
+    learner: str = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model")
+    data: str | None = opt(None, "competition folder, folder of images, or one image; default: the bundled sample")
+    out: str = opt("submission.csv", "output CSV")
+    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones")
+    tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
+    tta_max: bool = opt(False, "like --tta, but take the maximum over the 8 orientations")
+    bs: int = opt(32, "batch size")
+    workers: int | None = opt(None, "DataLoader worker processes")
+    trust: bool = opt(False, "allow unpickling an export.pkl from outside this project's run folders")
+
+
+@dataclass
+class EvaluateConfig:
+    learner: str = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model")
+    data: str | None = opt(None, "labelled competition folder; default: the bundled sample")
+    out: str | None = opt(None, "report folder; default: <run folder>/evaluate")
+    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones")
+    tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
+    bs: int = opt(32, "batch size")
+    workers: int | None = opt(None, "DataLoader worker processes")
+    trust: bool = opt(False, "allow unpickling an export.pkl from outside this project's run folders")
+
+
+@dataclass
+class SynthConfig:
+    out: str = opt("data/synthetic", "folder to write the data set to")
+    format: str = opt("z2g", "layout to write", choices=["z2g", "hpa2018"])
+    n_train: int = opt(200, "labelled training images")
+    n_test: int = opt(40, "unlabelled test images")
+    size: int = opt(512, "image side in pixels")
+    seed: int = opt(0, "random seed")
+    easy: bool = opt(False, "stronger signal and less noise (for quick experiments)")

@@ -1,0 +1,149 @@
+"""Images in, batches out: decoding of RGB and per-stain files, the DataBlock and its splitters."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.data.block import DataBlock, MultiCategoryBlock, TransformBlock
+from fastai.data.transforms import ColReader, IndexSplitter, IntToFloatTensor, Normalize, RandomSplitter
+from fastai.torch_core import TensorImage
+from fastai.vision.augment import aug_transforms
+from PIL import Image, UnidentifiedImageError
+
+from .errors import HPAError
+from .formats import CHANNEL_SETS, key_files
+
+# Decoding a truncated PNG raises any of these inside PIL.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def _open(path: str, want_mode: str, header_only: bool):
+    try:
+        im = Image.open(path)
+    except FileNotFoundError:
+        raise HPAError(f"{path}: image file not found") from None
+    except _DECODE_ERRORS as e:
+        raise HPAError(f"{path}: not a readable image ({e})") from None
+    if im.mode != want_mode:
+        what = {"L": "8-bit grayscale (one stain per file)", "RGB": "8-bit RGB"}[want_mode]
+        raise HPAError(f"{path}: image mode is {im.mode} ({len(im.getbands())} channel(s)), expected {what}")
+    if not header_only:
+        try:
+            im.load()
+        except _DECODE_ERRORS as e:
+            raise HPAError(f"{path}: truncated or corrupt image ({e})") from None
+    return im
+
+
+def read_image(key: str, channels=CHANNEL_SETS["rgb"], size: int | None = None,
+               header_only: bool = False) -> np.ndarray:
+    """Decode one item as a uint8 array (H, W, C) with channels in ``channels`` order, resized to ``size``."""
+    files = key_files(key, channels)
+    if len(files) == 1:
+        if len(channels) != 3:
+            raise HPAError(f"{key}: a 4-channel (RGBY) model needs one file per stain; this is a single RGB image")
+        ims = [_open(files[0], "RGB", header_only)]
+    else:
+        ims = [_open(f, "L", header_only) for f in files]
+        if len({im.size for im in ims}) > 1:
+            raise HPAError(f"{files[0]}: the channel files of this image differ in size "
+                           f"({', '.join('x'.join(map(str, im.size)) for im in ims)})")
+    if header_only:
+        return np.empty((ims[0].size[1], ims[0].size[0], len(channels)), np.uint8)
+    if size is not None and ims[0].size != (size, size):
+        ims = [im.resize((size, size), Image.BILINEAR) for im in ims]
+    arrays = [np.asarray(im) for im in ims]
+    return arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+
+
+class ReadImage:
+    """Item transform: item key -> TensorImage (C, H, W) uint8. Module-level so learners pickle."""
+
+    def __init__(self, channels: str = "rgb", size: int | None = None):
+        self.channels, self.size = channels, size
+
+    def __call__(self, key) -> TensorImage:
+        arr = read_image(str(key), CHANNEL_SETS[self.channels], self.size)
+        return TensorImage(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
+
+
+def ImageTensorBlock(channels: str = "rgb", size: int | None = None) -> TransformBlock:
+    """Like fastai's ImageBlock, but for any number of stains (ImageBlock is RGB only)."""
+    return TransformBlock(type_tfms=ReadImage(channels, size), batch_tfms=IntToFloatTensor)
+
+
+def native_size(key: str, channels: str) -> int:
+    h, w, _ = read_image(key, CHANNEL_SETS[channels], header_only=True).shape
+    return max(h, w)
+
+
+def channel_stats(keys, channels: str, size: int, n: int = 64, seed: int = 0) -> tuple[list, list]:
+    """Per-channel mean and std (on the 0..1 scale) of a random sample of ``n`` training images."""
+    rng = np.random.default_rng(seed)
+    keys = list(keys)
+    pick = rng.choice(len(keys), size=min(n, len(keys)), replace=False)
+    total = np.zeros(len(CHANNEL_SETS[channels]))
+    total_sq = np.zeros_like(total)
+    count = 0
+    for i in pick:
+        arr = read_image(keys[i], CHANNEL_SETS[channels], size).reshape(-1, total.size) / 255.0
+        total += arr.sum(0)
+        total_sq += (arr ** 2).sum(0)
+        count += arr.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0))
+    return mean.round(6).tolist(), np.maximum(std, 1e-3).round(6).tolist()
+
+
+def augmentations(size: int, max_rotate: float = 10.0, max_lighting: float = 0.1) -> list:
+    """Augmentations that suit microscopy: cells have no up or down, so all eight dihedral
+    orientations, small rotations, brightness and contrast; no warp or colour shifts."""
+    return aug_transforms(do_flip=True, flip_vert=True, max_rotate=max_rotate, max_zoom=1.0,
+                          max_lighting=max_lighting, max_warp=0.0, pad_mode="reflection",
+                          size=None)
+
+
+def stratified_valid_idx(labels: pd.Series, n_classes: int, n_folds: int, fold: int, seed: int) -> np.ndarray:
+    """Validation rows of fold ``fold`` of a multi-label stratified K-fold (iterative stratification)."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    y = labels_matrix(labels, n_classes)
+    kfold = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, valid) in enumerate(kfold.split(np.zeros(len(y)), y)):
+        if k == fold:
+            return valid
+    raise HPAError(f"--fold {fold} is out of range for --n-folds {n_folds}")
+
+
+def labels_matrix(labels: pd.Series, n_classes: int) -> np.ndarray:
+    y = np.zeros((len(labels), n_classes), np.uint8)
+    for i, text in enumerate(labels):
+        y[i, [int(t) for t in text.split()]] = 1
+    return y
+
+
+def make_splitter(df: pd.DataFrame, n_classes: int, valid_pct: float, seed: int,
+                  n_folds: int = 0, fold: int = 0):
+    if n_folds and n_folds > 1:
+        return IndexSplitter(stratified_valid_idx(df["labels"], n_classes, n_folds, fold, seed))
+    return RandomSplitter(valid_pct=valid_pct, seed=seed)
+
+
+def make_datablock(vocab, channels: str, size: int, mean, std, splitter, augment: bool = True) -> DataBlock:
+    return DataBlock(
+        blocks=(ImageTensorBlock(channels, size), MultiCategoryBlock(vocab=vocab)),
+        get_x=ColReader("key"),
+        get_y=ColReader("labels", label_delim=" "),
+        splitter=splitter,
+        batch_tfms=[*(augmentations(size) if augment else []), Normalize.from_stats(mean, std)],
+    )
+
+
+def make_dls(df: pd.DataFrame, vocab, channels: str, size: int, mean, std, splitter, bs: int,
+             workers: int = 0, seed: int | None = None, device=None, augment: bool = True):
+    dblock = make_datablock(vocab, channels, size, mean, std, splitter, augment)
+    if seed is not None:
+        from fastai.torch_core import set_seed
+        set_seed(seed, reproducible=True)
+    return dblock.dataloaders(df, bs=bs, num_workers=workers, device=device,
+                              pin_memory=torch.cuda.is_available())

@@ -1,0 +1,11 @@
+"""The one exception type users see: a one-line message naming the file, row or flag."""
+
+
+class HPAError(Exception):
+    """A problem with the user's input or environment, reported without a traceback.
+
+    The CLI prints ``error: <message>`` and exits with code 2. The constructor takes a
+    single string so the exception survives being re-raised from a DataLoader worker.
+    """
+
+    exit_code = 2

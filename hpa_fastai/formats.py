@@ -1,0 +1,214 @@
+"""The competitions' data layouts: detect a folder's format, read and validate its label CSV.
+
+Each image is an *item key*: the path of an RGB file (Zero-to-GANs), or a path template
+with a ``{channel}`` field for one grayscale file per stain (HPA 2018, HPAv18).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import HPAError
+from .vocab import vocab_for
+
+CHANNELS = ("red", "green", "blue", "yellow")
+CHANNEL_SETS = {"rgb": ("red", "green", "blue"), "rgby": CHANNELS}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    id_col: str
+    label_col: str
+    submission_csv: str
+    submission_label_col: str
+    channel_files: bool  # four grayscale files per image rather than one RGB file
+
+    @property
+    def default_channels(self) -> str:
+        return "rgby" if self.channel_files else "rgb"
+
+
+FORMATS = {
+    "z2g": Format("z2g", "Image", "Label", "submission.csv", "Label", channel_files=False),
+    "hpa2018": Format("hpa2018", "Id", "Target", "sample_submission.csv", "Predicted", channel_files=True),
+}
+
+
+def read_csv(path) -> pd.DataFrame:
+    """Read a CSV as strings, tolerating a BOM, CRLF line ends, quoting and padding spaces."""
+    path = Path(path)
+    if not path.is_file():
+        raise HPAError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                         skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise HPAError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error) as e:
+        raise HPAError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df.apply(lambda col: col.str.strip())
+
+
+def detect_format(data_dir) -> Format:
+    """The format of a competition folder, from its train.csv header."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise HPAError(f"{data_dir}: data folder not found")
+    csv_path = data_dir / "train.csv"
+    if not csv_path.is_file():
+        raise HPAError(f"{csv_path}: file not found (a data folder needs train.csv and train/)")
+    cols = set(read_csv(csv_path).columns)
+    for fmt in FORMATS.values():
+        if {fmt.id_col, fmt.label_col} <= cols:
+            return fmt
+    raise HPAError(f"{csv_path}: expected columns Image,Label (Zero-to-GANs) or Id,Target "
+                   f"(HPA 2018), found {','.join(sorted(cols)) or 'none'}")
+
+
+def check_id(image_id: str, where: str) -> str:
+    """Refuse ids that are empty or could name a file outside the data folder."""
+    if not image_id:
+        raise HPAError(f"{where}: empty image id")
+    if "/" in image_id or "\\" in image_id or image_id in (".", "..") or ".." in image_id \
+            or ":" in image_id or "{" in image_id or "\x00" in image_id:
+        raise HPAError(f"{where}: image id {image_id!r} is not a plain file name")
+    return image_id
+
+
+def parse_labels(text: str, n_classes: int, where: str) -> list[int]:
+    if not text:
+        raise HPAError(f"{where}: no label")
+    labels = []
+    for tok in text.split():
+        try:
+            lab = int(tok)
+        except ValueError:
+            raise HPAError(f"{where}: label {tok!r} is not an integer class id") from None
+        if not 0 <= lab < n_classes:
+            raise HPAError(f"{where}: label {lab} is outside the vocabulary 0..{n_classes - 1}")
+        labels.append(lab)
+    return sorted(set(labels))
+
+
+def item_key(folder: Path, image_id: str, fmt: Format) -> str:
+    if fmt.channel_files:
+        return str(folder / f"{image_id}_{{channel}}.png")
+    return str(folder / f"{image_id}.png")
+
+
+def key_files(key: str, channels=CHANNELS) -> list[str]:
+    """The files an item key stands for."""
+    return [key.format(channel=c) for c in channels] if "{channel}" in key else [key]
+
+
+def read_items(data_dir, fmt: Format | None = None, split: str = "train", labelled: bool = True,
+               skip_bad: bool = False, channels: str | None = None, log=None) -> pd.DataFrame:
+    """Validated items of a competition folder: columns ``id``, ``key`` and (if labelled) ``labels``.
+
+    ``split='train'`` reads train.csv; ``split='test'`` reads the submission CSV's ids. Every
+    problem names the file and line; with ``skip_bad`` bad rows are dropped and reported to ``log``.
+    """
+    data_dir = Path(data_dir)
+    fmt = fmt or detect_format(data_dir)
+    csv_path = data_dir / ("train.csv" if split == "train" else fmt.submission_csv)
+    folder = data_dir / split
+    if split == "test" and not csv_path.is_file() and not fmt.channel_files and folder.is_dir():
+        # Zero-to-GANs test folders are usable without the submission CSV.
+        ids = sorted(p.stem for p in folder.glob("*.png"))
+        df = pd.DataFrame({fmt.id_col: ids})
+    else:
+        df = read_csv(csv_path)
+    needed = [fmt.id_col] + ([fmt.label_col] if labelled else [])
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise HPAError(f"{csv_path}: missing column(s) {','.join(missing)}; expected "
+                       f"{','.join(needed)}, found {','.join(df.columns)}")
+    if df.empty:
+        raise HPAError(f"{csv_path}: no rows")
+    if not folder.is_dir():
+        raise HPAError(f"{folder}: image folder not found")
+    n_classes = len(vocab_for(fmt.name))
+    channel_names = CHANNEL_SETS[channels or fmt.default_channels]
+    rows, bad, seen = [], [], {}
+    for i, rec in enumerate(df.to_dict("records")):
+        where = f"{csv_path}, line {i + 2}"
+        try:
+            image_id = check_id(rec[fmt.id_col], where)
+            if image_id in seen:
+                raise HPAError(f"{where}: duplicated id {image_id!r} (first at line {seen[image_id]})")
+            seen[image_id] = i + 2
+            row = {"id": image_id, "key": item_key(folder, image_id, fmt)}
+            if labelled:
+                row["labels"] = " ".join(map(str, parse_labels(rec[fmt.label_col], n_classes, where)))
+            for f in key_files(row["key"], channel_names):
+                if not os.path.isfile(f):
+                    raise HPAError(f"{where}: image file {f} not found")
+            rows.append(row)
+        except HPAError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+    out = pd.DataFrame(rows, columns=["id", "key"] + (["labels"] if labelled else []))
+    if skip_bad and bad:
+        if log:
+            log(f"skipped {len(bad)} bad row(s) of {csv_path}:")
+            for msg in bad:
+                log(f"  {msg}")
+    if out.empty:
+        raise HPAError(f"{csv_path}: no usable rows")
+    out.attrs["bad_rows"] = bad
+    return out
+
+
+def scan_images(path, channels: str) -> pd.DataFrame:
+    """Items for prediction from a single image file or a folder of images (no CSV needed).
+
+    For ``rgby`` a folder of ``{id}_{red,green,blue,yellow}.png`` files is grouped by id.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise HPAError(f"{path}: no such file or folder")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise HPAError(f"{path}: no images (.png, .jpg, .tif) found")
+    keys = {}
+    for f in files:
+        stem, _, ch = f.stem.rpartition("_")
+        if stem and ch in CHANNELS:
+            keys.setdefault(stem, str(f.parent / f"{stem}_{{channel}}{f.suffix}"))
+        elif channels == "rgby":
+            raise HPAError(f"{f}: a 4-channel (RGBY) model needs one file per stain named "
+                           f"{{id}}_red/_green/_blue/_yellow{f.suffix}")
+        else:
+            keys[f.stem] = str(f)
+    names = CHANNEL_SETS[channels]
+    for image_id, key in keys.items():
+        if "{channel}" in key:
+            for f in key_files(key, names):
+                if not os.path.isfile(f):
+                    raise HPAError(f"{f}: channel file missing for image {image_id!r}")
+    return pd.DataFrame({"id": list(keys), "key": list(keys.values())})
+
+
+def verify_images(df: pd.DataFrame, channels: str, deep: bool = False, workers: int = 8) -> list[str]:
+    """Open every image (``deep``: decode it fully); return one message per unreadable image."""
+    from .data import read_image  # late import: data pulls in fastai
+
+    def check(key):
+        try:
+            read_image(key, CHANNEL_SETS[channels], size=None, header_only=not deep)
+            return None
+        except HPAError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(workers) as pool:
+        return [m for m in pool.map(check, df["key"]) if m]

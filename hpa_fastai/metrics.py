@@ -1,0 +1,94 @@
+"""Losses and metrics of multi-label classification: F1 as Kaggle scored it, thresholds per class."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from fastai.losses import BCEWithLogitsLossFlat
+from fastai.metrics import skm_to_fastai
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+from torch import nn
+
+
+def f1_metric(average: str, thresh: float = 0.5):
+    """sklearn's F1 as a fastai metric. ``zero_division=0`` scores a class that is neither present
+    nor predicted as 0, as the HPA 2018 leaderboard did, and keeps sklearn from warning every epoch."""
+    return skm_to_fastai(f1_score, thresh=thresh, flatten=False, average=average, zero_division=0,
+                         name=f"f1_{average}")
+
+
+class BinaryFocalLoss(nn.Module):
+    """Focal loss on independent sigmoids (fastai's FocalLossFlat is for single-label softmax)."""
+
+    def __init__(self, gamma: float = 2.0, thresh: float = 0.5):
+        super().__init__()
+        self.gamma, self.thresh = gamma, thresh
+
+    def forward(self, inp, targ):
+        bce = F.binary_cross_entropy_with_logits(inp.float(), targ.float(), reduction="none")
+        p_t = torch.exp(-bce)
+        return ((1 - p_t) ** self.gamma * bce).mean()
+
+    def activation(self, x):
+        return torch.sigmoid(x)
+
+    def decodes(self, x):
+        return x > self.thresh
+
+
+def make_loss(name: str, gamma: float = 2.0, thresh: float = 0.5):
+    if name == "focal":
+        return BinaryFocalLoss(gamma, thresh)
+    return BCEWithLogitsLossFlat(thresh=thresh)
+
+
+def binary_f1(preds: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """F1 of each column of boolean ``preds`` against ``targets`` (0 where undefined)."""
+    tp = (preds & targets).sum(0)
+    denom = preds.sum(0) + targets.sum(0)
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def tune_thresholds(probs: np.ndarray, targets: np.ndarray, default: float = 0.5,
+                    min_positives: int = 3, grid=None) -> np.ndarray:
+    """One threshold per class that maximises that class's F1 on validation predictions.
+
+    Classes with fewer than ``min_positives`` positives keep ``default``: a threshold tuned
+    on one or two examples is noise. Ties go to the value nearest ``default``, and ``default``
+    is among the candidates, so no class scores lower than at ``default``.
+    """
+    grid = np.unique(np.r_[np.arange(0.05, 0.951, 0.025).round(3), default]) if grid is None else np.asarray(grid)
+    targets = targets.astype(bool)
+    out = np.full(probs.shape[1], default, dtype=float)
+    order = np.argsort(np.abs(grid - default), kind="stable")
+    for c in range(probs.shape[1]):
+        if targets[:, c].sum() < min_positives:
+            continue
+        scores = binary_f1(probs[:, c, None] >= grid[None, order], np.repeat(targets[:, c, None], len(grid), 1))
+        out[c] = grid[order][int(np.argmax(scores))]
+    return out
+
+
+def decode(probs: np.ndarray, thresholds) -> np.ndarray:
+    """Labels as a boolean matrix; a row where no class passes gets its most probable class,
+    since a submission row without a label can only score zero."""
+    preds = probs >= np.asarray(thresholds)[None, :]
+    empty = ~preds.any(1)
+    preds[empty, probs[empty].argmax(1)] = True
+    return preds
+
+
+def summary(probs: np.ndarray, targets: np.ndarray, thresholds) -> dict:
+    preds = probs >= np.asarray(thresholds)[None, :]
+    targets = targets.astype(bool)
+    return {avg: float(f1_score(targets, preds, average=avg, zero_division=0))
+            for avg in ("macro", "micro", "samples")}
+
+
+def per_class_report(probs: np.ndarray, targets: np.ndarray, thresholds, names) -> pd.DataFrame:
+    preds = probs >= np.asarray(thresholds)[None, :]
+    p, r, f, s = precision_recall_fscore_support(targets.astype(bool), preds, average=None,
+                                                 zero_division=0)
+    return pd.DataFrame({"class": range(len(names)), "name": names, "threshold": np.asarray(thresholds, float),
+                         "precision": p, "recall": r, "f1": f, "support": s})

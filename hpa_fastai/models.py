@@ -1,0 +1,162 @@
+"""Model registry: one small builder per architecture, and ``create_model`` as the one door in.
+
+Builders take ``(n_in, n_out, pretrained)`` and return an ``nn.Sequential(body, head)`` so one
+splitter gives every model discriminative learning rates. ``timm:<name>`` reaches any timm model.
+"""
+from __future__ import annotations
+
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+from fastai.vision.learner import _get_first_layer, create_timm_model, create_vision_model, default_split
+from torch import nn
+from torchvision import models as tvm
+
+from .errors import HPAError
+
+ARCHS: dict = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        ARCHS[name] = fn
+        return fn
+    return wrap
+
+
+@register("cnn")
+def plain_cnn(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
+    """The plain baseline: eight 3x3 conv layers with ReLU, max-pooling after every second one,
+    then three linear layers. It has no pretrained weights."""
+    widths = [32, 64, 128, 128, 256, 256, 512, 512]
+    layers, c_in = [], n_in
+    for i, c_out in enumerate(widths):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+        if i % 2 == 1:
+            layers.append(nn.MaxPool2d(2))
+        c_in = c_out
+    body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Sequential(nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, 128),
+                         nn.ReLU(inplace=True), nn.Linear(128, n_out))
+    return nn.Sequential(body, head)
+
+
+def _torchvision(fn):
+    def build(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
+        return create_vision_model(fn, n_out, pretrained=pretrained, n_in=n_in)
+    return build
+
+
+for _name in ("resnet18", "resnet34", "resnet50"):
+    register(_name)(_torchvision(getattr(tvm, _name)))
+
+
+def _timm(name: str):
+    def build(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
+        return create_timm_model(name, n_out, pretrained=pretrained, n_in=n_in)[0]
+    return build
+
+
+def check_arch(arch: str) -> str:
+    """Validate an architecture name (used by the CLI before anything is built)."""
+    if arch in ARCHS:
+        return arch
+    if arch.startswith("timm:"):
+        import timm
+
+        if timm.is_model(arch[5:]):
+            return arch
+        raise ValueError(f"unknown timm model {arch[5:]!r} (see timm.list_models())")
+    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)} or timm:<name>")
+
+
+def builder(arch: str):
+    check_arch(arch)
+    return _timm(arch[5:]) if arch.startswith("timm:") else ARCHS[arch]
+
+
+def has_pretrained(arch: str) -> bool:
+    return arch != "cnn"
+
+
+def expand_first_conv(model: nn.Module, n_in: int) -> None:
+    """Give a pretrained RGB model more input channels: keep the RGB filters and start each
+    extra channel (yellow, the ER stain) from the mean of the red and blue filters.
+    fastai's own conversion zeroes the extra channels, which wastes the stain at the start."""
+    conv, parent, name = _get_first_layer(model)
+    if not isinstance(conv, nn.Conv2d) or conv.in_channels != 3:
+        raise HPAError(f"cannot add input channels: first layer is {type(conv).__name__}")
+    new = nn.Conv2d(n_in, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    with torch.no_grad():
+        new.weight[:, :3] = conv.weight
+        new.weight[:, 3:] = ((conv.weight[:, 0] + conv.weight[:, 2]) / 2).unsqueeze(1)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    setattr(parent, name, new)
+
+
+def load_weights(model: nn.Module, path) -> None:
+    """Load a local checkpoint: safetensors, or a state dict read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise HPAError(f"--weights {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+                state = state["model"]
+        model.load_state_dict(state)
+    except HPAError:
+        raise
+    except Exception as e:  # torch and safetensors raise several types for a bad file
+        raise HPAError(f"--weights {path}: cannot load into this model ({str(e).splitlines()[0][:200]})") from None
+
+
+_warned: set = set()
+
+
+def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True, weights=None, log=print):
+    """Build ``arch`` for ``n_in`` stains and ``n_out`` classes. Returns ``(model, used_pretrained)``.
+
+    Without internet or a cached copy, ImageNet weights can't be had: warn once and train from
+    random initialisation instead of failing.
+    """
+    build = builder(arch)
+    used = False
+    if pretrained and has_pretrained(arch) and weights is None:
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(15)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = build(3, n_out, pretrained=True)
+            used = True
+        except Exception as e:  # torch.hub, urllib and huggingface_hub each raise their own types
+            if arch not in _warned:
+                _warned.add(arch)
+                reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                log(f"warning: ImageNet weights for {arch} are not cached and cannot be downloaded "
+                    f"({reason}); training from random initialisation. Cache them under "
+                    f"{torch.hub.get_dir()} or pass --weights PATH.")
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+        if used:
+            if n_in != 3:
+                expand_first_conv(model, n_in)
+            return model, True
+    model = build(n_in, n_out, pretrained=False)
+    if weights is not None:
+        load_weights(model, weights)
+    return model, used
+
+
+def splitter(model: nn.Module):
+    """Body and head parameter groups for discriminative learning rates."""
+    return default_split(model)

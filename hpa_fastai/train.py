@@ -1,0 +1,381 @@
+"""Training: resolve the config, check the data, build the learner, fit one-cycle, export.
+
+Everything a run produces goes into one run folder (``runs/<time>-<arch>``, with ``runs/latest``
+pointing at the newest): config, history, plots, metrics, best weights and the exported model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import minimum, slide, steep, valley
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+from fastai.torch_core import set_seed
+
+from . import metrics as M
+from . import plots
+from ._io import atomic_path, write_csv, write_json
+from .config import TrainConfig
+from .console import EpochLogger, console, log, table
+from .data import channel_stats, labels_matrix, make_dls, make_splitter, native_size
+from .errors import HPAError
+from .formats import detect_format, read_items, verify_images
+from .models import create_model, splitter
+from .vocab import class_names, vocab_for
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
+MAX_AUTO_SIZE = 256
+
+
+def resolve_data_dir(data) -> Path:
+    if data is None:
+        if not (SAMPLE_DIR / "train.csv").is_file():
+            raise HPAError(f"no --data given and the bundled sample {SAMPLE_DIR} is missing; "
+                           "make one with: python run.py synth --out data/sample")
+        return SAMPLE_DIR
+    return Path(data)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Flag checks that need no data; each message names its flag."""
+    if cfg.epochs < 1:
+        raise HPAError(f"--epochs must be at least 1 (got {cfg.epochs})")
+    if cfg.bs < 1:
+        raise HPAError(f"--bs must be at least 1 (got {cfg.bs})")
+    if cfg.size is not None and cfg.size < 8:
+        raise HPAError(f"--size must be at least 8 pixels (got {cfg.size})")
+    if cfg.lr != "auto":
+        try:
+            lr = float(cfg.lr)
+        except ValueError:
+            raise HPAError(f"--lr must be a number or 'auto' (got {cfg.lr!r})") from None
+        if not (lr > 0 and math.isfinite(lr)):
+            raise HPAError(f"--lr must be positive (got {cfg.lr})")
+    if not 0 < cfg.valid_pct < 1:
+        raise HPAError(f"--valid-pct must be between 0 and 1 (got {cfg.valid_pct})")
+    if cfg.n_folds == 1 or cfg.n_folds < 0:
+        raise HPAError(f"--n-folds must be 0 (random split) or at least 2 (got {cfg.n_folds})")
+    if cfg.n_folds and not 0 <= cfg.fold < cfg.n_folds:
+        raise HPAError(f"--fold must be in 0..{cfg.n_folds - 1} (got {cfg.fold})")
+    if not 0 < cfg.threshold < 1:
+        raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
+    if cfg.patience < 1:
+        raise HPAError(f"--patience must be at least 1 (got {cfg.patience})")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise HPAError(f"--weights {cfg.weights}: file not found")
+    if cfg.log == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise HPAError("--log tensorboard needs the tensorboard package: "
+                           "pip install 'hpa_fastai[tensorboard]'") from None
+
+
+@dataclass
+class Prepared:
+    """The resolved config and the checked data of a run, before any model is built."""
+    cfg: TrainConfig
+    data_dir: Path
+    fmt: str
+    items: pd.DataFrame
+    vocab: list
+    names: list
+    mean: list
+    std: list
+    device: torch.device
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    validate(cfg)
+    data_dir = resolve_data_dir(cfg.data)
+    fmt = detect_format(data_dir)
+    channels = fmt.default_channels if cfg.channels == "auto" else cfg.channels
+    if channels == "rgby" and not fmt.channel_files:
+        raise HPAError(f"--channels rgby needs one file per stain (HPA 2018 layout); {data_dir} is "
+                       "Zero-to-GANs RGB: use --channels rgb")
+    items = read_items(data_dir, fmt, "train", skip_bad=cfg.skip_bad, channels=channels, log=log)
+    bad = verify_images(items, channels, deep=cfg.skip_bad)
+    if bad:
+        if not cfg.skip_bad:
+            raise HPAError(bad[0] + (f" (and {len(bad) - 1} more; --skip-bad drops them)" if len(bad) > 1 else ""))
+        log(f"skipped {len(bad)} unreadable image(s):")
+        for msg in bad:
+            log(f"  {msg}")
+        bad_keys = {m.split(":")[0] for m in bad}
+        items = items[~items["key"].map(lambda k: any(b.startswith(k.split("{")[0]) for b in bad_keys))]
+        items = items.reset_index(drop=True)
+    if len(items) < 2:
+        raise HPAError(f"{data_dir}: at least 2 usable images are needed, found {len(items)}")
+    size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
+    mean, std = channel_stats(items["key"], channels, size, seed=cfg.seed)
+    return Prepared(resolved, data_dir, fmt.name, items, vocab_for(fmt.name), class_names(fmt.name),
+                    mean, std, device)
+
+
+def make_run_dir(out, arch: str) -> Path:
+    """A new run folder under ``out``; fails early, before training, if ``out`` is not writable."""
+    out = Path(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{arch.replace(':', '-').replace('/', '-')}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        run_dir = out / name
+        n = 1
+        while run_dir.exists():
+            n += 1
+            run_dir = out / f"{name}-{n}"
+        run_dir.mkdir()
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise HPAError(f"--out {out}: not writable ({e.strerror or e})") from None
+    return run_dir
+
+
+def point_latest(run_dir: Path) -> None:
+    latest = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, latest)
+
+
+class WarmupEarlyStopping(EarlyStoppingCallback):
+    """Early stopping that ignores the one-cycle warm-up, when a rising learning rate makes
+    the metric worse on purpose."""
+
+    def __init__(self, warmup_pct: float = 0.25, **kwargs):
+        super().__init__(**kwargs)
+        self.warmup_pct = warmup_pct
+
+    def after_epoch(self):
+        if self.epoch + 1 <= math.ceil(self.warmup_pct * self.n_epoch):
+            super(EarlyStoppingCallback, self).after_epoch()  # track the best, never stop
+            self.wait = 0
+            return
+        super().after_epoch()
+
+
+class AtomicSaveModel(SaveModelCallback):
+    """SaveModelCallback that writes the best weights under a temporary name first, so a run
+    killed while saving never leaves a truncated ``best.pth``."""
+
+    def after_epoch(self):
+        # as SaveModelCallback.after_epoch, minus its print(), which would break the one-line-per-epoch log
+        TrackerCallback.after_epoch(self)
+        if self.new_best:
+            self._save(self.fname)
+
+    def _save(self, name):
+        final = self.learn.path / self.learn.model_dir / f"{name}.pth"
+        with atomic_path(final) as tmp:
+            torch.save(self.learn.model.state_dict(), tmp)
+        self.last_saved_path = final
+
+
+def build_learner(prep: Prepared, run_dir: Path | None, quiet: bool = False):
+    cfg = prep.cfg
+    set_seed(cfg.seed, reproducible=True)
+    splitter_fn = make_splitter(prep.items, len(prep.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
+    dls = make_dls(prep.items, prep.vocab, cfg.channels, cfg.size, prep.mean, prep.std, splitter_fn,
+                   bs=cfg.bs, workers=cfg.workers, seed=cfg.seed, device=prep.device)
+    if len(dls.train) == 0:
+        raise HPAError(f"--bs {cfg.bs} is larger than the {len(dls.train_ds)} training images; lower --bs")
+    set_seed(cfg.seed, reproducible=True)
+    model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(prep.vocab), cfg.pretrained,
+                                          cfg.weights, log=log)
+    history = run_dir / "history.csv" if run_dir is not None else None
+    learn = Learner(dls, model, loss_func=M.make_loss(cfg.loss, cfg.focal_gamma, cfg.threshold),
+                    opt_func=Adam, metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
+                    splitter=splitter, path=run_dir or Path("."), model_dir=".",
+                    cbs=[EpochLogger(history)])
+    learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
+    learn.logger = lambda *_: None
+    learn._hpa_quiet = quiet
+    precision = cfg.precision
+    if prep.device.type == "cuda":
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if precision == "fp16":
+            learn.to_fp16()
+        elif precision == "bf16":
+            learn.to_bf16()
+    else:
+        if precision != "fp32":
+            log(f"note: training on CPU in fp32 (mixed precision needs CUDA; --precision {cfg.precision})")
+        precision = "fp32"
+    learn.hpa_precision = precision
+    return learn, used_pretrained
+
+
+SUGGESTIONS = {"valley": valley, "slide": slide, "minimum": minimum, "steep": steep}
+
+
+def find_lr(learn, run_dir: Path, iters: int) -> dict:
+    """Run fastai's LR finder, save the plot with the four suggestions, print them as a table."""
+    with learn.no_logging():
+        learn.lr_find(num_it=iters, show_plot=False, suggest_funcs=None)
+    lrs = [float(x) for x in learn.recorder.lrs]
+    losses = [float(x) for x in learn.recorder.losses]
+    # fastai's suggestion functions, on the slice lr_find itself uses; computed here one by one
+    # because `slide` raises IndexError on short runs (few batches) instead of giving no answer.
+    lo, hi = iters // 10, max(len(lrs) - 5, iters // 10 + 2)
+    t_lrs, t_losses = torch.tensor(lrs[lo:hi]), torch.tensor(losses[lo:hi])
+    finite = torch.isfinite(t_losses)
+    if not finite.all():
+        cut = int((~finite).nonzero()[0])
+        t_lrs, t_losses = t_lrs[:cut], t_losses[:cut]
+    suggestions = {}
+    for name, func in SUGGESTIONS.items():
+        try:
+            suggestions[name] = float(func(t_lrs, t_losses, iters)[0])
+        except (IndexError, RuntimeError, ValueError):
+            suggestions[name] = float("nan")
+    shown = {k: v for k, v in suggestions.items() if math.isfinite(v)}
+    skip = 5 if len(lrs) > 10 else 0
+    plots.lr_find_plot(run_dir / "lr_find.png", lrs[: len(lrs) - skip], losses[: len(losses) - skip], shown)
+    write_json(run_dir / "lr_find.json", {"suggestions": suggestions, "lrs": lrs, "losses": losses})
+    console.print(table("lr_find suggestions", pd.DataFrame(
+        {"method": list(suggestions), "lr": [f"{v:.3e}" for v in suggestions.values()]})))
+    if not (math.isfinite(suggestions["valley"]) and suggestions["valley"] > 0):
+        raise HPAError("lr_find found no usable learning rate (the loss never decreased); pass --lr")
+    return suggestions
+
+
+def model_meta(prep: Prepared, thresholds) -> dict:
+    cfg = prep.cfg
+    return {"arch": cfg.arch, "format": prep.fmt, "channels": cfg.channels, "n_in": len(cfg.channels),
+            "size": cfg.size, "mean": prep.mean, "std": prep.std, "vocab": prep.vocab, "names": prep.names,
+            "thresholds": [float(t) for t in thresholds], "loss": cfg.loss, "focal_gamma": cfg.focal_gamma}
+
+
+def export_model(learn, meta: dict, run_dir: Path) -> None:
+    """Two exports: fastai's pickled learner (export.pkl), and weights-only safetensors plus a JSON
+    description (model.safetensors + model.json) that loads without unpickling anything."""
+    from safetensors.torch import save_file
+
+    learn.hpa_meta = meta
+    with atomic_path(run_dir / "export.pkl") as tmp:
+        learn.export(tmp)
+    state = {k: v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()}
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(run_dir / "model.json", meta)
+
+
+def evaluate_valid(learn, prep: Prepared, run_dir: Path, history: pd.DataFrame, t_start: float) -> dict:
+    probs, targs = learn.get_preds(dl=learn.dls.valid)
+    probs, targs = probs.float().numpy(), targs.numpy().astype(bool)
+    cfg = prep.cfg
+    thresholds = M.tune_thresholds(probs, targs, default=cfg.threshold)
+    at_default = M.summary(probs, targs, np.full(len(prep.vocab), cfg.threshold))
+    tuned = M.summary(probs, targs, thresholds)
+    report = M.per_class_report(probs, targs, thresholds, prep.names)
+    mon = cfg.monitor
+    best_idx = int(history[mon].idxmax() if cfg.monitor_higher_is_better else history[mon].idxmin())
+    stopped_early = len(history) < cfg.epochs + (cfg.freeze_epochs if learn.hpa_pretrained else 0)
+    result = {
+        "best_epoch": int(history["epoch"].iloc[best_idx]),
+        "epochs_run": int(len(history)),
+        "stopped_early": bool(stopped_early),
+        "monitor": mon,
+        "valid_images": int(len(targs)),
+        "f1_macro": at_default["macro"], "f1_micro": at_default["micro"], "f1_samples": at_default["samples"],
+        "f1_macro_tuned": tuned["macro"], "f1_micro_tuned": tuned["micro"], "f1_samples_tuned": tuned["samples"],
+        "threshold": cfg.threshold,
+        "seconds": round(time.time() - t_start, 1),
+        "per_class": report.to_dict("records"),
+    }
+    write_json(run_dir / "metrics.json", result)
+    write_csv(run_dir / "per_class.csv", report)
+    plots.f1_bars_plot(run_dir / "per_class_f1.png", report)
+    console.print(table(f"validation, per class (tuned thresholds; {len(targs)} images)",
+                        report.assign(support=report["support"].astype(int))))
+    return {**result, "thresholds": thresholds, "probs": probs, "targets": targs}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train one model as ``cfg`` says; returns the run folder."""
+    t_start = time.time()
+    prep = prepare(cfg)
+    cfg = prep.cfg
+    run_dir = make_run_dir(cfg.out, cfg.arch)
+    log(f"run folder {run_dir}")
+    log(f"data {prep.data_dir} ({prep.fmt}, {len(prep.items)} images, {cfg.channels}, {cfg.size}px)")
+    write_json(run_dir / "config.json", cfg.to_json())
+    write_json(run_dir / "status.json", {"status": "running", "started": datetime.now().isoformat(timespec="seconds")})
+    learn, used_pretrained = build_learner(prep, run_dir)
+    learn.hpa_pretrained = used_pretrained
+    log(f"model {cfg.arch} ({'ImageNet weights' if used_pretrained else 'random init' if not cfg.weights else cfg.weights}), "
+        f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
+        f"device {prep.device.type}, precision {learn.hpa_precision}")
+    if cfg.lr == "auto":
+        lr = find_lr(learn, run_dir, cfg.lr_find_iters)["valley"]
+        log(f"learning rate {lr:.3e} (lr_find valley)")
+    else:
+        lr = float(cfg.lr)
+    write_json(run_dir / "config.json", {**cfg.to_json(), "lr_used": lr, "pretrained_used": used_pretrained,
+                                         "precision_used": learn.hpa_precision, "mean": prep.mean, "std": prep.std})
+    fit_cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=np.greater if cfg.monitor_higher_is_better else np.less,
+                                   patience=cfg.patience),
+               AtomicSaveModel(monitor=cfg.monitor, comp=np.greater if cfg.monitor_higher_is_better else np.less,
+                               fname="best", reset_on_fit=False)]
+    if cfg.log == "tensorboard":
+        from fastai.callback.tensorboard import TensorBoardCallback
+        fit_cbs.append(TensorBoardCallback(log_dir=run_dir / "tensorboard", trace_model=False))
+    logger = learn.cbs.filter(lambda c: isinstance(c, EpochLogger))[0]
+    if used_pretrained and cfg.freeze_epochs > 0:
+        logger.phase = "frozen"
+        learn.freeze()
+        learn.fit_one_cycle(cfg.freeze_epochs, lr, cbs=fit_cbs)
+        logger.phase = "unfrozen"
+        learn.unfreeze()
+        learn.fit_one_cycle(cfg.epochs, slice(lr / 100, lr / 2), cbs=fit_cbs)
+    else:
+        learn.fit_one_cycle(cfg.epochs, lr, cbs=fit_cbs)
+    history = pd.DataFrame(logger.rows)
+    plots.curves_plot(run_dir / "curves.png", history)
+    result = evaluate_valid(learn, prep, run_dir, history, t_start)
+    learn.remove_cb(logger)
+    export_model(learn, model_meta(prep, result["thresholds"]), run_dir)
+    status = "stopped early" if result["stopped_early"] else "finished"
+    write_json(run_dir / "status.json", {"status": status, "finished": datetime.now().isoformat(timespec="seconds"),
+                                         "seconds": round(time.time() - t_start, 1)})
+    point_latest(run_dir)
+    summary = pd.DataFrame([
+        {"": "macro F1", "threshold 0.5" if cfg.threshold == 0.5 else f"threshold {cfg.threshold}": result["f1_macro"],
+         "tuned thresholds": result["f1_macro_tuned"]},
+        {"": "samples F1", "threshold 0.5" if cfg.threshold == 0.5 else f"threshold {cfg.threshold}": result["f1_samples"],
+         "tuned thresholds": result["f1_samples_tuned"]},
+    ])
+    console.print(table(f"best epoch {result['best_epoch']} of {result['epochs_run']} ({status}), "
+                        f"{result['seconds']:.0f}s", summary))
+    log(f"artifacts in {run_dir} (exported model: export.pkl, model.safetensors + model.json)")
+    return run_dir
+
+
+def lr_find_only(cfg: TrainConfig) -> Path:
+    prep = prepare(cfg)
+    run_dir = make_run_dir(prep.cfg.out, f"lr_find-{prep.cfg.arch}")
+    learn, _ = build_learner(prep, run_dir)
+    write_json(run_dir / "config.json", prep.cfg.to_json())
+    find_lr(learn, run_dir, prep.cfg.lr_find_iters)
+    log(f"plot: {run_dir / 'lr_find.png'}")
+    return run_dir
