@@ -1,6 +1,8 @@
 """Images in, batches out: decoding of RGB and per-stain files, the DataBlock and its splitters."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import torch
@@ -32,7 +34,22 @@ def _open(path: str, want_mode: str, header_only: bool):
             im.load()
         except _DECODE_ERRORS as e:
             raise HPAError(f"{path}: truncated or corrupt image ({e})") from None
+    elif im.format == "PNG" and not _png_complete(path):
+        # The header check runs over every image before training, the full decode only when the
+        # image is used: a cut-off download would otherwise surface mid-epoch.
+        raise HPAError(f"{path}: truncated image (the PNG has no end chunk)")
     return im
+
+
+_PNG_END = b"IEND\xaeB`\x82"  # the end chunk's type and CRC, the last bytes of every complete PNG
+
+
+def _png_complete(path: str) -> bool:
+    """Whether the file ends with a PNG end chunk; reads 1 KiB (a little trailing data is allowed)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(f.tell() - 1024, 0))
+        return _PNG_END in f.read()
 
 
 def read_image(key: str, channels=CHANNEL_SETS["rgb"], size: int | None = None,

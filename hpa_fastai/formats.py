@@ -42,19 +42,49 @@ FORMATS = {
 
 
 def read_csv(path) -> pd.DataFrame:
-    """Read a CSV as strings, tolerating a BOM, CRLF line ends, quoting and padding spaces."""
+    """Read a CSV as strings, tolerating a BOM, CRLF line ends, quoting, padding spaces and blank lines.
+
+    ``df.attrs["lines"]`` holds each row's line number in the file, for error messages, and
+    ``df.attrs["row_errors"]`` a message per row position with more fields than the header (so
+    that ``--skip-bad`` can drop just that row). Python's csv module rather than pandas: pandas
+    silently makes the first column the index when the first data row has one field too many,
+    and its row numbers skip blank lines.
+    """
     path = Path(path)
     if not path.is_file():
         raise HPAError(f"{path}: file not found")
+    rows, lines, row_errors = [], [], {}
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                         skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise HPAError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, csv.Error) as e:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            header = next(reader, None)
+            if not header or not any(h.strip() for h in header):
+                raise HPAError(f"{path}: the file is empty")
+            header = [h.strip() for h in header]
+            for row in reader:
+                if not row:  # blank line
+                    continue
+                row = [v.strip() for v in row]
+                while len(row) > len(header) and not row[-1]:  # trailing commas
+                    row.pop()
+                if len(row) > len(header):
+                    row_errors[len(rows)] = (f"{path}, line {reader.line_num}: {len(row)} fields, but the "
+                                             f"header has {len(header)} ({','.join(header)})")
+                rows.append((row + [""] * len(header))[:len(header)])
+                lines.append(reader.line_num)
+    except (UnicodeDecodeError, csv.Error) as e:
         raise HPAError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    return df.apply(lambda col: col.str.strip())
+    columns = []
+    for name in header:  # as pandas does: a repeated column name gets a .1, .2 suffix
+        unique, n = name, 0
+        while unique in columns:
+            n += 1
+            unique = f"{name}.{n}"
+        columns.append(unique)
+    df = pd.DataFrame(rows, columns=columns, dtype=str)
+    df.attrs["lines"] = lines
+    df.attrs["row_errors"] = row_errors
+    return df
 
 
 def detect_format(data_dir) -> Format:
@@ -138,13 +168,17 @@ def read_items(data_dir, fmt: Format | None = None, split: str = "train", labell
     n_classes = len(vocab_for(fmt.name))
     channel_names = CHANNEL_SETS[channels or fmt.default_channels]
     rows, bad, seen = [], [], {}
-    for i, rec in enumerate(df.to_dict("records")):
-        where = f"{csv_path}, line {i + 2}"
+    lines = df.attrs.get("lines") or range(2, len(df) + 2)
+    row_errors = df.attrs.get("row_errors", {})
+    for i, (line, rec) in enumerate(zip(lines, df.to_dict("records"))):
+        where = f"{csv_path}, line {line}"
         try:
+            if i in row_errors:
+                raise HPAError(row_errors[i])
             image_id = check_id(rec[fmt.id_col], where)
             if image_id in seen:
                 raise HPAError(f"{where}: duplicated id {image_id!r} (first at line {seen[image_id]})")
-            seen[image_id] = i + 2
+            seen[image_id] = line
             row = {"id": image_id, "key": item_key(folder, image_id, fmt)}
             if labelled:
                 row["labels"] = " ".join(map(str, parse_labels(rec[fmt.label_col], n_classes, where)))

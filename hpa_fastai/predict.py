@@ -1,0 +1,303 @@
+"""From a trained model to answers: load it (safely by default), predict with optional 8-fold TTA,
+write Kaggle submissions, label folders of images, and evaluate on labelled data."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.data.core import DataLoaders, Datasets, TfmdDL
+from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize
+from fastai.learner import Learner
+
+from . import metrics as M
+from . import plots
+from ._io import write_csv, write_json
+from .console import console, log, table
+from .data import ReadImage, labels_matrix, read_image
+from .errors import HPAError
+from .formats import CHANNEL_SETS, FORMATS, read_items, scan_images
+from .metrics import make_loss
+
+SAFE_FILES = ("model.json", "model.safetensors")
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square (k in 0..7): optional transpose, then flips."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    return x
+
+
+class Predictor:
+    """A trained model with what it needs to read images: channels, size, normalisation, vocabulary
+    and per-class thresholds. Build one with ``load_predictor``."""
+
+    def __init__(self, learn: Learner, meta: dict, source: Path, safe: bool):
+        self.learn, self.meta, self.source, self.safe = learn, meta, source, safe
+        self.learn.remove_cbs(self.learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
+        self.learn.model.eval()
+
+    channels = property(lambda self: self.meta["channels"])
+    size = property(lambda self: self.meta["size"])
+    names = property(lambda self: self.meta["names"])
+    format = property(lambda self: self.meta["format"])
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.asarray(self.meta["thresholds"], dtype=float)
+
+    def dataloader(self, items: pd.DataFrame, bs: int = 32, workers: int = 0):
+        """Batches of ``items`` (a frame with a ``key`` column) with the training-time transforms
+        and normalisation: fastai's ``test_dl`` for a pickled learner, the same pipeline rebuilt
+        from model.json for the safe export."""
+        items = items[["key"]].reset_index(drop=True)
+        device = next(self.learn.model.parameters()).device
+        if not self.safe:
+            return self.learn.dls.test_dl(items, rm_type_tfms=0, bs=bs, num_workers=workers, device=device)
+        dsets = Datasets(items, tfms=[[ColReader("key"), ReadImage(self.channels, self.size)]])
+        dl = TfmdDL(dsets, bs=bs, num_workers=workers, device=device, shuffle=False, drop_last=False,
+                    after_batch=[IntToFloatTensor(), Normalize.from_stats(self.meta["mean"], self.meta["std"])])
+        self.learn.dls = DataLoaders(dl, dl)  # get_preds' callbacks look at learn.dls
+        return dl
+
+    def probabilities(self, items: pd.DataFrame, tta: str | None = None, bs: int = 32, workers: int = 0) -> np.ndarray:
+        """Class probabilities, shape (n_images, n_classes). ``tta``: None, 'mean' or 'max' over the
+        8 dihedral orientations (fastai's ``Learner.tta`` averages random augmentations instead)."""
+        dl = self.dataloader(items, bs, workers)
+        if tta is None:
+            with torch.no_grad():
+                return self.learn.get_preds(dl=dl)[0].float().numpy()
+        activation = getattr(self.learn.loss_func, "activation", torch.sigmoid)
+        model, out = self.learn.model.eval(), []
+        with torch.no_grad():
+            for (xb,) in dl:
+                xb = xb.as_subclass(torch.Tensor)
+                ps = torch.stack([activation(model(dihedral(xb, k)).float()) for k in range(8)])
+                out.append((ps.mean(0) if tta == "mean" else ps.max(0).values).cpu())
+        return torch.cat(out).numpy()
+
+    def decode(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        thresholds = self.thresholds if threshold is None else np.full(probs.shape[1], threshold)
+        return M.decode(probs, thresholds)
+
+    def predict_batch(self, paths, threshold: float | None = None, tta: str | None = None, bs: int = 32) -> list[dict]:
+        """Labels, names and probabilities for image files (for RGBY: any one file of each image's
+        four, or the common ``{id}`` prefix)."""
+        items = pd.concat([_items_for_path(p, self.channels) for p in paths], ignore_index=True)
+        probs = self.probabilities(items, tta, bs)
+        preds = self.decode(probs, threshold)
+        return [{"image": image_id, "labels": [int(i) for i in np.flatnonzero(row)],
+                 "names": [self.names[i] for i in np.flatnonzero(row)],
+                 "probabilities": [float(probs[n, i]) for i in np.flatnonzero(row)],
+                 "all_probabilities": probs[n].tolist()}
+                for n, (image_id, row) in enumerate(zip(items["id"], preds))]
+
+    def predict(self, path, threshold: float | None = None, tta: str | None = None) -> dict:
+        return self.predict_batch([path], threshold, tta)[0]
+
+
+def _items_for_path(path, channels: str) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists() and channels == "rgby":
+        matches = sorted(path.parent.glob(f"{path.name}_green.*"))
+        if matches:
+            path = matches[0]
+    if not path.is_file():
+        raise HPAError(f"{path}: image file not found")
+    items = scan_images(path, channels)
+    return items
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = None) -> Predictor:
+    """Load a trained model from a run folder, a model.json (safe: weights only, no pickle) or an
+    export.pkl (fastai's pickled learner; only from this project's ``runs/`` unless ``trust``)."""
+    path = Path(path)
+    if not path.exists():
+        raise HPAError(f"--learner {path}: not found (train a model first: python run.py)")
+    if path.is_dir():
+        if all((path / f).is_file() for f in SAFE_FILES):
+            return _load_safe(path / "model.json", cpu)
+        if (path / "export.pkl").is_file():
+            return _load_pickle(path / "export.pkl", trust, cpu)
+        raise HPAError(f"--learner {path}: no model.json + model.safetensors or export.pkl in this folder")
+    if path.suffix == ".json":
+        return _load_safe(path, cpu)
+    if path.suffix == ".safetensors":
+        return _load_safe(path.with_name("model.json"), cpu)
+    if path.suffix in (".pkl", ".pth"):
+        return _load_pickle(path, trust, cpu)
+    raise HPAError(f"--learner {path}: expected a run folder, model.json or export.pkl")
+
+
+def _device(cpu: bool | None) -> torch.device:
+    return torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
+
+
+def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import create_model
+
+    weights = json_path.with_name("model.safetensors")
+    try:
+        meta = json.loads(json_path.read_text())
+        needed = {"arch", "channels", "size", "mean", "std", "vocab", "names", "thresholds", "format"}
+        if missing := needed - set(meta):
+            raise HPAError(f"{json_path}: not a model description (missing {', '.join(sorted(missing))})")
+        state = load_file(str(weights))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HPAError(f"{json_path}: not valid JSON") from None
+    except (SafetensorError, OSError) as e:
+        raise HPAError(f"{weights}: cannot read weights ({e})") from None
+    model, _ = create_model(meta["arch"], len(meta["channels"]), len(meta["vocab"]), pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise HPAError(f"{weights}: weights do not fit {meta['arch']} ({str(e).splitlines()[0]})") from None
+    device = _device(cpu)
+    model.to(device).eval()
+    learn = Learner(DataLoaders(), model, loss_func=make_loss(meta.get("loss", "bce"), meta.get("focal_gamma", 2.0)))
+    return Predictor(learn, meta, json_path.parent, safe=True)
+
+
+def _load_pickle(pkl: Path, trust: bool, cpu: bool | None) -> Predictor:
+    from fastai.learner import load_learner
+
+    if not trust and not _is_inside(pkl, Path.cwd() / "runs"):
+        raise HPAError(f"{pkl}: refusing to unpickle a learner from outside ./runs (unpickling can run "
+                       "arbitrary code); load the run folder's model.json + model.safetensors instead, "
+                       "or pass --trust if you made this file")
+    try:
+        learn = load_learner(pkl, cpu=_device(cpu).type == "cpu")
+    except Exception as e:  # unpickling raises anything the file's contents choose to raise
+        raise HPAError(f"{pkl}: not a loadable fastai learner ({type(e).__name__}: {str(e)[:150]})") from None
+    meta = getattr(learn, "hpa_meta", None)
+    if meta is None:
+        raise HPAError(f"{pkl}: this learner was not exported by hpa_fastai (no model description)")
+    return Predictor(learn, meta, pkl.parent, safe=False)
+
+
+def _competition_format(data: Path):
+    """The competition layout of ``data`` if it is a competition folder, else None."""
+    if not data.is_dir():
+        return None
+    if (data / "sample_submission.csv").is_file():
+        return FORMATS["hpa2018"]
+    if (data / "submission.csv").is_file() or ((data / "test").is_dir() and (data / "train.csv").is_file()):
+        from .formats import detect_format
+
+        return detect_format(data) if (data / "train.csv").is_file() else FORMATS["z2g"]
+    return None
+
+
+def _check_compatible(pred: Predictor, fmt) -> None:
+    if fmt.name != pred.format:
+        raise HPAError(f"the model was trained on {pred.format} data ({len(pred.names)} classes) "
+                       f"but this folder is in the {fmt.name} layout")
+    if pred.channels == "rgby" and not fmt.channel_files:
+        raise HPAError("the model expects 4 channels (RGBY, one file per stain); this folder has RGB images")
+
+
+def _tta_mode(cfg) -> str | None:
+    return "max" if getattr(cfg, "tta_max", False) else "mean" if cfg.tta else None
+
+
+def _workers(cfg) -> int:
+    return cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0)
+
+
+def predict_command(cfg) -> Path:
+    from .train import SAMPLE_DIR
+
+    pred = load_predictor(cfg.learner, cfg.trust)
+    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
+        raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
+    data = Path(cfg.data) if cfg.data else SAMPLE_DIR
+    fmt = _competition_format(data)
+    out = Path(cfg.out)
+    if fmt is not None:
+        _check_compatible(pred, fmt)
+        items = read_items(data, fmt, split="test", labelled=False, channels=pred.channels)
+        probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+        preds = pred.decode(probs, cfg.threshold)
+        labels = [" ".join(str(i) for i in np.flatnonzero(row)) for row in preds]
+        sub = pd.DataFrame({fmt.id_col: items["id"], fmt.submission_label_col: labels})
+        write_csv(out, sub)
+        log(f"wrote {out}: {len(sub)} rows, {fmt.name} submission ({fmt.id_col},{fmt.submission_label_col})")
+        return out
+    items = scan_images(data, pred.channels)
+    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+    preds = pred.decode(probs, cfg.threshold)
+    rows = pd.DataFrame({
+        "image": items["id"],
+        "labels": [" ".join(str(i) for i in np.flatnonzero(r)) for r in preds],
+        "names": ["; ".join(pred.names[i] for i in np.flatnonzero(r)) for r in preds],
+        "probabilities": [" ".join(f"{probs[n, i]:.4f}" for i in np.flatnonzero(r)) for n, r in enumerate(preds)],
+    })
+    write_csv(out, rows)
+    if len(rows) <= 20:
+        console.print(table("predictions", rows))
+    log(f"wrote {out}: {len(rows)} images")
+    return out
+
+
+def evaluate_command(cfg) -> Path:
+    from .train import SAMPLE_DIR
+
+    pred = load_predictor(cfg.learner, cfg.trust)
+    data = Path(cfg.data) if cfg.data else SAMPLE_DIR
+    from .formats import detect_format
+
+    fmt = detect_format(data)
+    _check_compatible(pred, fmt)
+    items = read_items(data, fmt, split="train", labelled=True, channels=pred.channels)
+    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+    targets = labels_matrix(items["labels"], len(pred.names)).astype(bool)
+    thresholds = pred.thresholds if cfg.threshold is None else np.full(len(pred.names), cfg.threshold)
+    out = Path(cfg.out) if cfg.out else pred.source / "evaluate"
+    result = evaluation_report(probs, targets, thresholds, pred.names, items, pred.channels, out)
+    summary = pd.DataFrame([{"average": k, "F1": v} for k, v in result["f1"].items()])
+    console.print(table(f"per class ({len(items)} images)", result["report"].assign(
+        support=result["report"]["support"].astype(int))))
+    console.print(table("F1", summary))
+    log(f"report in {out}")
+    return out
+
+
+def evaluation_report(probs, targets, thresholds, names, items, channels, out: Path, n_images: int = 16) -> dict:
+    """Write per_class.csv, summary.json, per_class_f1.png and samples.png (worst mistakes first)."""
+    report = M.per_class_report(probs, targets, thresholds, names)
+    f1 = M.summary(probs, targets, thresholds)
+    write_csv(out / "per_class.csv", report)
+    write_json(out / "summary.json", {"images": int(len(targets)), "f1": f1, "thresholds": list(map(float, thresholds))})
+    plots.f1_bars_plot(out / "per_class_f1.png", report)
+    preds = M.decode(probs, thresholds)
+    # worst first: the images whose predicted label set is furthest from the truth
+    errors = (preds != targets).sum(1) + np.abs(probs - targets).sum(1) / 100
+    order = np.argsort(-errors, kind="stable")[:n_images]
+    images = [read_image(items["key"].iloc[i], CHANNEL_SETS[channels], size=128) for i in order]
+    titles = [f"{items['id'].iloc[i]}\ntrue: {_label_text(targets[i])}\npred: {_label_text(preds[i])}" for i in order]
+    plots.sample_grid_plot(out / "samples.png", images, titles)
+    return {"report": report, "f1": f1}
+
+
+def _label_text(row) -> str:
+    return " ".join(str(i) for i in np.flatnonzero(row)) or "-"
