@@ -19,3 +19,16 @@ def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProce
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def cli_in_process(capsys, *args):
+    """Run the CLI in this process (no fastai start-up cost); returns (exit code, stdout, stderr)."""
+    from hpa_fastai.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse exits on a bad flag
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

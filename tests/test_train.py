@@ -18,7 +18,7 @@ from hpa_fastai.metrics import f1_metric
 from hpa_fastai.synth import make_dataset
 from hpa_fastai.train import train
 
-from .helpers import read_json, run_cli
+from .helpers import cli_in_process, read_json, run_cli
 
 ARTIFACTS = ["config.json", "history.csv", "lr_find.png", "lr_find.json", "curves.png", "metrics.json",
              "per_class.csv", "per_class_f1.png", "best.pth", "export.pkl", "model.safetensors",
@@ -154,7 +154,7 @@ def test_same_seed_gives_same_split_and_metrics(z2g_data, tmp_path):
     (["--size", "0"], "--size"),
     (["--loss", "hinge"], "--loss"),
 ])
-def test_bad_flags_exit_2_with_a_clear_message(args, message):
-    res = run_cli(*args)
-    assert res.returncode == 2
-    assert message in res.stderr and "Traceback" not in res.stderr
+def test_bad_flags_exit_2_with_a_clear_message(args, message, capsys):
+    code, _, err = cli_in_process(capsys, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
