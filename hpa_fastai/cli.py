@@ -8,15 +8,22 @@ import sys
 import typing
 import warnings
 
-from .config import EvaluateConfig, PredictConfig, SynthConfig, TrainConfig
+from .config import (EvaluateConfig, ExportConfig, PredictConfig, ReportConfig, RunsConfig, SynthConfig,
+                     TrainConfig)
 from .errors import HPAError
 
+# name -> (config class, help, "module:function" that runs it)
 COMMANDS = {
-    "train": (TrainConfig, "train a model (the default command)"),
-    "lr-find": (TrainConfig, "run only the learning-rate finder and save its plot"),
-    "predict": (PredictConfig, "predict labels: a Kaggle submission, or labels for a folder of images"),
-    "evaluate": (EvaluateConfig, "score a trained model on a labelled folder: table, CSV and plots"),
-    "synth": (SynthConfig, "write a synthetic HPA-like data set in a competition's layout"),
+    "train": (TrainConfig, "train a model (the default command)", "train:train"),
+    "lr-find": (TrainConfig, "run only the learning-rate finder and save its plot", "train:lr_find_only"),
+    "predict": (PredictConfig, "predict labels: a Kaggle submission, or labels for a folder of images",
+                "predict:predict_command"),
+    "evaluate": (EvaluateConfig, "score a trained model on a labelled folder: table, CSV and plots",
+                 "predict:evaluate_command"),
+    "export": (ExportConfig, "export a trained model, e.g. to ONNX", "export:export_command"),
+    "runs": (RunsConfig, "a table of all runs under runs/", "runs:runs_command"),
+    "report": (ReportConfig, "rebuild a run's report.html, or compare several runs", "report:report_command"),
+    "synth": (SynthConfig, "write a synthetic HPA-like data set in a competition's layout", "synth_cli:synth_command"),
 }
 
 
@@ -57,7 +64,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         help_text = meta.pop("help")
         tp = _base_type(hints[f.name])
         default_txt = "" if f.default is None else f" (default: {f.default})"
-        if tp is bool:
+        if meta.pop("positional", False):
+            parser.add_argument(f.name, default=f.default, help=help_text + default_txt, **meta)
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text + default_txt)
         else:
@@ -67,12 +76,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    cls, help_text = COMMANDS[command]
+    cls, help_text, _ = COMMANDS[command]
     prog = "run.py" if command == "train" else f"run.py {command}"
     epilog = None
     if command == "train":
         epilog = "other commands (run.py COMMAND --help):\n" + "\n".join(
-            f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items() if name != "train")
+            f"  {name:10s} {text}" for name, (_, text, _) in COMMANDS.items() if name != "train")
     parser = argparse.ArgumentParser(prog=prog, description=help_text, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, cls)
@@ -80,21 +89,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def run_command(command: str, cfg) -> None:
-    if command == "train":
-        from .train import train
-        train(cfg)
-    elif command == "lr-find":
-        from .train import lr_find_only
-        lr_find_only(cfg)
-    elif command == "predict":
-        from .predict import predict_command
-        predict_command(cfg)
-    elif command == "evaluate":
-        from .predict import evaluate_command
-        evaluate_command(cfg)
-    elif command == "synth":
-        from .synth_cli import synth_command
-        synth_command(cfg)
+    import importlib
+
+    module, func = COMMANDS[command][2].split(":")
+    getattr(importlib.import_module(f"hpa_fastai.{module}"), func)(cfg)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ class TrainConfig:
     size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256")
     bs: int = opt(32, "batch size")
     lr: str = opt("auto", "learning rate: a number, or 'auto' for lr_find's valley suggestion")
-    lr_find_iters: int = opt(40, "iterations of the learning-rate finder")
+    lr_find_iters: int | None = opt(None, "iterations of the learning-rate finder; default: 100, fewer on a tiny data set")
     seed: int = opt(42, "random seed: split, initialisation, augmentation order")
     out: str = opt("runs", "parent folder of the run folders")
     channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
@@ -45,6 +45,8 @@ class TrainConfig:
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing")
     skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
     log: str = opt("none", "extra logger", choices=["none", "tensorboard"])
+    resume: str | None = opt(None, "continue the interrupted run in this folder from its last complete epoch "
+                                   "(its saved config is used; other flags are ignored)")
 
     @property
     def monitor_higher_is_better(self) -> bool:
@@ -94,3 +96,23 @@ class SynthConfig:
     size: int = opt(512, "image side in pixels")
     seed: int = opt(0, "random seed")
     easy: bool = opt(False, "stronger signal and less noise (for quick experiments)")
+
+
+@dataclass
+class RunsConfig:
+    dir: str = opt("runs", "folder of run folders", positional=True, nargs="?")
+    sort: str = opt("date", "column to sort by", choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "time", "status"])
+    csv: str | None = opt(None, "also write the table to this CSV file")
+
+
+@dataclass
+class ReportConfig:
+    runs: list = opt(None, "run folder(s); with several, a comparison page", positional=True, nargs="+")
+    out: str | None = opt(None, "output HTML file; default: report.html in the run folder (comparison.html for several)")
+
+
+@dataclass
+class ExportConfig:
+    learner: str = opt("runs/latest", "run folder or model.json of a trained model")
+    onnx: bool = opt(False, "also write model.onnx with the normalisation inside the graph")
+    out: str | None = opt(None, "output file; default: model.onnx in the run folder")

@@ -233,8 +233,8 @@ def scan_images(path, channels: str) -> pd.DataFrame:
     return pd.DataFrame({"id": list(keys), "key": list(keys.values())})
 
 
-def verify_images(df: pd.DataFrame, channels: str, deep: bool = False, workers: int = 8) -> list[str]:
-    """Open every image (``deep``: decode it fully); return one message per unreadable image."""
+def verify_images(df: pd.DataFrame, channels: str, deep: bool = False, workers: int = 8) -> dict[str, str]:
+    """Open every image (``deep``: decode it fully); return {item key: message} for the unreadable ones."""
     from .data import read_image  # late import: data pulls in fastai
 
     def check(key):
@@ -245,4 +245,4 @@ def verify_images(df: pd.DataFrame, channels: str, deep: bool = False, workers: 
             return str(e)
 
     with ThreadPoolExecutor(workers) as pool:
-        return [m for m in pool.map(check, df["key"]) if m]
+        return {key: msg for key, msg in zip(df["key"], pool.map(check, df["key"])) if msg}

@@ -6,8 +6,11 @@ pointing at the newest): config, history, plots, metrics, best weights and the e
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,12 +21,12 @@ import pandas as pd
 import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, slide, steep, valley
-from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TrackerCallback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 
 from . import metrics as M
+from .callbacks import AtomicSaveModel, Checkpoint, NaNGuard, WarmupEarlyStopping, load_checkpoint, load_opt_state, set_rng_state
 from . import plots
 from ._io import atomic_path, write_csv, write_json
 from .config import TrainConfig
@@ -110,13 +113,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     bad = verify_images(items, channels, deep=cfg.skip_bad)
     if bad:
         if not cfg.skip_bad:
-            raise HPAError(bad[0] + (f" (and {len(bad) - 1} more; --skip-bad drops them)" if len(bad) > 1 else ""))
+            first = next(iter(bad.values()))
+            raise HPAError(first + (f" (and {len(bad) - 1} more; --skip-bad drops them)" if len(bad) > 1 else ""))
         log(f"skipped {len(bad)} unreadable image(s):")
-        for msg in bad:
+        for msg in bad.values():
             log(f"  {msg}")
-        bad_keys = {m.split(":")[0] for m in bad}
-        items = items[~items["key"].map(lambda k: any(b.startswith(k.split("{")[0]) for b in bad_keys))]
-        items = items.reset_index(drop=True)
+        items = items[~items["key"].isin(bad)].reset_index(drop=True)
     if len(items) < 2:
         raise HPAError(f"{data_dir}: at least 2 usable images are needed, found {len(items)}")
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
@@ -155,39 +157,6 @@ def point_latest(run_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name, target_is_directory=True)
     os.replace(tmp, latest)
-
-
-class WarmupEarlyStopping(EarlyStoppingCallback):
-    """Early stopping that ignores the one-cycle warm-up, when a rising learning rate makes
-    the metric worse on purpose."""
-
-    def __init__(self, warmup_pct: float = 0.25, **kwargs):
-        super().__init__(**kwargs)
-        self.warmup_pct = warmup_pct
-
-    def after_epoch(self):
-        if self.epoch + 1 <= math.ceil(self.warmup_pct * self.n_epoch):
-            super(EarlyStoppingCallback, self).after_epoch()  # track the best, never stop
-            self.wait = 0
-            return
-        super().after_epoch()
-
-
-class AtomicSaveModel(SaveModelCallback):
-    """SaveModelCallback that writes the best weights under a temporary name first, so a run
-    killed while saving never leaves a truncated ``best.pth``."""
-
-    def after_epoch(self):
-        # as SaveModelCallback.after_epoch, minus its print(), which would break the one-line-per-epoch log
-        TrackerCallback.after_epoch(self)
-        if self.new_best:
-            self._save(self.fname)
-
-    def _save(self, name):
-        final = self.learn.path / self.learn.model_dir / f"{name}.pth"
-        with atomic_path(final) as tmp:
-            torch.save(self.learn.model.state_dict(), tmp)
-        self.last_saved_path = final
 
 
 def build_learner(prep: Prepared, run_dir: Path | None, quiet: bool = False):
@@ -305,51 +274,114 @@ def evaluate_valid(learn, prep: Prepared, run_dir: Path, history: pd.DataFrame, 
     }
     write_json(run_dir / "metrics.json", result)
     write_csv(run_dir / "per_class.csv", report)
+    # the report's image grid reads these instead of predicting the validation images again
+    valid = learn.dls.valid.items
+    write_csv(run_dir / "valid_predictions.csv", pd.DataFrame({
+        "id": valid["id"].to_numpy(), "key": valid["key"].to_numpy(), "labels": valid["labels"].to_numpy(),
+        "predicted": [" ".join(map(str, np.flatnonzero(row))) for row in M.decode(probs, thresholds)],
+        "probs": [" ".join(f"{p:.4f}" for p in row) for row in probs]}))
     plots.f1_bars_plot(run_dir / "per_class_f1.png", report)
     console.print(table(f"validation, per class (tuned thresholds; {len(targs)} images)",
                         report.assign(support=report["support"].astype(int))))
     return {**result, "thresholds": thresholds, "probs": probs, "targets": targs}
 
 
+def _phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[tuple[str, int, object]]:
+    """(phase, epochs, learning rate) of each one-cycle fit: a pretrained body first trains
+    frozen, then everything with discriminative rates (as fastai's fine_tune does)."""
+    if pretrained and cfg.freeze_epochs > 0:
+        return [("frozen", cfg.freeze_epochs, lr), ("unfrozen", cfg.epochs, slice(lr / 100, lr / 2))]
+    return [("train", cfg.epochs, lr)]
+
+
+def _start(cfg: TrainConfig):
+    """A new run, or the run folder of ``--resume`` with its saved config and checkpoint."""
+    if not cfg.resume:
+        prep = prepare(cfg)
+        return prep, make_run_dir(prep.cfg.out, prep.cfg.arch), None
+    run_dir = Path(cfg.resume)
+    ckpt_path = run_dir / "checkpoint.pth"
+    if not (run_dir / "config.json").is_file():
+        raise HPAError(f"--resume {run_dir}: not a run folder (no config.json)")
+    if not ckpt_path.is_file():
+        raise HPAError(f"--resume {run_dir}: no checkpoint.pth (the run ended before its first epoch); start it again")
+    saved = json.loads((run_dir / "config.json").read_text())
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise HPAError(f"{ckpt_path}: unreadable checkpoint ({str(e).splitlines()[0][:150]})") from None
+    prep = prepare(dataclasses.replace(TrainConfig.from_json(run_dir / "config.json"), resume=None))
+    prep.mean, prep.std = saved.get("mean", prep.mean), saved.get("std", prep.std)
+    return prep, run_dir, (saved, ckpt)
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Train one model as ``cfg`` says; returns the run folder."""
+    """Train one model as ``cfg`` says (or continue ``cfg.resume``); returns the run folder."""
     t_start = time.time()
-    prep = prepare(cfg)
+    prep, run_dir, resumed = _start(cfg)
     cfg = prep.cfg
-    run_dir = make_run_dir(cfg.out, cfg.arch)
-    log(f"run folder {run_dir}")
+    log(f"{'resuming' if resumed else 'run folder'} {run_dir}")
     log(f"data {prep.data_dir} ({prep.fmt}, {len(prep.items)} images, {cfg.channels}, {cfg.size}px)")
-    write_json(run_dir / "config.json", cfg.to_json())
+    if not resumed:
+        write_json(run_dir / "config.json", cfg.to_json())
     write_json(run_dir / "status.json", {"status": "running", "started": datetime.now().isoformat(timespec="seconds")})
     learn, used_pretrained = build_learner(prep, run_dir)
+    if resumed:
+        used_pretrained = resumed[0]["pretrained_used"]
     learn.hpa_pretrained = used_pretrained
-    log(f"model {cfg.arch} ({'ImageNet weights' if used_pretrained else 'random init' if not cfg.weights else cfg.weights}), "
+    log(f"model {cfg.arch} ({'ImageNet weights' if used_pretrained else cfg.weights or 'random init'}), "
         f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
         f"device {prep.device.type}, precision {learn.hpa_precision}")
-    if cfg.lr == "auto":
-        lr = find_lr(learn, run_dir, cfg.lr_find_iters)["valley"]
+    if resumed:
+        lr = resumed[0]["lr_used"]
+    elif cfg.lr == "auto":
+        lr = find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
         log(f"learning rate {lr:.3e} (lr_find valley)")
     else:
         lr = float(cfg.lr)
-    write_json(run_dir / "config.json", {**cfg.to_json(), "lr_used": lr, "pretrained_used": used_pretrained,
-                                         "precision_used": learn.hpa_precision, "mean": prep.mean, "std": prep.std})
-    fit_cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=np.greater if cfg.monitor_higher_is_better else np.less,
-                                   patience=cfg.patience),
-               AtomicSaveModel(monitor=cfg.monitor, comp=np.greater if cfg.monitor_higher_is_better else np.less,
-                               fname="best", reset_on_fit=False)]
+    if not resumed:
+        write_json(run_dir / "config.json", {**cfg.to_json(), "lr_used": lr, "pretrained_used": used_pretrained,
+                                             "precision_used": learn.hpa_precision, "mean": prep.mean, "std": prep.std})
+    comp = np.greater if cfg.monitor_higher_is_better else np.less
+    checkpoint = Checkpoint(run_dir / "checkpoint.pth")
+    fit_cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience),
+               AtomicSaveModel(monitor=cfg.monitor, comp=comp, fname="best", reset_on_fit=False),
+               checkpoint, NaNGuard()]
     if cfg.log == "tensorboard":
         from fastai.callback.tensorboard import TensorBoardCallback
         fit_cbs.append(TensorBoardCallback(log_dir=run_dir / "tensorboard", trace_model=False))
     logger = learn.cbs.filter(lambda c: isinstance(c, EpochLogger))[0]
-    if used_pretrained and cfg.freeze_epochs > 0:
-        logger.phase = "frozen"
-        learn.freeze()
-        learn.fit_one_cycle(cfg.freeze_epochs, lr, cbs=fit_cbs)
-        logger.phase = "unfrozen"
-        learn.unfreeze()
-        learn.fit_one_cycle(cfg.epochs, slice(lr / 100, lr / 2), cbs=fit_cbs)
-    else:
-        learn.fit_one_cycle(cfg.epochs, lr, cbs=fit_cbs)
+    phases = _phases(cfg, lr, used_pretrained)
+    names = [p[0] for p in phases]
+    skip_to, start_epoch = (names.index(resumed[1]["phase"]), resumed[1]["epochs_done"]) if resumed else (0, 0)
+    previous_handler = _stop_on_sigterm()
+    try:
+        for i, (phase, n_epochs, phase_lr) in enumerate(phases):
+            if i < skip_to:
+                continue
+            logger.phase = checkpoint.phase = phase
+            if phase == "frozen":
+                learn.freeze()
+            elif phase == "unfrozen":
+                learn.unfreeze()
+            first = 0
+            if resumed and i == skip_to:
+                first = _restore(learn, resumed[1], checkpoint, logger)
+                log(f"continuing phase {phase} after epoch {first} of {n_epochs}")
+            learn.fit_one_cycle(n_epochs, phase_lr, cbs=fit_cbs, start_epoch=first)
+            if getattr(learn, "hpa_nan", None):
+                nan = learn.hpa_nan
+                write_json(run_dir / "status.json", {"status": "failed", "reason": "nan loss"})
+                raise HPAError(f"training stopped: the loss became {nan['loss']} at epoch {len(logger.rows) + 1}, "
+                               f"batch {nan['batch'] + 1}; nothing was exported. Last good checkpoint: "
+                               f"{run_dir / 'checkpoint.pth'}. Lower --lr (now {lr:.3g}) or check the data")
+    except KeyboardInterrupt:
+        write_json(run_dir / "status.json", {"status": "interrupted", "epochs_done": len(logger.rows)})
+        log(f"interrupted after {len(logger.rows)} complete epoch(s); continue with: "
+            f"python run.py --resume {run_dir}")
+        raise
+    finally:
+        _restore_sigterm(previous_handler)
     history = pd.DataFrame(logger.rows)
     plots.curves_plot(run_dir / "curves.png", history)
     result = evaluate_valid(learn, prep, run_dir, history, t_start)
@@ -358,12 +390,16 @@ def train(cfg: TrainConfig) -> Path:
     status = "stopped early" if result["stopped_early"] else "finished"
     write_json(run_dir / "status.json", {"status": status, "finished": datetime.now().isoformat(timespec="seconds"),
                                          "seconds": round(time.time() - t_start, 1)})
+    from .report import log_tensorboard_summary, write_report
+
+    log(f"report {write_report(run_dir)}")
+    if cfg.log == "tensorboard":
+        log_tensorboard_summary(run_dir, result)
     point_latest(run_dir)
+    at = "threshold 0.5" if cfg.threshold == 0.5 else f"threshold {cfg.threshold}"
     summary = pd.DataFrame([
-        {"": "macro F1", "threshold 0.5" if cfg.threshold == 0.5 else f"threshold {cfg.threshold}": result["f1_macro"],
-         "tuned thresholds": result["f1_macro_tuned"]},
-        {"": "samples F1", "threshold 0.5" if cfg.threshold == 0.5 else f"threshold {cfg.threshold}": result["f1_samples"],
-         "tuned thresholds": result["f1_samples_tuned"]},
+        {"": "macro F1", at: result["f1_macro"], "tuned thresholds": result["f1_macro_tuned"]},
+        {"": "samples F1", at: result["f1_samples"], "tuned thresholds": result["f1_samples_tuned"]},
     ])
     console.print(table(f"best epoch {result['best_epoch']} of {result['epochs_run']} ({status}), "
                         f"{result['seconds']:.0f}s", summary))
@@ -371,11 +407,44 @@ def train(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+def _restore(learn, ckpt: dict, checkpoint: Checkpoint, logger: EpochLogger) -> int:
+    """Put model, optimizer, trackers, history and RNG back as they were after the checkpoint's epoch."""
+    learn.model.load_state_dict(ckpt["model"])
+    if learn.opt is None:
+        learn.create_opt()
+    load_opt_state(learn.opt, ckpt["opt"])
+    logger.rows = list(ckpt["history"])
+    checkpoint.restore = ckpt
+    set_rng_state(learn, ckpt["rng"])
+    return ckpt["epochs_done"]
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM (kill, a batch scheduler's time limit) stop training like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def auto_lr_find_iters(learn) -> int:
+    """100 iterations (fastai's default) on a real data set; on a tiny one, about five epochs' worth."""
+    return int(min(100, max(20, 5 * len(learn.dls.train))))
+
+
 def lr_find_only(cfg: TrainConfig) -> Path:
     prep = prepare(cfg)
     run_dir = make_run_dir(prep.cfg.out, f"lr_find-{prep.cfg.arch}")
     learn, _ = build_learner(prep, run_dir)
     write_json(run_dir / "config.json", prep.cfg.to_json())
-    find_lr(learn, run_dir, prep.cfg.lr_find_iters)
+    find_lr(learn, run_dir, prep.cfg.lr_find_iters or auto_lr_find_iters(learn))
     log(f"plot: {run_dir / 'lr_find.png'}")
     return run_dir

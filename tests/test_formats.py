@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.errors import HPAError
@@ -286,15 +285,15 @@ def test_header_check_finds_truncated_png(make_z2g):
     path = data / "train" / "img2.png"
     path.write_bytes(path.read_bytes()[:-20])
     items = read_items(data)
-    assert verify_images(items, "rgb") == [f"{path}: truncated image (the PNG has no end chunk)"]
+    assert verify_images(items, "rgb") == {str(path): f"{path}: truncated image (the PNG has no end chunk)"}
 
 
 def test_png_with_trailing_bytes_is_still_accepted(make_z2g):
     data = make_z2g(n=3)
     path = data / "train" / "img1.png"
     path.write_bytes(path.read_bytes() + b"\x00" * 16)
-    assert verify_images(read_items(data), "rgb", deep=True) == []
-    assert verify_images(read_items(data), "rgb") == []
+    assert verify_images(read_items(data), "rgb", deep=True) == {}
+    assert verify_images(read_items(data), "rgb") == {}
 
 
 @pytest.mark.parametrize("case", ["label outside vocabulary (z2g)", "corrupt stain png"])

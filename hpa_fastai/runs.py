@@ -1,0 +1,195 @@
+"""The ``runs`` command: one table of every training run under a folder, read from the run folders' files.
+
+A run folder is a folder with a ``status.json`` (``train`` writes it before anything else), so
+``lr-find`` folders, other folders and the ``latest`` link are skipped. Each value comes from the
+run's own files: ``config.json`` (data, arch, channels, size), ``metrics.json`` (epochs run, best
+epoch, macro F1 at the run's ``--threshold`` and with tuned per-class thresholds, seconds) and
+``status.json``; ``history.csv`` gives the epochs of a run that has no metrics yet.
+
+Status is what ``status.json`` says (finished, stopped early, interrupted, failed), except for a
+run that says ``running``: a run killed outright (SIGKILL, a crash, a lost machine) never gets
+to update its status. Nothing in the folder proves the process is alive, so the age of its newest
+file decides: a training run writes ``history.csv`` (and checkpoints) every epoch, so a running
+run whose files have not changed for ``max(10 minutes, 3 x its slowest epoch)`` is reported as
+``interrupted``. A run on another machine that is still alive but stuck for that long is reported
+the same way, which is the honest reading of the evidence.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from ._io import write_csv
+from .console import console, log, table
+from .errors import HPAError
+
+STALE_SECONDS = 10 * 60
+COLUMNS = ["run", "date", "data", "arch", "channels", "size", "epochs", "best_epoch", "f1", "f1_tuned",
+           "time", "status"]
+# --sort key -> (column, descending): scores best first, the rest in natural order (dates oldest
+# first, so the newest run sits next to the prompt)
+SORTS = {"date": ("date", False), "arch": ("arch", False), "size": ("size", False), "epochs": ("epochs", True),
+         "f1": ("f1", True), "f1_tuned": ("f1_tuned", True), "time": ("time", False), "status": ("status", False)}
+
+
+def read_json(path: Path) -> dict:
+    """A run file's contents, or {} when it is missing or unreadable (a run being written, or damaged)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "status.json").is_file()
+
+
+def run_dirs(folder) -> list[Path]:
+    """The run folders directly under ``folder`` (``folder`` itself if it is one), without links."""
+    folder = Path(folder)
+    if is_run_dir(folder):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if not p.is_symlink() and is_run_dir(p))
+
+
+def _history(run_dir: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(run_dir / "history.csv")
+    except (OSError, ValueError):
+        return pd.DataFrame()
+
+
+def _started(run_dir: Path, status: dict) -> datetime | None:
+    """When the run started: the time stamp ``train`` puts in the folder name, else status.json's."""
+    try:
+        return datetime.strptime(run_dir.name[:15], "%Y%m%d-%H%M%S")
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(status["started"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def run_status(run_dir: Path, status: dict, history: pd.DataFrame, now: float | None = None) -> str:
+    """status.json's word, with a ``running`` run whose files went quiet read as ``interrupted``."""
+    word = status.get("status", "unknown")
+    if word != "running":
+        return word
+    newest = max((p.stat().st_mtime for p in run_dir.iterdir() if p.is_file()), default=0.0)
+    slowest_epoch = float(history["seconds"].max()) if "seconds" in history and len(history) else 0.0
+    quiet = (time.time() if now is None else now) - newest
+    return "interrupted" if quiet > max(STALE_SECONDS, 3 * slowest_epoch) else "running"
+
+
+def run_summary(run_dir) -> dict:
+    """One row of the runs table for ``run_dir``; missing values are None."""
+    run_dir = Path(run_dir)
+    config, metrics, status = (read_json(run_dir / f) for f in ("config.json", "metrics.json", "status.json"))
+    history = _history(run_dir)
+    started = _started(run_dir, status)
+    epochs = metrics.get("epochs_run", len(history) if len(history) else None)
+    seconds = metrics.get("seconds", status.get("seconds"))
+    return {
+        "run": run_dir.name,
+        "date": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
+        "data": config.get("data"),
+        "arch": config.get("arch"),
+        "channels": config.get("channels"),
+        "size": config.get("size"),
+        "epochs": epochs,
+        "best_epoch": metrics.get("best_epoch"),
+        "f1": metrics.get("f1_macro"),
+        "f1_tuned": metrics.get("f1_macro_tuned"),
+        "time": seconds,
+        "status": run_status(run_dir, status, history),
+        "threshold": metrics.get("threshold", config.get("threshold")),
+        "path": str(run_dir),
+    }
+
+
+def collect_runs(folder="runs", sort: str = "date") -> pd.DataFrame:
+    """Every run under ``folder`` as a frame (columns ``COLUMNS`` plus threshold and path), sorted by
+    ``sort`` (a ``--sort`` key); empty when there are none or ``folder`` does not exist."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HPAError(f"{folder}: not a folder of runs")
+    rows = [run_summary(d) for d in run_dirs(folder)] if folder.is_dir() else []
+    df = pd.DataFrame(rows, columns=COLUMNS + ["threshold", "path"])
+    for col in ("size", "epochs", "best_epoch"):
+        df[col] = df[col].astype("Int64")
+    for col in ("f1", "f1_tuned", "time", "threshold"):
+        df[col] = df[col].astype(float)
+    column, descending = SORTS[sort]
+    # the folder name breaks ties, so equal keys keep the order of their dates
+    df = df.sort_values("run").sort_values(column, ascending=not descending, na_position="last", kind="stable")
+    return df.reset_index(drop=True)
+
+
+def format_seconds(seconds) -> str:
+    if seconds is None or pd.isna(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def short_data(path) -> str:
+    """The last two parts of the data path: enough to tell data sets apart in a narrow table."""
+    if not isinstance(path, str):
+        return "-"
+    return "/".join(Path(path).parts[-2:])
+
+
+def display_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs frame as the strings the console table shows."""
+    def text(v, spec="{}"):
+        return "-" if v is None or pd.isna(v) else spec.format(v)
+
+    return pd.DataFrame({
+        "run": df["run"],
+        "date": df["date"].map(lambda v: text(v)[:16]),  # minutes: the run name has the seconds
+        "data": df["data"].map(short_data),
+        "arch": df["arch"].map(text),
+        "channels": df["channels"].map(text),
+        "size": df["size"].map(text),
+        "epochs": df["epochs"].map(text),
+        "best": df["best_epoch"].map(text),
+        "macro F1": df["f1"].map(lambda v: text(v, "{:.4f}")),
+        "tuned": df["f1_tuned"].map(lambda v: text(v, "{:.4f}")),
+        "time": df["time"].map(format_seconds),
+        "status": df["status"],
+    })
+
+
+NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "time"}
+
+
+def runs_command(cfg) -> pd.DataFrame:
+    folder = Path(cfg.dir)
+    df = collect_runs(folder, cfg.sort)
+    if df.empty:
+        why = "the folder does not exist" if not folder.exists() else "no run folders in it"
+        log(f"no runs in {folder} ({why}); train one with: python run.py --out {folder}")
+        return df
+    shown = display_frame(df)
+    t = table(f"{len(df)} run(s) in {folder}, by {cfg.sort}", shown)
+    for column in t.columns:
+        if column.header in NUMERIC:
+            column.justify = "right"
+    thresholds = sorted(set(df["threshold"].dropna()))
+    t.caption = (f"macro F1 on the validation images at threshold {', '.join(f'{x:g}' for x in thresholds) or '0.5'}"
+                 " and with per-class tuned thresholds")
+    console.print(t)
+    if cfg.csv:
+        write_csv(cfg.csv, df)
+        log(f"wrote {cfg.csv}")
+    return df
