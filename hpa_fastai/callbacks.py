@@ -185,3 +185,27 @@ def _tuples(obj):
 
 def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C or SIGTERM (kill, a scheduler's time limit) asks training to stop; this stops it at the
+    end of the current batch, or after the epoch's checkpoint when the signal came while saving.
+    A second signal stops at once."""
+
+    order = Checkpoint.order + 5
+
+    def __init__(self):
+        self.requested = False
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def after_batch(self):
+        if self.requested:
+            raise CancelFitException()
+
+    def after_epoch(self):
+        if self.requested:
+            raise CancelFitException()

@@ -8,8 +8,8 @@ import sys
 import typing
 import warnings
 
-from .config import (EvaluateConfig, ExportConfig, PredictConfig, ReportConfig, RunsConfig, SynthConfig,
-                     TrainConfig)
+from .config import (DedupConfig, EvaluateConfig, ExportConfig, PredictConfig, PreprocessConfig, ReportConfig,
+                     RunsConfig, SynthConfig, TrainConfig)
 from .errors import HPAError
 
 # name -> (config class, help, "module:function" that runs it)
@@ -23,6 +23,11 @@ COMMANDS = {
     "export": (ExportConfig, "export a trained model, e.g. to ONNX", "export:export_command"),
     "runs": (RunsConfig, "a table of all runs under runs/", "runs:runs_command"),
     "report": (ReportConfig, "rebuild a run's report.html, or compare several runs", "report:report_command"),
+    "cv": (TrainConfig, "K-fold cross-validation: one run per fold, out-of-fold thresholds and scores", "cv:cv_command"),
+    "preprocess": (PreprocessConfig, "write a resized copy of a data set that training reads directly",
+                   "preprocess:preprocess_command"),
+    "dedup": (DedupConfig, "find near-duplicate images by perceptual hash; splits keep each group together",
+              "dedup:dedup_command"),
     "synth": (SynthConfig, "write a synthetic HPA-like data set in a competition's layout", "synth_cli:synth_command"),
 }
 

@@ -116,3 +116,19 @@ class ExportConfig:
     learner: str = opt("runs/latest", "run folder or model.json of a trained model")
     onnx: bool = opt(False, "also write model.onnx with the normalisation inside the graph")
     out: str | None = opt(None, "output file; default: model.onnx in the run folder")
+
+
+@dataclass
+class PreprocessConfig:
+    data: str | None = opt(None, "competition folder to cache; default: the bundled sample")
+    size: int = opt(256, "image side of the cached copy")
+    channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
+                        choices=["auto", "rgb", "rgby"])
+    workers: int | None = opt(None, "parallel worker processes; default: all cores")
+
+
+@dataclass
+class DedupConfig:
+    data: str | None = opt(None, "competition folder to search; default: the bundled sample")
+    max_distance: int = opt(6, "largest Hamming distance (of 64 bits) between perceptual hashes that counts as a duplicate")
+    out: str | None = opt(None, "output CSV; default: duplicates.csv in the data folder")

@@ -26,7 +26,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 
 from . import metrics as M
-from .callbacks import AtomicSaveModel, Checkpoint, NaNGuard, WarmupEarlyStopping, load_checkpoint, load_opt_state, set_rng_state
+from .callbacks import AtomicSaveModel, Checkpoint, NaNGuard, StopOnSignal, WarmupEarlyStopping, load_checkpoint, load_opt_state, set_rng_state
 from . import plots
 from ._io import atomic_path, write_csv, write_json
 from .config import TrainConfig
@@ -343,10 +343,10 @@ def train(cfg: TrainConfig) -> Path:
         write_json(run_dir / "config.json", {**cfg.to_json(), "lr_used": lr, "pretrained_used": used_pretrained,
                                              "precision_used": learn.hpa_precision, "mean": prep.mean, "std": prep.std})
     comp = np.greater if cfg.monitor_higher_is_better else np.less
-    checkpoint = Checkpoint(run_dir / "checkpoint.pth")
+    checkpoint, stopper = Checkpoint(run_dir / "checkpoint.pth"), StopOnSignal()
     fit_cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience),
                AtomicSaveModel(monitor=cfg.monitor, comp=comp, fname="best", reset_on_fit=False),
-               checkpoint, NaNGuard()]
+               checkpoint, NaNGuard(), stopper]
     if cfg.log == "tensorboard":
         from fastai.callback.tensorboard import TensorBoardCallback
         fit_cbs.append(TensorBoardCallback(log_dir=run_dir / "tensorboard", trace_model=False))
@@ -354,7 +354,7 @@ def train(cfg: TrainConfig) -> Path:
     phases = _phases(cfg, lr, used_pretrained)
     names = [p[0] for p in phases]
     skip_to, start_epoch = (names.index(resumed[1]["phase"]), resumed[1]["epochs_done"]) if resumed else (0, 0)
-    previous_handler = _stop_on_sigterm()
+    previous_handlers = _catch_signals(stopper.handle)
     try:
         for i, (phase, n_epochs, phase_lr) in enumerate(phases):
             if i < skip_to:
@@ -369,19 +369,23 @@ def train(cfg: TrainConfig) -> Path:
                 first = _restore(learn, resumed[1], checkpoint, logger)
                 log(f"continuing phase {phase} after epoch {first} of {n_epochs}")
             learn.fit_one_cycle(n_epochs, phase_lr, cbs=fit_cbs, start_epoch=first)
+            if stopper.requested:
+                raise KeyboardInterrupt
             if getattr(learn, "hpa_nan", None):
                 nan = learn.hpa_nan
-                write_json(run_dir / "status.json", {"status": "failed", "reason": "nan loss"})
                 raise HPAError(f"training stopped: the loss became {nan['loss']} at epoch {len(logger.rows) + 1}, "
                                f"batch {nan['batch'] + 1}; nothing was exported. Last good checkpoint: "
                                f"{run_dir / 'checkpoint.pth'}. Lower --lr (now {lr:.3g}) or check the data")
+    except HPAError as e:
+        write_json(run_dir / "status.json", {"status": "failed", "reason": str(e), "epochs_done": len(logger.rows)})
+        raise
     except KeyboardInterrupt:
         write_json(run_dir / "status.json", {"status": "interrupted", "epochs_done": len(logger.rows)})
         log(f"interrupted after {len(logger.rows)} complete epoch(s); continue with: "
             f"python run.py --resume {run_dir}")
         raise
     finally:
-        _restore_sigterm(previous_handler)
+        _restore_signals(previous_handlers)
     history = pd.DataFrame(logger.rows)
     plots.curves_plot(run_dir / "curves.png", history)
     result = evaluate_valid(learn, prep, run_dir, history, t_start)
@@ -419,20 +423,16 @@ def _restore(learn, ckpt: dict, checkpoint: Checkpoint, logger: EpochLogger) -> 
     return ckpt["epochs_done"]
 
 
-def _stop_on_sigterm():
-    """Make SIGTERM (kill, a batch scheduler's time limit) stop training like Ctrl-C does."""
+def _catch_signals(handler) -> dict:
+    """Route Ctrl-C and SIGTERM to ``handler`` while training (main thread only: signal's rule)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _restore_sigterm(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def auto_lr_find_iters(learn) -> int:
