@@ -16,6 +16,16 @@ from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, Te
 from ._io import atomic_path
 
 
+def bare_model(learn):
+    """The model without the DistributedDataParallel wrapper, so saved weights load anywhere."""
+    return getattr(learn.model, "module", learn.model)
+
+
+def train_loader(learn):
+    """The training DataLoader (under several processes, the one that DistributedDL wraps)."""
+    return getattr(learn.dls.train, "dl", learn.dls.train)
+
+
 class _TrainedEpochsOnly:
     def before_epoch(self):
         self._trained = False
@@ -68,7 +78,7 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
     def _save(self, name):
         final = self.learn.path / self.learn.model_dir / f"{name}.pth"
         with atomic_path(final) as tmp:
-            torch.save(self.learn.model.state_dict(), tmp)
+            torch.save(bare_model(self.learn).state_dict(), tmp)
         self.last_saved_path = final
 
 
@@ -84,7 +94,7 @@ class NaNGuard(TerminateOnNaNCallback):
 def rng_state(learn) -> dict:
     """Every random stream training draws from, the training DataLoader's own shuffling RNG included."""
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": learn.dls.train.rng.getstate(),
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": train_loader(learn).rng.getstate(),
             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
             "numpy_gauss": (int(np_state[3]), float(np_state[4]))}
 
@@ -92,7 +102,7 @@ def rng_state(learn) -> dict:
 def set_rng_state(learn, state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    learn.dls.train.rng.setstate(_tuples(state["loader"]))
+    train_loader(learn).rng.setstate(_tuples(state["loader"]))
     has_gauss, gauss = state["numpy_gauss"]
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          has_gauss, gauss))
@@ -138,7 +148,7 @@ class Checkpoint(Callback):
 
         save, stop, logger = self._cb(AtomicSaveModel), self._cb(WarmupEarlyStopping), self._cb(EpochLogger)
         state = {
-            "model": self.learn.model.state_dict(),
+            "model": bare_model(self.learn).state_dict(),
             "opt": plain_opt_state(self.learn.opt.state_dict()),
             "phase": self.phase,
             "epochs_done": self.epoch + 1,

@@ -9,7 +9,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 
+from . import distributed
 from . import metrics as M
 from .callbacks import AtomicSaveModel, Checkpoint, NaNGuard, StopOnSignal, WarmupEarlyStopping, load_checkpoint, load_opt_state, set_rng_state
 from . import plots
@@ -32,8 +35,9 @@ from ._io import atomic_path, write_csv, write_json
 from .config import TrainConfig
 from .console import EpochLogger, console, log, table
 from .data import channel_stats, labels_matrix, make_dls, make_splitter, native_size
+from .dedup import duplicate_groups
 from .errors import HPAError
-from .formats import detect_format, read_items, verify_images
+from .formats import detect_format, read_items, verify_images, with_extra_items
 from .models import create_model, splitter
 from .vocab import class_names, vocab_for
 
@@ -50,14 +54,41 @@ def resolve_data_dir(data) -> Path:
     return Path(data)
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """A hand-edited config.json (``--resume``) or the Python API can put any value in a field."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        types = tuple(t for t in allowed if t is not type(None))
+        if value is None:
+            ok = type(None) in allowed
+        elif isinstance(value, bool):
+            ok = bool in types
+        else:
+            ok = isinstance(value, types) or (float in types and isinstance(value, int))
+        if not ok:
+            raise HPAError(f"{flag} must be {' or '.join(t.__name__ for t in types)} (got {value!r:.80})")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise HPAError(f"{flag} must be one of {', '.join(f.metadata['choices'])} (got {value!r:.80})")
+
+
+MAX_SIZE = 4096  # a larger --size would only exhaust memory (a 100000 px side is 30 GB per image)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Flag checks that need no data; each message names its flag."""
+    _check_types(cfg)
     if cfg.epochs < 1:
         raise HPAError(f"--epochs must be at least 1 (got {cfg.epochs})")
     if cfg.bs < 1:
         raise HPAError(f"--bs must be at least 1 (got {cfg.bs})")
     if cfg.size is not None and cfg.size < 8:
         raise HPAError(f"--size must be at least 8 pixels (got {cfg.size})")
+    if cfg.size is not None and cfg.size > MAX_SIZE:
+        raise HPAError(f"--size must be at most {MAX_SIZE} pixels (got {cfg.size})")
     if cfg.lr != "auto":
         try:
             lr = float(cfg.lr)
@@ -77,6 +108,20 @@ def validate(cfg: TrainConfig) -> None:
         raise HPAError(f"--patience must be at least 1 (got {cfg.patience})")
     if cfg.workers is not None and cfg.workers < 0:
         raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range
+        raise HPAError(f"--seed must be in 0..{2**32 - 1} (got {cfg.seed})")
+    if not (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0):
+        raise HPAError(f"--focal-gamma must be 0 or more (got {cfg.focal_gamma})")
+    if cfg.freeze_epochs < 0:
+        raise HPAError(f"--freeze-epochs must be 0 or more (got {cfg.freeze_epochs})")
+    if cfg.lr_find_iters is not None and cfg.lr_find_iters < 1:
+        raise HPAError(f"--lr-find-iters must be at least 1 (got {cfg.lr_find_iters})")
+    from .models import check_arch
+
+    try:
+        check_arch(cfg.arch)
+    except ValueError as e:
+        raise HPAError(f"--arch: {e}") from None
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise HPAError(f"--weights {cfg.weights}: file not found")
     if cfg.log == "tensorboard":
@@ -110,6 +155,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise HPAError(f"--channels rgby needs one file per stain (HPA 2018 layout); {data_dir} is "
                        "Zero-to-GANs RGB: use --channels rgb")
     items = read_items(data_dir, fmt, "train", skip_bad=cfg.skip_bad, channels=channels, log=log)
+    items = with_extra_items(items, cfg.extra_data, fmt, channels, skip_bad=cfg.skip_bad, log=log)
     bad = verify_images(items, channels, deep=cfg.skip_bad)
     if bad:
         if not cfg.skip_bad:
@@ -121,6 +167,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
         items = items[~items["key"].isin(bad)].reset_index(drop=True)
     if len(items) < 2:
         raise HPAError(f"{data_dir}: at least 2 usable images are needed, found {len(items)}")
+    groups = duplicate_groups(data_dir, items["id"], log)  # the splits keep near-duplicates together
+    if groups is not None:
+        items = items.assign(group=groups)
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
@@ -130,11 +179,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
                     mean, std, device)
 
 
-def make_run_dir(out, arch: str) -> Path:
-    """A new run folder under ``out``; fails early, before training, if ``out`` is not writable."""
+def make_run_dir(out, arch: str, name: str | None = None) -> Path:
+    """A new run folder under ``out`` (named ``name``, default ``<time>-<arch>``); fails early,
+    before training, if ``out`` is not writable."""
     out = Path(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{arch.replace(':', '-').replace('/', '-')}"
+    name = name or f"{stamp}-{arch.replace(':', '-').replace('/', '-')}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         run_dir = out / name
@@ -167,6 +217,9 @@ def build_learner(prep: Prepared, run_dir: Path | None, quiet: bool = False):
                    bs=cfg.bs, workers=cfg.workers, seed=cfg.seed, device=prep.device)
     if len(dls.train) == 0:
         raise HPAError(f"--bs {cfg.bs} is larger than the {len(dls.train_ds)} training images; lower --bs")
+    if len(dls.valid_ds) == 0:  # training would crash after its first epoch, with nothing to score
+        raise HPAError(f"--valid-pct {cfg.valid_pct} leaves none of the {len(prep.items)} images for validation; "
+                       "raise --valid-pct")
     set_seed(cfg.seed, reproducible=True)
     model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(prep.vocab), cfg.pretrained,
                                           cfg.weights, log=log)
@@ -249,8 +302,9 @@ def export_model(learn, meta: dict, run_dir: Path) -> None:
     write_json(run_dir / "model.json", meta)
 
 
-def evaluate_valid(learn, prep: Prepared, run_dir: Path, history: pd.DataFrame, t_start: float) -> dict:
-    probs, targs = learn.get_preds(dl=learn.dls.valid)
+def evaluate_valid(learn, prep: Prepared, run_dir: Path, history: pd.DataFrame, t_start: float,
+                   valid_preds) -> dict:
+    probs, targs = valid_preds
     probs, targs = probs.float().numpy(), targs.numpy().astype(bool)
     cfg = prep.cfg
     thresholds = M.tune_thresholds(probs, targs, default=cfg.threshold)
@@ -294,38 +348,67 @@ def _phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[tuple[str, in
     return [("train", cfg.epochs, lr)]
 
 
-def _start(cfg: TrainConfig):
+CHECKPOINT_KEYS = {"model", "opt", "phase", "epochs_done", "rng", "smooth_loss", "history"}
+
+
+def _start(cfg: TrainConfig, run_name: str | None = None):
     """A new run, or the run folder of ``--resume`` with its saved config and checkpoint."""
     if not cfg.resume:
         prep = prepare(cfg)
-        return prep, make_run_dir(prep.cfg.out, prep.cfg.arch), None
+        prep.device = distributed.init(prep.device)
+        if distributed.world_size() > 1:
+            # only rank 0 writes the run folder; the other ranks write into a scratch folder
+            run_dir = distributed.share(make_run_dir(prep.cfg.out, prep.cfg.arch, run_name)
+                                        if distributed.is_main() else None)
+            return prep, (run_dir if distributed.is_main() else Path(tempfile.mkdtemp(prefix="hpa-rank-"))), None
+        return prep, make_run_dir(prep.cfg.out, prep.cfg.arch, run_name), None
     run_dir = Path(cfg.resume)
     ckpt_path = run_dir / "checkpoint.pth"
     if not (run_dir / "config.json").is_file():
         raise HPAError(f"--resume {run_dir}: not a run folder (no config.json)")
     if not ckpt_path.is_file():
         raise HPAError(f"--resume {run_dir}: no checkpoint.pth (the run ended before its first epoch); start it again")
-    saved = json.loads((run_dir / "config.json").read_text())
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise HPAError(f"{run_dir / 'config.json'}: unreadable run config ({str(e)[:150]})") from None
+    if not isinstance(saved, dict) or not {"lr_used", "pretrained_used"} <= set(saved):
+        raise HPAError(f"{run_dir / 'config.json'}: not the config of a run that trained an epoch "
+                       "(no lr_used, pretrained_used); start it again")
     try:
         ckpt = load_checkpoint(ckpt_path)
-    except Exception as e:  # torch.load raises many types for a damaged file
-        raise HPAError(f"{ckpt_path}: unreadable checkpoint ({str(e).splitlines()[0][:150]})") from None
+    except Exception as e:  # torch.load raises many types for a damaged file, some with no message
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:150]
+        raise HPAError(f"{ckpt_path}: unreadable checkpoint ({reason})") from None
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise HPAError(f"{ckpt_path}: not a checkpoint of this project (missing {', '.join(sorted(missing))})")
     prep = prepare(dataclasses.replace(TrainConfig.from_json(run_dir / "config.json"), resume=None))
     prep.mean, prep.std = saved.get("mean", prep.mean), saved.get("std", prep.std)
+    prep.device = distributed.init(prep.device)
+    if not distributed.is_main():
+        run_dir = Path(tempfile.mkdtemp(prefix="hpa-rank-"))
     return prep, run_dir, (saved, ckpt)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train one model as ``cfg`` says (or continue ``cfg.resume``); returns the run folder."""
+def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
+    """Train one model as ``cfg`` says (or continue ``cfg.resume``); returns the run folder
+    (``cfg.out/run_name`` if given, else ``cfg.out/<time>-<arch>``)."""
     t_start = time.time()
-    prep, run_dir, resumed = _start(cfg)
+    prep, run_dir, resumed = _start(cfg, run_name)
+    main = distributed.is_main()
+    console.quiet = not main
     cfg = prep.cfg
     log(f"{'resuming' if resumed else 'run folder'} {run_dir}")
     log(f"data {prep.data_dir} ({prep.fmt}, {len(prep.items)} images, {cfg.channels}, {cfg.size}px)")
     if not resumed:
         write_json(run_dir / "config.json", cfg.to_json())
     write_json(run_dir / "status.json", {"status": "running", "started": datetime.now().isoformat(timespec="seconds")})
-    learn, used_pretrained = build_learner(prep, run_dir)
+    try:
+        learn, used_pretrained = build_learner(prep, run_dir)
+    except HPAError as e:  # e.g. --bs too large, --weights that do not fit: not a run left "running"
+        write_json(run_dir / "status.json", {"status": "failed", "reason": str(e), "epochs_done": 0})
+        raise
     if resumed:
         used_pretrained = resumed[0]["pretrained_used"]
     learn.hpa_pretrained = used_pretrained
@@ -335,7 +418,9 @@ def train(cfg: TrainConfig) -> Path:
     if resumed:
         lr = resumed[0]["lr_used"]
     elif cfg.lr == "auto":
-        lr = find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
+        # rank 0 alone, before the processes are joined; the others wait for its answer
+        lr = distributed.share(find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
+                               if main else None)
         log(f"learning rate {lr:.3e} (lr_find valley)")
     else:
         lr = float(cfg.lr)
@@ -354,28 +439,11 @@ def train(cfg: TrainConfig) -> Path:
     phases = _phases(cfg, lr, used_pretrained)
     names = [p[0] for p in phases]
     skip_to, start_epoch = (names.index(resumed[1]["phase"]), resumed[1]["epochs_done"]) if resumed else (0, 0)
-    previous_handlers = _catch_signals(stopper.handle)
+    # under several processes a signal reaches each at a different batch; let the launcher handle it
+    previous_handlers = _catch_signals(stopper.handle) if distributed.world_size() == 1 else {}
     try:
-        for i, (phase, n_epochs, phase_lr) in enumerate(phases):
-            if i < skip_to:
-                continue
-            logger.phase = checkpoint.phase = phase
-            if phase == "frozen":
-                learn.freeze()
-            elif phase == "unfrozen":
-                learn.unfreeze()
-            first = 0
-            if resumed and i == skip_to:
-                first = _restore(learn, resumed[1], checkpoint, logger)
-                log(f"continuing phase {phase} after epoch {first} of {n_epochs}")
-            learn.fit_one_cycle(n_epochs, phase_lr, cbs=fit_cbs, start_epoch=first)
-            if stopper.requested:
-                raise KeyboardInterrupt
-            if getattr(learn, "hpa_nan", None):
-                nan = learn.hpa_nan
-                raise HPAError(f"training stopped: the loss became {nan['loss']} at epoch {len(logger.rows) + 1}, "
-                               f"batch {nan['batch'] + 1}; nothing was exported. Last good checkpoint: "
-                               f"{run_dir / 'checkpoint.pth'}. Lower --lr (now {lr:.3g}) or check the data")
+        with distributed.context(learn, prep.device):
+            _fit_phases(learn, phases, fit_cbs, resumed, skip_to, checkpoint, logger, stopper, run_dir, lr)
     except HPAError as e:
         write_json(run_dir / "status.json", {"status": "failed", "reason": str(e), "epochs_done": len(logger.rows)})
         raise
@@ -386,9 +454,14 @@ def train(cfg: TrainConfig) -> Path:
         raise
     finally:
         _restore_signals(previous_handlers)
+    if not main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return None
     history = pd.DataFrame(logger.rows)
     plots.curves_plot(run_dir / "curves.png", history)
-    result = evaluate_valid(learn, prep, run_dir, history, t_start)
+    with distributed.single_process():
+        valid_preds = learn.get_preds(dl=learn.dls.valid)
+    result = evaluate_valid(learn, prep, run_dir, history, t_start, valid_preds)
     learn.remove_cb(logger)
     export_model(learn, model_meta(prep, result["thresholds"]), run_dir)
     status = "stopped early" if result["stopped_early"] else "finished"
@@ -409,6 +482,30 @@ def train(cfg: TrainConfig) -> Path:
                         f"{result['seconds']:.0f}s", summary))
     log(f"artifacts in {run_dir} (exported model: export.pkl, model.safetensors + model.json)")
     return run_dir
+
+
+def _fit_phases(learn, phases, fit_cbs, resumed, skip_to, checkpoint, logger, stopper, run_dir, lr) -> None:
+    """The one-cycle fits of the run's phases, from where a resumed run left off."""
+    for i, (phase, n_epochs, phase_lr) in enumerate(phases):
+        if i < skip_to:
+            continue
+        logger.phase = checkpoint.phase = phase
+        if phase == "frozen":
+            learn.freeze()
+        elif phase == "unfrozen":
+            learn.unfreeze()
+        first = 0
+        if resumed and i == skip_to:
+            first = _restore(learn, resumed[1], checkpoint, logger)
+            log(f"continuing phase {phase} after epoch {first} of {n_epochs}")
+        learn.fit_one_cycle(n_epochs, phase_lr, cbs=fit_cbs, start_epoch=first)
+        if stopper.requested:
+            raise KeyboardInterrupt
+        if getattr(learn, "hpa_nan", None):
+            nan = learn.hpa_nan
+            raise HPAError(f"training stopped: the loss became {nan['loss']} at epoch {len(logger.rows) + 1}, "
+                           f"batch {nan['batch'] + 1}; nothing was exported. Last good checkpoint: "
+                           f"{run_dir / 'checkpoint.pth'}. Lower --lr (now {lr:.3g}) or check the data")
 
 
 def _restore(learn, ckpt: dict, checkpoint: Checkpoint, logger: EpochLogger) -> int:
