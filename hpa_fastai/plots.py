@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -41,6 +42,8 @@ def curves_plot(path, history: pd.DataFrame):
     ax2.set_ylabel("F1 (validation)")
     ax2.set_ylim(0, 1)
     ax2.legend()
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return save_figure(path, fig)
 
 

@@ -169,13 +169,6 @@ def read_valid_predictions(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def label_sets(column: pd.Series, n_classes: int) -> np.ndarray:
-    out = np.zeros((len(column), n_classes), bool)
-    for i, text in enumerate(column):
-        out[i, [int(t) for t in text.split()]] = True
-    return out
-
-
 def valid_samples(run_dir, n: int = N_SAMPLES, size: int = THUMBNAIL) -> list[dict]:
     """The ``n`` validation images the model got most wrong, worst first: each a dict with id, an RGB
     thumbnail (false colour for RGBY), the true and predicted class indices and the probabilities.
@@ -183,7 +176,7 @@ def valid_samples(run_dir, n: int = N_SAMPLES, size: int = THUMBNAIL) -> list[di
     "Most wrong" counts the labels the prediction gets wrong (missed or extra), then, among equal
     counts, how far the probabilities are from the truth; with fewer mistakes than ``n`` the grid
     fills up with the least certain correct ones."""
-    from .data import read_image
+    from .data import labels_matrix, read_image  # torch and fastai: only when images are wanted
     from .formats import CHANNEL_SETS
 
     run_dir = Path(run_dir)
@@ -193,8 +186,8 @@ def valid_samples(run_dir, n: int = N_SAMPLES, size: int = THUMBNAIL) -> list[di
     config = read_json(run_dir / "config.json")
     probs = np.array([[float(p) for p in row.split()] for row in preds_df["probs"]])
     n_classes = probs.shape[1]
-    targets = label_sets(preds_df["labels"], n_classes)
-    preds = label_sets(preds_df["predicted"], n_classes)
+    targets = labels_matrix(preds_df["labels"], n_classes).astype(bool)
+    preds = labels_matrix(preds_df["predicted"], n_classes).astype(bool)
     wrong = (preds != targets).sum(1) + np.abs(probs - targets).sum(1) / (n_classes + 1)
     order = np.argsort(-wrong, kind="stable")[:n]
     channels = CHANNEL_SETS[config.get("channels", "rgb")]
@@ -301,8 +294,8 @@ def samples_section(run_dir: Path, names: list[str], rgby: bool) -> str:
         return section("samples", "Validation images", note("No validation images."))
 
     def labels(indices, other, cls_in, cls_out, probs=None, most=MAX_LABELS):
-        if probs is not None:  # most probable first, so a cut list keeps what the model is surest of
-            indices = sorted(indices, key=lambda c: -probs[c])
+        if probs is not None:  # right ones first, then most probable first: a cut list keeps what matters
+            indices = sorted(indices, key=lambda c: (c not in other, -probs[c]))
         spans = []
         for c in indices[:most]:
             p = f" {probs[c]:.2f}" if probs is not None else ""
@@ -313,7 +306,7 @@ def samples_section(run_dir: Path, names: list[str], rgby: bool) -> str:
 
     figures = []
     for s in samples:
-        caption = (f'<span class="id">{esc(s["id"])}</span> · {s["mistakes"]} wrong<br>'
+        caption = (f'<span class="id">{esc(s["id"])}</span> · {s["mistakes"]} label(s) wrong<br>'
                    f'true: {labels(s["true"], s["predicted"], "ok", "missed")}<br>'
                    f'predicted: {labels(s["predicted"], s["true"], "ok", "wrong", s["probs"])}')
         figures.append(f"<figure>{img_tag(array_png(s['image']), str(s['id']), 'thumb')}"

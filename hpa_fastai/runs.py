@@ -92,11 +92,11 @@ def run_summary(run_dir) -> dict:
     run_dir = Path(run_dir)
     config, metrics, status = (read_json(run_dir / f) for f in ("config.json", "metrics.json", "status.json"))
     history = _history(run_dir)
-    started = _started(run_dir, status)
+    started = _started(run_dir.resolve(), status)
     epochs = metrics.get("epochs_run", len(history) if len(history) else None)
     seconds = metrics.get("seconds", status.get("seconds"))
     return {
-        "run": run_dir.name,
+        "run": run_dir.resolve().name,  # "latest" is a link: name the run it points at
         "date": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
         "data": config.get("data"),
         "arch": config.get("arch"),
