@@ -18,6 +18,10 @@ def opt(default, help: str, **argparse_kwargs):
 @dataclass
 class TrainConfig:
     data: str | None = opt(None, "competition folder (train.csv + train/); default: the bundled sample in data/sample")
+    # str | list: the command line gives a list (nargs); from Python one folder may be a str
+    extra_data: str | list | None = opt(None, "external labelled folder(s) trained on together with --data, "
+                                              "e.g. HPAv18 images: train.csv (Id,Target) + train/{Id}_{stain}.jpg "
+                                              "or .png at any resolution", nargs="+")
     arch: str = opt("resnet34", "cnn, resnet18, resnet34, resnet50, or timm:<name> (e.g. timm:convnext_tiny)")
     epochs: int = opt(10, "training epochs (after the frozen epochs of a pretrained model)")
     size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256")
@@ -64,7 +68,9 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    learner: str = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model")
+    learner: str | list = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model; "
+                                             "several (--learner A B), or a cv folder (run.py cv), average "
+                                             "their probabilities as an ensemble", nargs="+")
     data: str | None = opt(None, "competition folder, folder of images, or one image; default: the bundled sample")
     out: str = opt("submission.csv", "output CSV")
     threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones")
@@ -130,5 +136,5 @@ class PreprocessConfig:
 @dataclass
 class DedupConfig:
     data: str | None = opt(None, "competition folder to search; default: the bundled sample")
-    max_distance: int = opt(6, "largest Hamming distance (of 64 bits) between perceptual hashes that counts as a duplicate")
+    max_distance: int = opt(8, "largest Hamming distance (of 64 bits) between perceptual hashes that counts as a duplicate")
     out: str | None = opt(None, "output CSV; default: duplicates.csv in the data folder")

@@ -52,9 +52,19 @@ def _png_complete(path: str) -> bool:
         return _PNG_END in f.read()
 
 
+# Stains resized together as one multi-band PIL image: one pass instead of one per stain, and
+# PIL resamples each band exactly as it would on its own (no alpha, so no premultiplication).
+_MERGE_MODES = {3: "RGB", 4: "CMYK"}
+
+
 def read_image(key: str, channels=CHANNEL_SETS["rgb"], size: int | None = None,
                header_only: bool = False) -> np.ndarray:
-    """Decode one item as a uint8 array (H, W, C) with channels in ``channels`` order, resized to ``size``."""
+    """Decode one item as a uint8 array (H, W, C) with channels in ``channels`` order, resized to ``size``.
+
+    ``key`` is an image file, a ``{channel}`` template of per-stain files, or a ``.npy`` of the
+    preprocessed cache (see ``preprocess.py``)."""
+    if key.endswith(".npy"):
+        return _read_cached(key, channels, size, header_only)
     files = key_files(key, channels)
     if len(files) == 1:
         if len(channels) != 3:
@@ -68,9 +78,35 @@ def read_image(key: str, channels=CHANNEL_SETS["rgb"], size: int | None = None,
     if header_only:
         return np.empty((ims[0].size[1], ims[0].size[0], len(channels)), np.uint8)
     if size is not None and ims[0].size != (size, size):
+        if len(ims) in _MERGE_MODES:
+            ims = [Image.merge(_MERGE_MODES[len(ims)], ims)]
         ims = [im.resize((size, size), Image.BILINEAR) for im in ims]
     arrays = [np.asarray(im) for im in ims]
     return arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+
+
+def _read_cached(path: str, channels, size: int | None, header_only: bool) -> np.ndarray:
+    """A cached (C, H, W) uint8 array as (H, W, C), resized like ``read_image`` if ``size`` differs."""
+    try:
+        # a memory map reads only the header; a full read copies the file once into a fresh,
+        # writable array (torch must not share a read-only map), faster than mapping then copying
+        arr = np.load(path, mmap_mode="r" if header_only else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise HPAError(f"{path}: cached image not found (run: python run.py preprocess)") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise HPAError(f"{path}: unreadable cached image ({e}); run preprocess again to redo it") from None
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != len(channels):
+        raise HPAError(f"{path}: cached array is {arr.dtype} {tuple(arr.shape)}, expected uint8 "
+                       f"({len(channels)}, H, W)")
+    if header_only:
+        return np.empty((*arr.shape[1:], arr.shape[0]), np.uint8)
+    if size is not None and arr.shape[1:] != (size, size):
+        bands = [Image.fromarray(band) for band in arr]
+        if len(bands) in _MERGE_MODES:
+            bands = [Image.merge(_MERGE_MODES[len(bands)], bands)]
+        resized = [np.asarray(b.resize((size, size), Image.BILINEAR)) for b in bands]
+        return resized[0] if len(resized) == 1 else np.stack(resized, axis=-1)
+    return arr.transpose(1, 2, 0)
 
 
 class ReadImage:
@@ -120,16 +156,45 @@ def augmentations(size: int, max_rotate: float = 10.0, max_lighting: float = 0.1
                           size=None)
 
 
-def stratified_valid_idx(labels: pd.Series, n_classes: int, n_folds: int, fold: int, seed: int) -> np.ndarray:
-    """Validation rows of fold ``fold`` of a multi-label stratified K-fold (iterative stratification)."""
+def stratified_valid_idx(labels: pd.Series, n_classes: int, n_folds: int, fold: int, seed: int,
+                         groups=None) -> np.ndarray:
+    """Validation rows of fold ``fold`` of a multi-label stratified K-fold (iterative stratification).
+
+    With ``groups`` (one name per row) whole groups are dealt to the folds, stratified on the
+    union of each group's labels, so near-duplicates never sit on both sides.
+    """
+    y = labels_matrix(labels, n_classes)
+    if groups is not None:
+        codes, names = pd.factorize(np.asarray(groups, dtype=object))
+        group_y = np.zeros((len(names), n_classes), np.uint8)
+        np.maximum.at(group_y, codes, y)
+        valid_groups = _stratified_fold(group_y, n_folds, fold, seed)
+        return np.flatnonzero(np.isin(codes, valid_groups))
+    return _stratified_fold(y, n_folds, fold, seed)
+
+
+def _stratified_fold(y: np.ndarray, n_folds: int, fold: int, seed: int) -> np.ndarray:
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
-    y = labels_matrix(labels, n_classes)
+    if n_folds > len(y):  # sklearn's ValueError otherwise
+        raise HPAError(f"--n-folds {n_folds} is more than the {len(y)} images (or near-duplicate groups) to split")
     kfold = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, valid) in enumerate(kfold.split(np.zeros(len(y)), y)):
         if k == fold:
             return valid
     raise HPAError(f"--fold {fold} is out of range for --n-folds {n_folds}")
+
+
+def grouped_valid_idx(groups, valid_pct: float, seed: int) -> np.ndarray:
+    """A random split by whole groups: shuffled groups go to validation until ``valid_pct`` of the
+    rows (at least one group) are there."""
+    codes, names = pd.factorize(np.asarray(groups, dtype=object))
+    order = np.random.default_rng(seed).permutation(len(names))
+    filled = np.cumsum(np.bincount(codes, minlength=len(names))[order])
+    n_valid = max(int(valid_pct * len(codes)), int(filled[0]))
+    if n_valid >= len(codes):
+        raise HPAError("duplicates.csv puts every image in one near-duplicate group: no split can keep it whole")
+    return np.flatnonzero(np.isin(codes, order[filled <= n_valid]))
 
 
 def labels_matrix(labels: pd.Series, n_classes: int) -> np.ndarray:
@@ -141,8 +206,13 @@ def labels_matrix(labels: pd.Series, n_classes: int) -> np.ndarray:
 
 def make_splitter(df: pd.DataFrame, n_classes: int, valid_pct: float, seed: int,
                   n_folds: int = 0, fold: int = 0):
+    """Random or stratified K-fold split; a ``group`` column (near-duplicates, from the data
+    folder's duplicates.csv) keeps each group on one side."""
+    groups = df["group"].to_numpy() if "group" in df.columns else None
     if n_folds and n_folds > 1:
-        return IndexSplitter(stratified_valid_idx(df["labels"], n_classes, n_folds, fold, seed))
+        return IndexSplitter(stratified_valid_idx(df["labels"], n_classes, n_folds, fold, seed, groups))
+    if groups is not None:
+        return IndexSplitter(grouped_valid_idx(groups, valid_pct, seed))
     return RandomSplitter(valid_pct=valid_pct, seed=seed)
 
 

@@ -108,7 +108,8 @@ def check_id(image_id: str, where: str) -> str:
     if not image_id:
         raise HPAError(f"{where}: empty image id")
     if "/" in image_id or "\\" in image_id or image_id in (".", "..") or ".." in image_id \
-            or ":" in image_id or "{" in image_id or "\x00" in image_id:
+            or ":" in image_id or "{" in image_id or not image_id.isprintable():
+        # control characters (NUL, newlines) would also split the one-line error messages
         raise HPAError(f"{where}: image id {image_id!r} is not a plain file name")
     return image_id
 
@@ -119,6 +120,8 @@ def parse_labels(text: str, n_classes: int, where: str) -> list[int]:
     labels = []
     for tok in text.split():
         try:
+            if not (tok.isascii() and tok.lstrip("-").isdigit()):  # int() also takes "1_0", "+3", "٣"
+                raise ValueError(tok)
             lab = int(tok)
         except ValueError:
             raise HPAError(f"{where}: label {tok!r} is not an integer class id") from None
@@ -130,13 +133,21 @@ def parse_labels(text: str, n_classes: int, where: str) -> list[int]:
 
 def item_key(folder: Path, image_id: str, fmt: Format) -> str:
     if fmt.channel_files:
-        return str(folder / f"{image_id}_{{channel}}.png")
+        png = str(folder / f"{image_id}_{{channel}}.png")
+        if not os.path.isfile(png.replace("{channel}", "green")):
+            # the Kaggle set is PNG, the HPAv18 external images are usually JPEG
+            for ext in IMAGE_EXTS[1:]:
+                key = str(folder / f"{image_id}_{{channel}}{ext}")
+                if os.path.isfile(key.replace("{channel}", "green")):
+                    return key
+        return png
     return str(folder / f"{image_id}.png")
 
 
 def key_files(key: str, channels=CHANNELS) -> list[str]:
     """The files an item key stands for."""
-    return [key.format(channel=c) for c in channels] if "{channel}" in key else [key]
+    # replace, not str.format: a folder or file name may contain other braces
+    return [key.replace("{channel}", c) for c in channels] if "{channel}" in key else [key]
 
 
 def read_items(data_dir, fmt: Format | None = None, split: str = "train", labelled: bool = True,
@@ -199,6 +210,40 @@ def read_items(data_dir, fmt: Format | None = None, split: str = "train", labell
     if out.empty:
         raise HPAError(f"{csv_path}: no usable rows")
     out.attrs["bad_rows"] = bad
+    return out
+
+
+def with_extra_items(items: pd.DataFrame, extra_data, fmt: Format, channels: str, skip_bad: bool = False,
+                     log=None) -> pd.DataFrame:
+    """``items`` followed by the labelled images of external folders (``--extra-data``), such as
+    the HPAv18 images: each folder is laid out like the competition's, ``train.csv`` (Id,Target,
+    the HPA 2018 classes) and ``train/{Id}_{stain}.jpg`` or ``.png`` at any resolution (training
+    resizes every image to ``--size``)."""
+    folders = [extra_data] if isinstance(extra_data, (str, os.PathLike)) else list(extra_data or [])
+    if folders and not fmt.channel_files:
+        raise HPAError(f"--extra-data takes HPA 2018-style data (one file per stain, 28 classes); "
+                       f"--data is in the {fmt.name} layout")
+    merged = [items]
+    source = dict.fromkeys(items["id"], "--data")
+    for folder in map(Path, folders):
+        if not (folder / "train.csv").is_file():
+            raise HPAError(f"--extra-data {folder}: no train.csv (an external folder needs train.csv "
+                           "with Id,Target and the images in train/)")
+        extra = read_items(folder, FORMATS["hpa2018"], "train", skip_bad=skip_bad, channels=channels, log=log)
+        clash = [image_id for image_id in extra["id"] if image_id in source]
+        if clash and not skip_bad:
+            raise HPAError(f"{folder / 'train.csv'}: id {clash[0]!r} is also in {source[clash[0]]} "
+                           f"({len(clash)} shared id(s); --skip-bad keeps the first)")
+        if clash:
+            if log:
+                log(f"skipped {len(clash)} id(s) of {folder / 'train.csv'} already read from {source[clash[0]]}")
+            extra = extra[~extra["id"].isin(clash)]
+        source.update(dict.fromkeys(extra["id"], f"--extra-data {folder}"))
+        merged.append(extra)
+    if len(merged) == 1:
+        return items
+    out = pd.concat(merged, ignore_index=True)
+    out.attrs["bad_rows"] = [msg for part in merged for msg in part.attrs.get("bad_rows", [])]
     return out
 
 

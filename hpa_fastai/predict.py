@@ -125,13 +125,16 @@ def _is_inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = None) -> Predictor:
+def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = None) -> "Predictor | Ensemble":
     """Load a trained model from a run folder, a model.json (safe: weights only, no pickle) or an
-    export.pkl (fastai's pickled learner; only from this project's ``runs/`` unless ``trust``)."""
+    export.pkl (fastai's pickled learner; only from this project's ``runs/`` unless ``trust``).
+    A cross-validation folder (``run.py cv``) loads as the ``Ensemble`` of its folds."""
     path = Path(path)
     if not path.exists():
         raise HPAError(f"--learner {path}: not found (train a model first: python run.py)")
     if path.is_dir():
+        if (path / CV_FILE).is_file():
+            return _load_cv(path, trust, cpu)
         if all((path / f).is_file() for f in SAFE_FILES):
             return _load_safe(path / "model.json", cpu)
         if (path / "export.pkl").is_file():
@@ -144,6 +147,68 @@ def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = N
     if path.suffix in (".pkl", ".pth"):
         return _load_pickle(path, trust, cpu)
     raise HPAError(f"--learner {path}: expected a run folder, model.json or export.pkl")
+
+
+# --- ensembles --------------------------------------------------------------------------------------
+
+CV_FILE = "cv.json"  # written by cv.py: the fold run folders ("runs") and the out-of-fold "thresholds"
+
+
+class Ensemble:
+    """Several trained models answering as one: the mean of their probabilities, decoded with one
+    set of per-class thresholds. Same interface as ``Predictor``; the members may differ in
+    architecture and image size but must share format, vocabulary and channels."""
+
+    def __init__(self, members: list, thresholds, source: Path):
+        first = members[0]
+        for member in members[1:]:
+            if (member.format, member.channels) != (first.format, first.channels):
+                raise HPAError(f"--learner {member.source}: trained on {member.format} {member.channels} data, "
+                               f"{first.source} on {first.format} {first.channels}; ensemble members must agree")
+            if list(member.meta["vocab"]) != list(first.meta["vocab"]):
+                raise HPAError(f"--learner {member.source}: its class vocabulary differs from that of "
+                               f"{first.source}; ensemble members must agree")
+        thresholds = np.asarray(thresholds, dtype=float)
+        if thresholds.shape != (len(first.names),):
+            raise HPAError(f"{source}: {thresholds.size} thresholds for {len(first.names)} classes")
+        self.members, self.thresholds, self.source = members, thresholds, Path(source)
+
+    channels = property(lambda self: self.members[0].channels)
+    names = property(lambda self: self.members[0].names)
+    format = property(lambda self: self.members[0].format)
+
+    @property
+    def meta(self) -> dict:
+        raise HPAError(f"{self.source}: an ensemble of {len(self.members)} models has no single model "
+                       f"description; pass one member, e.g. --learner {self.members[0].source}")
+
+    def probabilities(self, items: pd.DataFrame, tta: str | None = None, bs: int = 32, workers: int = 0) -> np.ndarray:
+        return np.mean([m.probabilities(items, tta, bs, workers) for m in self.members], axis=0)
+
+    decode = Predictor.decode
+    predict_batch = Predictor.predict_batch
+    predict = Predictor.predict
+
+
+def _load_cv(folder: Path, trust: bool, cpu: bool | None) -> Ensemble:
+    """The folds of a cross-validation, with the thresholds tuned on all their out-of-fold predictions."""
+    try:
+        cv = json.loads((folder / CV_FILE).read_text())
+        runs, thresholds = cv["runs"], cv["thresholds"]
+    except (ValueError, KeyError, TypeError):
+        raise HPAError(f"{folder / CV_FILE}: not a cross-validation summary (no runs and thresholds)") from None
+    return Ensemble([load_predictor(folder / run, trust, cpu) for run in runs], thresholds, folder)
+
+
+def load_predictors(paths, trust: bool = False, cpu: bool | None = None) -> "Predictor | Ensemble":
+    """One learner path (see ``load_predictor``) or several: several make an ``Ensemble`` decoded
+    with the mean of the members' thresholds (a cv folder contributes all its folds)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if len(paths) == 1:
+        return load_predictor(paths[0], trust, cpu)
+    loaded = [load_predictor(p, trust, cpu) for p in paths]
+    members = [m for one in loaded for m in (one.members if isinstance(one, Ensemble) else [one])]
+    return Ensemble(members, np.mean([m.thresholds for m in members], axis=0), loaded[0].source)
 
 
 def _device(cpu: bool | None) -> torch.device:
@@ -159,12 +224,13 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     weights = json_path.with_name("model.safetensors")
     try:
         meta = json.loads(json_path.read_text())
-        needed = {"arch", "channels", "size", "mean", "std", "vocab", "names", "thresholds", "format"}
-        if missing := needed - set(meta):
-            raise HPAError(f"{json_path}: not a model description (missing {', '.join(sorted(missing))})")
-        state = load_file(str(weights))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HPAError(f"{json_path}: not valid JSON") from None
+    except OSError as e:
+        raise HPAError(f"{json_path}: cannot read the model description ({e.strerror or e})") from None
+    _check_meta(meta, json_path)
+    try:
+        state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise HPAError(f"{weights}: cannot read weights ({e})") from None
     model, _ = create_model(meta["arch"], len(meta["channels"]), len(meta["vocab"]), pretrained=False)
@@ -176,6 +242,56 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     model.to(device).eval()
     learn = Learner(DataLoaders(), model, loss_func=make_loss(meta.get("loss", "bce"), meta.get("focal_gamma", 2.0)))
     return Predictor(learn, meta, json_path.parent, safe=True)
+
+
+def _check_meta(meta, json_path: Path) -> None:
+    """model.json is a text file anyone can edit: check every field a model and its
+    predictions are built from, so a bad value is one error here rather than a crash later."""
+    from .models import check_arch
+    from .train import MAX_SIZE
+    from .vocab import vocab_for
+
+    if not isinstance(meta, dict):
+        raise HPAError(f"{json_path}: not a model description (a JSON {type(meta).__name__}, not an object)")
+    needed = {"arch", "channels", "size", "mean", "std", "vocab", "names", "thresholds", "format"}
+    if missing := needed - set(meta):
+        raise HPAError(f"{json_path}: not a model description (missing {', '.join(sorted(missing))})")
+
+    def known_arch(arch) -> bool:
+        try:
+            return isinstance(arch, str) and check_arch(arch) == arch
+        except ValueError:
+            return False
+
+    def number(x) -> bool:  # finite: JSON allows NaN and Infinity
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e30
+
+    def numbers(values, n, ok=lambda x: True) -> bool:
+        return isinstance(values, list) and len(values) == n and all(number(x) and ok(x) for x in values)
+
+    def strings(values, n) -> bool:
+        return isinstance(values, list) and len(values) == n and all(isinstance(x, str) for x in values)
+
+    fmt, channels, size = meta["format"], meta["channels"], meta["size"]
+    n_classes = len(vocab_for(fmt)) if isinstance(fmt, str) and fmt in FORMATS else None
+    n_in = len(CHANNEL_SETS[channels]) if isinstance(channels, str) and channels in CHANNEL_SETS else None
+    checks = [
+        ("format", n_classes is not None, f"one of {', '.join(FORMATS)}"),
+        ("channels", n_in is not None, f"one of {', '.join(CHANNEL_SETS)}"),
+        ("arch", known_arch(meta["arch"]), "a known architecture"),
+        ("size", isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_SIZE,
+         f"an integer in 1..{MAX_SIZE}"),
+        ("vocab", strings(meta["vocab"], n_classes), f"a list of {n_classes} class ids"),
+        ("names", strings(meta["names"], n_classes), f"a list of {n_classes} class names"),
+        ("thresholds", numbers(meta["thresholds"], n_classes, lambda t: 0 <= t <= 1), f"a list of {n_classes} numbers in 0..1"),
+        ("mean", numbers(meta["mean"], n_in), f"a list of {n_in} numbers"),
+        ("std", numbers(meta["std"], n_in, lambda s: s > 0), f"a list of {n_in} positive numbers"),
+        ("loss", meta.get("loss", "bce") in ("bce", "focal"), "bce or focal"),
+        ("focal_gamma", number(meta.get("focal_gamma", 2.0)), "a number"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise HPAError(f"{json_path}: {key!r} must be {want} (got {meta[key]!r:.60})")
 
 
 def _load_pickle(pkl: Path, trust: bool, cpu: bool | None) -> Predictor:
@@ -221,13 +337,17 @@ def _tta_mode(cfg) -> str | None:
 
 
 def _workers(cfg) -> int:
+    if cfg.workers is not None and cfg.workers < 0:
+        raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
     return cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0)
 
 
 def predict_command(cfg) -> Path:
     from .train import SAMPLE_DIR
 
-    pred = load_predictor(cfg.learner, cfg.trust)
+    pred = load_predictors(cfg.learner, cfg.trust)
+    if isinstance(pred, Ensemble):
+        log(f"ensemble of {len(pred.members)} models ({pred.source}): mean probabilities")
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
         raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
@@ -263,6 +383,8 @@ def evaluate_command(cfg) -> Path:
     from .train import SAMPLE_DIR
 
     pred = load_predictor(cfg.learner, cfg.trust)
+    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
+        raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     from .formats import detect_format
 

@@ -39,6 +39,7 @@ from .dedup import duplicate_groups
 from .errors import HPAError
 from .formats import detect_format, read_items, verify_images, with_extra_items
 from .models import create_model, splitter
+from .preprocess import cached_items
 from .vocab import class_names, vocab_for
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -171,6 +172,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if groups is not None:
         items = items.assign(group=groups)
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
+    items = cached_items(items, channels, size)  # `run.py preprocess` copies, where they exist
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)

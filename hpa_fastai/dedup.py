@@ -1,0 +1,187 @@
+"""Near-duplicate images: a perceptual hash of each image's green (protein) stain, the pairs within a
+Hamming distance, and the groups they form.
+
+``run.py dedup`` writes ``duplicates.csv`` into the data folder (columns ``id``, ``group``,
+``distance``: one row per image that has a near-duplicate, ``distance`` in bits to the group's
+first image in train.csv order). When that file is present, ``train``'s ``prepare`` gives every
+item its group, and the random split and the stratified folds keep each group on one side:
+otherwise validation rewards recognising a picture seen in training. The file written by
+``run.py synth`` for planted duplicates (``Id,duplicate_of``) is read the same way.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from ._io import write_csv
+from .config import DedupConfig
+from .errors import HPAError
+from .formats import read_csv, read_items
+
+DUPLICATES_CSV = "duplicates.csv"
+HASH_SIDE = 32  # the stain is reduced to 32 x 32 before the DCT, as in Zauner's pHash
+HASH_FREQS = 8  # the 8 x 8 lowest frequencies give the 64 bits
+HASH_BITS = HASH_FREQS * HASH_FREQS
+
+
+def green_stain(key: str) -> Image.Image:
+    """The green stain of an item as a float image: the ``green`` file of a per-stain item, the G
+    band of an RGB file (also of an HPAv18 stain saved in colour)."""
+    path = key.replace("{channel}", "green")  # not str.format: paths may hold braces
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise HPAError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise HPAError(f"{path}: not a readable image ({e})") from None
+    band = im.getchannel("G") if "G" in im.getbands() else im
+    return band.convert("F")
+
+
+def phash(stain: Image.Image) -> int:
+    """64-bit DCT perceptual hash: which of the lowest 8 x 8 frequencies of the 32 x 32 reduced image
+    lie above their median. Box reduction averages every pixel, so resizing and JPEG re-encoding
+    move the hash by a few bits; so does a shift of 1-3 pixels (on real 512 px fields at most 8
+    bits, while distinct fields differ in 16 or more; shifts beyond ~2% of the side move it further)."""
+    from scipy.fft import dctn
+
+    small = np.asarray(stain.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), np.float64)
+    freqs = dctn(small, type=2, norm="ortho")[:HASH_FREQS, :HASH_FREQS].ravel()
+    return int.from_bytes(np.packbits(freqs > np.median(freqs)).tobytes(), "big")
+
+
+def hash_images(keys, workers: int | None = None) -> np.ndarray:
+    """The pHash of each item's green stain, as uint64; decoding runs in threads (PIL releases the GIL)."""
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+        return np.array(list(pool.map(lambda key: phash(green_stain(key)), keys)), dtype=np.uint64)
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int,
+               block: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j with at most ``max_distance`` differing bits: (i, j, distance).
+
+    Plain all-pairs comparison, vectorised in row blocks: O(N^2 / 2) XOR-and-popcounts and
+    O(N) memory per block row, so 30,000 images (450 million pairs) take seconds. A bucketed
+    multi-index would only pay off far beyond the size of the HPA data sets.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    block = block or max(1, (1 << 23) // max(n, 1))  # about 64 MiB of XORs at a time
+    found_i, found_j, found_d = [], [], []
+    for start in range(0, n, block):
+        rows = hashes[start:start + block]
+        dist = np.bitwise_count(rows[:, None] ^ hashes[None, start:])
+        i, j = np.nonzero(dist <= max_distance)
+        upper = j > i  # the block's columns start at its first row: j > i is the upper triangle
+        found_i.append(i[upper] + start)
+        found_j.append(j[upper] + start)
+        found_d.append(dist[i[upper], j[upper]])
+    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+    return cat(found_i, np.int64), cat(found_j, np.int64), cat(found_d, np.int64)
+
+
+def group_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected components of the pair graph (a near-duplicate of a near-duplicate is in the same
+    group), numbered by their first member; -1 for an image without near-duplicates."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    sizes = np.bincount(component, minlength=n)
+    groups = np.full(n, -1, np.int64)
+    numbers: dict[int, int] = {}
+    for row, comp in enumerate(component):
+        if sizes[comp] > 1:
+            groups[row] = numbers.setdefault(int(comp), len(numbers))
+    return groups
+
+
+def find_duplicates(ids, hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
+    """duplicates.csv's rows: ``id``, ``group``, ``distance`` (bits from the group's first image)."""
+    ids = np.asarray(ids, dtype=object)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    i, j, _ = near_pairs(hashes, max_distance)
+    groups = group_pairs(len(ids), i, j)
+    rows = np.flatnonzero(groups >= 0)
+    rows = rows[np.argsort(groups[rows], kind="stable")]  # group by group, each in train.csv order
+    firsts = {}
+    for row in rows:
+        firsts.setdefault(groups[row], row)
+    first_hash = hashes[[firsts[g] for g in groups[rows]]]
+    return pd.DataFrame({"id": ids[rows], "group": groups[rows],
+                         "distance": np.bitwise_count(hashes[rows] ^ first_hash).astype(np.int64)})
+
+
+def _validate(cfg: DedupConfig) -> None:
+    if not 0 <= cfg.max_distance <= HASH_BITS:
+        raise HPAError(f"--max-distance must be between 0 and {HASH_BITS} bits (got {cfg.max_distance})")
+
+
+def dedup_command(cfg: DedupConfig) -> Path:
+    from .console import console, log, table
+    from .train import resolve_data_dir
+
+    _validate(cfg)
+    data_dir = resolve_data_dir(cfg.data)
+    items = read_items(data_dir, split="train", labelled=False)
+    out = Path(cfg.out) if cfg.out else data_dir / DUPLICATES_CSV
+    log(f"hashing the green stain of {len(items)} images in {data_dir}")
+    hashes = hash_images(items["key"])
+    dups = find_duplicates(items["id"], hashes, cfg.max_distance)
+    write_csv(out, dups)
+    n_groups = dups["group"].nunique()
+    if n_groups:
+        first_ids = lambda s: " ".join(s.iloc[:4]) + (" ..." if len(s) > 4 else "")  # noqa: E731
+        sizes = dups.groupby("group", sort=False).agg(images=("id", "size"), max_distance=("distance", "max"),
+                                                       ids=("id", first_ids))
+        shown = sizes.sort_values("images", ascending=False, kind="stable").head(20).reset_index()
+        console.print(table(f"largest near-duplicate groups (of {n_groups})", shown))
+    log(f"{len(dups)} of {len(items)} images fall in {n_groups} near-duplicate group(s) "
+        f"(Hamming distance <= {cfg.max_distance} of {HASH_BITS} bits); wrote {out}")
+    if out.resolve() == (data_dir / DUPLICATES_CSV).resolve():
+        log("training splits of this folder now keep each group on one side")
+    else:
+        log(f"training reads only {data_dir / DUPLICATES_CSV}; copy the file there to keep the groups together")
+    return out
+
+
+def duplicate_groups(data_dir, ids, log=None) -> np.ndarray | None:
+    """Each item's duplicate group from the data folder's duplicates.csv (an image without
+    duplicates is a group of its own, named by its id; a group is named by its first image), or
+    None without the file or any group among ``ids``.
+
+    Accepts ``run.py dedup``'s ``id,group`` and ``run.py synth``'s ``Id,duplicate_of``; ids the
+    file names but the items lack (rows dropped by --skip-bad) are ignored.
+    """
+    path = Path(data_dir) / DUPLICATES_CSV
+    if not path.is_file():
+        return None
+    df = read_csv(path)
+    if {"id", "group"} <= set(df.columns):
+        pairs = zip(df["id"], df.groupby("group", sort=False)["id"].transform("first"))
+    elif {"Id", "duplicate_of"} <= set(df.columns):
+        pairs = zip(df["Id"], df["duplicate_of"])
+    else:
+        raise HPAError(f"{path}: expected columns id,group (run.py dedup) or Id,duplicate_of, "
+                       f"found {','.join(df.columns) or 'none'}")
+    ids = list(ids)
+    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    linked = [(row_of[a], row_of[b]) for a, b in pairs if a in row_of and b in row_of and a != b]
+    if not linked:
+        return None
+    i, j = map(np.asarray, zip(*linked))
+    groups = group_pairs(len(ids), i, j)
+    first_id: dict[int, str] = {}
+    for row in np.flatnonzero(groups >= 0):
+        first_id.setdefault(int(groups[row]), ids[row])
+    if log:
+        log(f"{path}: {int((groups >= 0).sum())} images in {len(first_id)} near-duplicate groups; "
+            "the split keeps each group on one side")
+    return np.array([first_id[g] if g >= 0 else image_id for g, image_id in zip(groups.tolist(), ids)], dtype=object)
