@@ -80,6 +80,13 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
                                 **meta)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before a bad-flag message; keep the project's one-line errors."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     cls, help_text, _ = COMMANDS[command]
     prog = "run.py" if command == "train" else f"run.py {command}"
@@ -87,8 +94,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "train":
         epilog = "other commands (run.py COMMAND --help):\n" + "\n".join(
             f"  {name:10s} {text}" for name, (_, text, _) in COMMANDS.items() if name != "train")
-    parser = argparse.ArgumentParser(prog=prog, description=help_text, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=prog, description=help_text, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, cls)
     return parser
 

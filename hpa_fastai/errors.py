@@ -9,3 +9,8 @@ class HPAError(Exception):
     """
 
     exit_code = 2
+
+    def __init__(self, message: str = ""):
+        # Messages quote CSV headers, ids and paths, which can hold newlines or other control
+        # characters: escape them as repr() does, so the message stays one line.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))

@@ -116,7 +116,8 @@ def load_weights(model: nn.Module, path) -> None:
     except HPAError:
         raise
     except Exception as e:  # torch and safetensors raise several types for a bad file
-        raise HPAError(f"--weights {path}: cannot load into this model ({str(e).splitlines()[0][:200]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]  # an empty file's EOFError has no message
+        raise HPAError(f"--weights {path}: cannot load into this model ({reason})") from None
 
 
 _warned: set = set()

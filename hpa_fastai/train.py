@@ -408,24 +408,16 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
     write_json(run_dir / "status.json", {"status": "running", "started": datetime.now().isoformat(timespec="seconds")})
     try:
         learn, used_pretrained = build_learner(prep, run_dir)
-    except HPAError as e:  # e.g. --bs too large, --weights that do not fit: not a run left "running"
+        if resumed:
+            used_pretrained = resumed[0]["pretrained_used"]
+        learn.hpa_pretrained = used_pretrained
+        log(f"model {cfg.arch} ({'ImageNet weights' if used_pretrained else cfg.weights or 'random init'}), "
+            f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
+            f"device {prep.device.type}, precision {learn.hpa_precision}")
+        lr = _learning_rate(cfg, learn, run_dir, resumed)
+    except HPAError as e:  # e.g. --bs too large, --weights that do not fit, lr_find without an answer
         write_json(run_dir / "status.json", {"status": "failed", "reason": str(e), "epochs_done": 0})
         raise
-    if resumed:
-        used_pretrained = resumed[0]["pretrained_used"]
-    learn.hpa_pretrained = used_pretrained
-    log(f"model {cfg.arch} ({'ImageNet weights' if used_pretrained else cfg.weights or 'random init'}), "
-        f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
-        f"device {prep.device.type}, precision {learn.hpa_precision}")
-    if resumed:
-        lr = resumed[0]["lr_used"]
-    elif cfg.lr == "auto":
-        # rank 0 alone, before the processes are joined; the others wait for its answer
-        lr = distributed.share(find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
-                               if main else None)
-        log(f"learning rate {lr:.3e} (lr_find valley)")
-    else:
-        lr = float(cfg.lr)
     if not resumed:
         write_json(run_dir / "config.json", {**cfg.to_json(), "lr_used": lr, "pretrained_used": used_pretrained,
                                              "precision_used": learn.hpa_precision, "mean": prep.mean, "std": prep.std})
@@ -486,6 +478,18 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
     return run_dir
 
 
+def _learning_rate(cfg: TrainConfig, learn, run_dir: Path, resumed) -> float:
+    if resumed:
+        return resumed[0]["lr_used"]
+    if cfg.lr != "auto":
+        return float(cfg.lr)
+    # rank 0 alone, before the processes are joined; the others wait for its answer
+    lr = distributed.share(find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
+                           if distributed.is_main() else None)
+    log(f"learning rate {lr:.3e} (lr_find valley)")
+    return lr
+
+
 def _fit_phases(learn, phases, fit_cbs, resumed, skip_to, checkpoint, logger, stopper, run_dir, lr) -> None:
     """The one-cycle fits of the run's phases, from where a resumed run left off."""
     for i, (phase, n_epochs, phase_lr) in enumerate(phases):
@@ -512,10 +516,13 @@ def _fit_phases(learn, phases, fit_cbs, resumed, skip_to, checkpoint, logger, st
 
 def _restore(learn, ckpt: dict, checkpoint: Checkpoint, logger: EpochLogger) -> int:
     """Put model, optimizer, trackers, history and RNG back as they were after the checkpoint's epoch."""
-    learn.model.load_state_dict(ckpt["model"])
-    if learn.opt is None:
-        learn.create_opt()
-    load_opt_state(learn.opt, ckpt["opt"])
+    try:
+        learn.model.load_state_dict(ckpt["model"])
+        if learn.opt is None:
+            learn.create_opt()
+        load_opt_state(learn.opt, ckpt["opt"])
+    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
+        raise HPAError(f"checkpoint.pth does not fit this run's model ({str(e).splitlines()[0][:150]})") from None
     logger.rows = list(ckpt["history"])
     checkpoint.restore = ckpt
     set_rng_state(learn, ckpt["rng"])

@@ -1,0 +1,762 @@
+"""Every reader fed malformed input: label CSVs, images, config values, learner files, CLI flags.
+
+Each case ends either in the project's own error (``HPAError`` in-process; through the CLI exit
+code 2 and one ``error: ...`` line naming the file, line or flag, no traceback) or, where the
+input is valid after all, in the right items. A flag value that argparse itself refuses (``--bs 0``)
+gets the same single ``error: argument --bs ...`` line. ``tests/test_formats.py`` has the common
+CSV and image cases; this module adds breadth and property-based fuzzing.
+
+182 parametrised cases + 5 single-case tests + 6 property-based tests (train.csv text, image bytes,
+ids, label text and config values at 150 examples each, model.json at 60) + 2 subprocess tests.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from hpa_fastai.config import TrainConfig
+from hpa_fastai.data import read_image
+from hpa_fastai.errors import HPAError
+from hpa_fastai.formats import (CHANNEL_SETS, CHANNELS, FORMATS, check_id, detect_format, key_files, parse_labels,
+                                read_items, scan_images, verify_images)
+from hpa_fastai.predict import load_predictor
+from hpa_fastai.train import build_learner, prepare, validate
+
+from .conftest import write_hpa2018, write_png, write_z2g
+from .helpers import cli_in_process, run_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore:load_learner:UserWarning")  # the --trust cases unpickle on purpose
+FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def one_line(message: str) -> str:
+    assert "\n" not in message and "\r" not in message and len(message.splitlines()) == 1, repr(message)
+    return message
+
+
+def assert_cli_error(code, out, err, *parts):
+    """The CLI contract for a bad input: exit 2, one ``error: `` line on stderr naming the culprit."""
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for part in parts:
+        assert str(part) in lines[0], (part, lines[0])
+
+
+def assert_argparse_error(code, err, *parts):
+    """argparse's own refusal of a flag value: one ``error: ...`` line, exit 2."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    last = lines[0]
+    for part in parts:
+        assert part in last, (part, last)
+
+
+def png_bytes(array=None, mode=None, size=(8, 8), fmt="PNG") -> bytes:
+    im = Image.fromarray(np.asarray(array)) if array is not None else Image.new(mode, size)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int, depth: int = 8, colour: int = 2) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
+
+
+RGB_PNG = png_bytes(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+GRAY_PNG = png_bytes(np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8))
+
+
+# --- label CSVs ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def folders(tmp_path):
+    """A z2g folder (img0..img3) and an hpa2018 folder (id-0000..id-0002), plus one odd-named image each."""
+    z2g = write_z2g(tmp_path / "z2g", n=4, size=8)
+    write_png(z2g / "train" / "画像 1.png", np.zeros((8, 8, 3), np.uint8))
+    hpa = write_hpa2018(tmp_path / "hpa2018", n=3, size=8)
+    for stain in CHANNELS:
+        write_png(hpa / "train" / f"id}}x_{stain}.png", np.zeros((8, 8), np.uint8))
+    return {"z2g": z2g, "hpa2018": hpa}
+
+
+def ok(*rows):
+    return ("ok", list(rows))
+
+
+def err(*parts):
+    return ("error", list(parts))
+
+
+# name: (format, split, CSV bytes, expected): ("ok", [(id, labels)]) or ("error", [parts of the message])
+CSV_CASES = {
+    # valid after all
+    "CR-only line ends": ("z2g", "train", b"Image,Label\rimg0,1\rimg1,2 3\r", ok(("img0", "1"), ("img1", "2 3"))),
+    "tabs around fields": ("z2g", "train", b"Image,Label\nimg0\t,\t1\t\n", ok(("img0", "1"))),
+    "leading zeros in labels": ("z2g", "train", b"Image,Label\nimg0,01 007\n", ok(("img0", "1 7"))),
+    "non-ASCII id with its image": ("z2g", "train", "Image,Label\n画像 1,4\nimg2,0\n".encode(),
+                                    ok(("画像 1", "4"), ("img2", "0"))),
+    "quoted field with comma in extra column (hpa2018)": (
+        "hpa2018", "train", b'Id,Target,Notes\n"id-0000","1 27","a, b"\nid-0002,0,\n', ok(("id-0000", "1 27"), ("id-0002", "0"))),
+    "close brace in an id (hpa2018)": ("hpa2018", "train", b"Id,Target\nid}x,5\n", ok(("id}x", "5"))),
+    "BOM + CRLF + quotes in sample_submission.csv": (
+        "hpa2018", "test", b'\xef\xbb\xbfId,Predicted\r\n"id-0001",\r\nid-0000 , 0\r\n', ok(("id-0001",), ("id-0000",))),
+    # errors, naming file and line
+    "missing header": ("z2g", "train", b"img0,1\nimg1,2\n", err("train.csv", "expected columns Image,Label")),
+    "only blank lines": ("z2g", "train", b"\n\n\r\n", err("train.csv", "empty")),
+    "header only, with BOM and CRLF": ("hpa2018", "train", b"\xef\xbb\xbfId,Target\r\n", err("train.csv", "no rows")),
+    "NUL in the header": ("z2g", "train", b"Ima\x00ge,Label\nimg0,1\n", err("train.csv", "expected columns")),
+    "UTF-16": ("z2g", "train", "Image,Label\nimg0,1\n".encode("utf-16"), err("train.csv", "not a readable CSV")),
+    "Latin-1 id": ("z2g", "train", "Image,Label\nimg\xe90,1\n".encode("latin-1"), err("train.csv", "not a readable CSV")),
+    "NUL byte in an id": ("z2g", "train", b"Image,Label\nimg0,1\nimg\x001,2\n", err("line 3", "not a plain file name")),
+    "newline inside a quoted id": ("z2g", "train", b'Image,Label\nimg0,1\n"img\n1",2\n', err("line 4", "not a plain file name")),
+    "line separator U+2028 in an id": ("z2g", "train", "Image,Label\nimg\u20281,2\n".encode(),
+                                       err("line 2", "not a plain file name")),
+    "absolute path id": ("z2g", "train", b"Image,Label\n/etc/passwd,1\n", err("line 2", "'/etc/passwd'")),
+    "Windows path id": ("z2g", "train", b"Image,Label\nC:\\img0,1\n", err("line 2", "not a plain file name")),
+    "dot-dot id": ("hpa2018", "train", b"Id,Target\n..,1\n", err("line 2", "not a plain file name")),
+    "template field in an id": ("hpa2018", "train", b"Id,Target\nid-{channel},1\n", err("line 2", "not a plain file name")),
+    "path id in sample_submission.csv": ("hpa2018", "test", b"Id,Predicted\nid-0000,\n../id-0001,\n",
+                                         err("sample_submission.csv, line 3", "'../id-0001'")),
+    "duplicated id after stripping": ("z2g", "train", b"Image,Label\nimg1,1\n  img1 ,2\n", err("line 3", "duplicated id 'img1'")),
+    "duplicated id, quoted once": ("z2g", "train", b'Image,Label\n"img2",1\nimg2,2\n', err("line 3", "duplicated id 'img2'")),
+    "duplicated id in sample_submission.csv": ("hpa2018", "test", b"Id,Predicted\nid-0000,\nid-0000,\n",
+                                               err("line 3", "duplicated id")),
+    "label 10**30": ("z2g", "train", b"Image,Label\nimg0,1000000000000000000000000000000\n",
+                     err("line 2", "outside the vocabulary 0..9")),
+    "label of 5000 digits": ("z2g", "train", b"Image,Label\nimg0," + b"9" * 5000 + b"\n", err("line 2", "not an integer")),
+    "negative label (hpa2018)": ("hpa2018", "train", b"Id,Target\nid-0000,3 -2\n", err("line 2", "outside the vocabulary 0..27")),
+    "label 28 (hpa2018)": ("hpa2018", "train", b"Id,Target\nid-0000,28\n", err("line 2", "outside the vocabulary 0..27")),
+    "label with an underscore": ("z2g", "train", b"Image,Label\nimg0,1_0\n", err("line 2", "'1_0' is not an integer")),
+    "label with a plus sign": ("z2g", "train", b"Image,Label\nimg0,+3\n", err("line 2", "'+3' is not an integer")),
+    "Arabic-Indic digit label": ("z2g", "train", "Image,Label\nimg0,\u0663\n".encode(), err("line 2", "is not an integer")),
+    "fullwidth digit label": ("z2g", "train", "Image,Label\nimg0,\uff13\n".encode(), err("line 2", "is not an integer")),
+    "hex label": ("z2g", "train", b"Image,Label\nimg0,0x3\n", err("line 2", "'0x3' is not an integer")),
+    "exponent label": ("z2g", "train", b"Image,Label\nimg0,1e0\n", err("line 2", "'1e0' is not an integer")),
+    "unterminated quote": ("z2g", "train", b'Image,Label\n"img0,1\nimg1,2\n', err("train.csv, line")),
+    "extremely long line": ("z2g", "train", b"Image,Label\nimg0," + b"1 " * 100_000 + b"\n",
+                            err("train.csv", "not a readable CSV")),
+    "extremely long id": ("z2g", "train", b"Image,Label\n" + b"x" * 100_000 + b",1\n", err("line 2", "not found")),
+    "id of an image that is a folder": ("z2g", "train", b"Image,Label\nimg9,1\n", err("line 2", "img9.png not found")),
+}
+
+
+@pytest.mark.parametrize("name", CSV_CASES)
+def test_label_csv(folders, name):
+    fmt, split, content, (outcome, expected) = CSV_CASES[name]
+    data = folders[fmt]
+    csv_name = "train.csv" if split == "train" else FORMATS[fmt].submission_csv
+    (data / csv_name).write_bytes(content)
+    (data / "train" / "img9.png").mkdir(exist_ok=True)
+    if split == "test":
+        shutil.copytree(data / "train", data / "test", dirs_exist_ok=True)
+    if outcome == "error":
+        with pytest.raises(HPAError) as info:
+            fmt_found = detect_format(data) if split == "train" else FORMATS[fmt]
+            read_items(data, fmt_found, split=split, labelled=split == "train")
+        message = one_line(str(info.value))
+        for part in expected:
+            assert part in message, (part, message)
+        return
+    assert split == "test" or detect_format(data).name == fmt
+    items = read_items(data, FORMATS[fmt], split=split, labelled=split == "train")
+    rows = list(zip(items["id"], items["labels"])) if split == "train" else [(i,) for i in items["id"]]
+    assert rows == expected
+
+
+@pytest.fixture(scope="module")
+def fuzz_folder(tmp_path_factory):
+    """One folder with both layouts' images: the header of the fuzzed train.csv picks the format."""
+    root = tmp_path_factory.mktemp("fuzz")
+    write_z2g(root, n=3, size=8)
+    write_hpa2018(root / "h", n=2, size=8)
+    for f in (root / "h" / "train").iterdir():
+        f.rename(root / "train" / f.name)
+    return root
+
+
+IDS = ["img0", "img1", "img2", " img1 ", '"img2"', "id-0000", "id-0001", "../img0", "/abs", "a/b", "a\\b", "",
+       "img9", "IMG0", "img0.png", "..", ".", "im\x00g", "画像", "{x}", "}", "C:img0", "img\n1"]
+LABELS = ["0", "9", "27", "10", "-1", "1 2", "3 3", '"4 5"', "", "x", "1,2", "1_0", "\u0663", str(10**30), " 5 "]
+HEADERS = ["Image,Label", "Label,Image", "\ufeffImage,Label", "Id,Target", "Image,Label,Extra", '"Image","Label"',
+           "Id,Target,Id", "Name,Value", ""]
+good_row = st.tuples(st.sampled_from(["img0", "img1", "img2", "id-0000", "id-0001"]),
+                     st.sampled_from(["0", "1 2", "9", " 5 ", "3 3"])).map(list)
+any_row = st.lists(st.sampled_from(IDS) | st.sampled_from(LABELS) | st.text(max_size=6), min_size=1, max_size=3)
+csv_text = st.builds(
+    lambda header, rows, end, noise: end.join([header] + [",".join(r) for r in rows]) + end + noise,
+    st.sampled_from(["Image,Label", "Id,Target"]) | st.sampled_from(HEADERS) | st.text(max_size=12),
+    st.lists(good_row | any_row, min_size=1, max_size=6),
+    st.sampled_from(["\n", "\r\n", "\r"]),
+    st.just("") | st.just("") | st.text(max_size=10))
+
+
+@settings(max_examples=150, **FUZZ)
+@given(content=st.one_of(*[csv_text.map(str.encode)] * 3, st.binary(max_size=80)), skip_bad=st.booleans())
+def test_fuzzed_train_csv_loads_well_formed_items_or_raises_hpa_error(fuzz_folder, content, skip_bad):
+    data = fuzz_folder
+    (data / "train.csv").write_bytes(content)
+    try:
+        fmt = detect_format(data)
+        items = read_items(data, fmt, skip_bad=skip_bad)
+    except HPAError as e:
+        event("refused")
+        one_line(str(e))
+        assert "train.csv" in str(e)
+        return
+    event(f"loaded ({fmt.name})")
+    n_classes = {"z2g": 10, "hpa2018": 28}[fmt.name]
+    assert len(items) > 0 and items["id"].is_unique
+    folder = (data / "train").resolve()
+    for image_id, key, labels in zip(items["id"], items["key"], items["labels"]):
+        assert check_id(image_id, "x") == image_id
+        for f in key_files(key, CHANNEL_SETS[fmt.default_channels]):
+            assert Path(f).resolve().parent == folder and os.path.isfile(f)
+        ints = [int(t) for t in labels.split()]
+        assert ints and ints == sorted(set(ints)) and all(0 <= i < n_classes for i in ints)
+
+
+@settings(max_examples=150, **FUZZ)
+@given(image_id=st.text(alphabet=st.sampled_from(list("ab0._-/\\:{}\x00\n\t \u2028é画")) | st.characters(),
+                        max_size=10))
+def test_fuzzed_ids_are_accepted_only_as_plain_names_inside_the_folder(image_id):
+    folder = Path("/data/train")
+    try:
+        assert check_id(image_id, "train.csv, line 2") == image_id
+    except HPAError as e:
+        assert str(e).startswith("train.csv, line 2: ")
+        one_line(str(e))
+        return
+    assert image_id.isprintable() and image_id not in (".", "..")
+    for key in (str(folder / f"{image_id}.png"), str(folder / f"{image_id}_{{channel}}.png")):
+        for f in key_files(key):
+            path = Path(os.path.normpath(f))
+            assert path.parent == folder and path.name.startswith(image_id)
+
+
+@settings(max_examples=150, **FUZZ)
+@given(text=st.text(alphabet=st.sampled_from(list("0123456789 -+_.,x\t")) | st.characters(), max_size=12),
+       n_classes=st.sampled_from([10, 28]))
+def test_fuzzed_label_text_parses_to_class_ids_or_raises_hpa_error(text, n_classes):
+    try:
+        labels = parse_labels(text, n_classes, "train.csv, line 9")
+    except HPAError as e:
+        assert str(e).startswith("train.csv, line 9: ")
+        return
+    tokens = text.split()
+    assert all(t.lstrip("-").isascii() and t.lstrip("-").isdigit() for t in tokens)
+    assert labels == sorted({int(t) for t in tokens}) and all(0 <= i < n_classes for i in labels)
+
+
+# --- images -------------------------------------------------------------------------------------
+
+IMAGE_CASES = {
+    # name: (content of the file, RGB file (True) or one stain (False), expected: shape or message part)
+    "palette PNG as RGB": (lambda: png_bytes(mode="P"), True, "mode is P"),
+    "1-bit PNG as RGB": (lambda: png_bytes(mode="1"), True, "mode is 1"),
+    "gray+alpha PNG as RGB": (lambda: png_bytes(mode="LA"), True, "mode is LA"),
+    "CMYK JPEG as RGB": (lambda: png_bytes(mode="CMYK", fmt="JPEG"), True, "mode is CMYK"),
+    "GIF named .png": (lambda: png_bytes(mode="P", fmt="GIF"), True, "mode is P"),
+    "JPEG named .png (valid)": (lambda: png_bytes(mode="RGB", fmt="JPEG"), True, (8, 8, 3)),
+    "RGBA stain": (lambda: png_bytes(mode="RGBA"), False, "mode is RGBA"),
+    "palette stain": (lambda: png_bytes(mode="P"), False, "mode is P"),
+    "1-bit stain": (lambda: png_bytes(mode="1"), False, "mode is 1"),
+    "gray+alpha stain": (lambda: png_bytes(mode="LA"), False, "mode is LA"),
+    "16-bit stain": (lambda: png_bytes(np.full((8, 8), 4000, np.uint16)), False, "mode is I;16"),
+    "PNG signature only": (lambda: RGB_PNG[:8], True, "not a readable image"),
+    "PNG cut in the header": (lambda: RGB_PNG[:20], True, "not a readable image"),
+    "PNG without end chunk": (lambda: RGB_PNG[:-12], True, "no end chunk"),
+    "corrupt pixel data": (lambda: png_header(8, 8) + chunk(b"IDAT", b"garbage") + chunk(b"IEND", b""), True, "corrupt"),
+    "zero width": (lambda: png_header(0, 8) + chunk(b"IEND", b""), True, "not a readable image"),
+    "invalid colour type": (lambda: png_header(8, 8, 8, 7) + chunk(b"IEND", b""), True, "not a readable image"),
+    "decompression bomb header": (lambda: png_header(100_000, 100_000) + chunk(b"IEND", b""), True, "decompression bomb"),
+    "text file named .png": (lambda: b"Image,Label\nimg0,1\n", False, "not a readable image"),
+    "zero-byte stain": (lambda: b"", False, "not a readable image"),
+}
+
+
+@pytest.mark.parametrize("name", IMAGE_CASES)
+def test_image(tmp_path, name):
+    make, rgb, expected = IMAGE_CASES[name]
+    if rgb:
+        key = path = tmp_path / "img.png"
+        channels = CHANNEL_SETS["rgb"]
+    else:
+        for stain in CHANNELS:
+            (tmp_path / f"img_{stain}.png").write_bytes(GRAY_PNG)
+        key, path = tmp_path / "img_{channel}.png", tmp_path / "img_blue.png"
+        channels = CHANNEL_SETS["rgby"]
+    path.write_bytes(make())
+    outcomes = []
+    for header_only in (True, False):  # the quick check of every image and the full decode
+        try:
+            outcomes.append(read_image(str(key), channels, size=None, header_only=header_only).shape)
+        except HPAError as e:
+            outcomes.append(one_line(str(e)))
+    if isinstance(expected, tuple):
+        assert outcomes == [expected, expected]
+        return
+    # each check either decodes the right shape or refuses naming the file; one of them refuses
+    # (a missing end chunk is only the quick check's business, broken pixels only the decode's)
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert all(o == (8, 8, len(channels)) for o in outcomes if not isinstance(o, str)), outcomes
+    assert refused and all(o.startswith(str(path)) for o in refused), outcomes
+    assert any(expected in o for o in refused), outcomes
+
+
+def test_image_that_is_a_folder_or_missing(tmp_path):
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(HPAError, match="dir.png: not a readable image"):
+        read_image(str(tmp_path / "dir.png"))
+    with pytest.raises(HPAError, match="gone.png: image file not found"):
+        read_image(str(tmp_path / "gone.png"))
+    keys = [str(tmp_path / "gone.png"), str(tmp_path / "dir.png")]
+    assert sorted(verify_images(pd.DataFrame({"key": keys}), "rgb", deep=True)) == sorted(keys)
+    with pytest.raises(HPAError, match="no images"):
+        scan_images(tmp_path, "rgb")  # dir.png is a folder, not an image
+
+
+def mutated(seed: bytes):
+    """A valid PNG cut, overwritten or extended somewhere."""
+    return st.tuples(st.sampled_from(["cut", "overwrite", "insert"]), st.integers(0, len(seed)),
+                     st.binary(min_size=1, max_size=8)).map(lambda m: (
+                         seed[:m[1]] if m[0] == "cut" else
+                         seed[:m[1]] + m[2] + seed[m[1] + len(m[2]):] if m[0] == "overwrite" else
+                         seed[:m[1]] + m[2] + seed[m[1]:]))
+
+
+@settings(max_examples=150, **FUZZ)
+@given(content=mutated(RGB_PNG) | mutated(GRAY_PNG) | st.binary(max_size=64), stain=st.booleans(),
+       header_only=st.booleans(), size=st.sampled_from([None, 8, 12]))
+def test_fuzzed_image_bytes_decode_to_the_right_shape_or_raise_hpa_error(content, stain, header_only, size):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if stain:
+            for c in CHANNELS:
+                (tmp / f"x_{c}.png").write_bytes(GRAY_PNG)
+            key, bad, channels = str(tmp / "x_{channel}.png"), tmp / "x_green.png", CHANNEL_SETS["rgby"]
+        else:
+            key, bad, channels = str(tmp / "x.png"), tmp / "x.png", CHANNEL_SETS["rgb"]
+        bad.write_bytes(content)
+        try:
+            arr = read_image(key, channels, size=size, header_only=header_only)
+            event("decoded")
+        except HPAError as e:
+            event("refused")
+            assert str(e).startswith(str(bad)) or str(e).startswith(str(tmp / "x_red.png")), str(e)
+            one_line(str(e))
+            return
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == len(channels)
+        if not header_only:
+            assert arr.shape[:2] == ((size, size) if size else arr.shape[:2])
+
+
+# --- configuration values -----------------------------------------------------------------------
+
+CONFIG_CASES = [
+    ({"lr": "nan"}, "--lr"), ({"lr": "inf"}, "--lr"), ({"lr": "-1e-3"}, "--lr"), ({"lr": "1e400"}, "--lr"),
+    ({"lr": "fast"}, "--lr"), ({"lr": ""}, "--lr"),
+    ({"valid_pct": 1.0}, "--valid-pct"), ({"valid_pct": 0.0}, "--valid-pct"), ({"valid_pct": math.nan}, "--valid-pct"),
+    ({"valid_pct": -0.1}, "--valid-pct"),
+    ({"fold": 7, "n_folds": 5}, "--fold"), ({"fold": -1, "n_folds": 5}, "--fold"), ({"n_folds": 1}, "--n-folds"),
+    ({"n_folds": -2}, "--n-folds"),
+    ({"threshold": math.nan}, "--threshold"), ({"threshold": 1.0}, "--threshold"), ({"threshold": -0.5}, "--threshold"),
+    ({"epochs": 0}, "--epochs"), ({"epochs": math.nan}, "--epochs"), ({"epochs": "ten"}, "--epochs"),
+    ({"epochs": True}, "--epochs"),
+    ({"bs": 0}, "--bs"), ({"bs": -8}, "--bs"), ({"bs": 2.5}, "--bs"),
+    ({"size": 4}, "--size"), ({"size": 10**6}, "--size"), ({"size": math.inf}, "--size"),
+    ({"seed": -1}, "--seed"), ({"seed": 2**40}, "--seed"),
+    ({"focal_gamma": math.nan}, "--focal-gamma"), ({"focal_gamma": -1.0}, "--focal-gamma"),
+    ({"focal_gamma": math.inf}, "--focal-gamma"),
+    ({"patience": 0}, "--patience"), ({"workers": -1}, "--workers"), ({"freeze_epochs": -1}, "--freeze-epochs"),
+    ({"lr_find_iters": 0}, "--lr-find-iters"),
+    ({"arch": "resnet1000"}, "--arch"), ({"arch": None}, "--arch"), ({"channels": "rgbx"}, "--channels"),
+    ({"loss": "hinge"}, "--loss"), ({"monitor": "accuracy"}, "--monitor"), ({"precision": "fp8"}, "--precision"),
+    ({"log": "wandb"}, "--log"), ({"weights": "/no/such/weights.pth"}, "--weights"),
+]
+
+
+@pytest.mark.parametrize("overrides,flag", CONFIG_CASES, ids=[str(c[0]) for c in CONFIG_CASES])
+def test_config_value(overrides, flag):
+    cfg = TrainConfig(**{"data": "/nowhere", "arch": "cnn", "pretrained": False, **overrides})
+    with pytest.raises(HPAError) as info:
+        validate(cfg)
+    assert one_line(str(info.value)).startswith(flag)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"bs": 100000}, "--bs 100000 is larger than the 7 training images"),
+    ({"n_folds": 100, "bs": 2}, "--n-folds 100 is more than the 8 images"),
+    ({"valid_pct": 0.05, "bs": 2}, "--valid-pct 0.05 leaves none of the 8 images for validation"),
+])
+def test_config_value_too_large_for_the_data(make_z2g, overrides, message):
+    prep = prepare(TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, **overrides))
+    with pytest.raises(HPAError, match=message):
+        build_learner(prep, None, quiet=True)
+
+
+ANY_VALUE = (st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5)
+             | st.none() | st.booleans() | st.lists(st.integers(), max_size=2))
+CONFIG_FUZZ = {
+    "epochs": st.integers(-2, 5), "bs": st.integers(-2, 64), "size": st.none() | st.integers(-1, 10**5),
+    "lr": st.sampled_from(["auto", "1e-3", "0", "-1", "nan", "inf", "1e400", "x", " 3e-4 "]),
+    "lr_find_iters": st.none() | st.integers(-1, 200), "seed": st.integers(-2, 2**33),
+    "valid_pct": st.floats(-1, 2) | st.sampled_from([math.nan, math.inf]), "n_folds": st.integers(-1, 6),
+    "fold": st.integers(-1, 7), "patience": st.integers(-1, 5), "threshold": st.floats(allow_nan=True),
+    "workers": st.none() | st.integers(-2, 4), "freeze_epochs": st.integers(-2, 2),
+    "focal_gamma": st.floats(allow_nan=True, allow_infinity=True), "loss": st.sampled_from(["bce", "focal", "hinge"]),
+    "monitor": st.sampled_from(["f1_macro", "valid_loss", "auc"]), "channels": st.sampled_from(["auto", "rgb", "rgbx"]),
+    "precision": st.sampled_from(["auto", "fp32", "fp4"]), "arch": st.sampled_from(["cnn", "resnet18", "nope"]),
+}
+
+
+@settings(max_examples=150, **FUZZ)
+@given(values=st.fixed_dictionaries({}, optional=CONFIG_FUZZ),
+       wrong=st.dictionaries(st.sampled_from(sorted(CONFIG_FUZZ)), ANY_VALUE, max_size=2))
+def test_fuzzed_config_values_validate_or_raise_hpa_error_naming_the_flag(values, wrong):
+    cfg = TrainConfig(**{"arch": "cnn", **values, **wrong})
+    try:
+        validate(cfg)
+        event("valid")
+    except HPAError as e:
+        assert one_line(str(e)).startswith("--"), str(e)
+        return
+    assert type(cfg.epochs) is int and cfg.epochs >= 1 and type(cfg.bs) is int and cfg.bs >= 1
+    assert cfg.size is None or (type(cfg.size) is int and 8 <= cfg.size <= 4096)
+    assert cfg.lr == "auto" or (math.isfinite(float(cfg.lr)) and float(cfg.lr) > 0)
+    assert 0 < cfg.valid_pct < 1 and 0 < cfg.threshold < 1 and 0 <= cfg.seed < 2**32
+    assert cfg.n_folds == 0 or (cfg.n_folds >= 2 and 0 <= cfg.fold < cfg.n_folds)
+    assert math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0 and cfg.freeze_epochs >= 0
+    assert cfg.loss in ("bce", "focal") and cfg.channels in ("auto", "rgb", "rgby")
+
+
+# --- learner files ------------------------------------------------------------------------------
+
+def write_safe_model(folder: Path, fmt: str = "z2g", channels: str = "rgb", size: int = 16) -> Path:
+    """A run folder's model.json + model.safetensors for an untrained cnn: enough to load and predict."""
+    from safetensors.torch import save_file
+
+    from hpa_fastai.models import create_model
+    from hpa_fastai.vocab import class_names, vocab_for
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n_in, n_classes = len(CHANNEL_SETS[channels]), len(vocab_for(fmt))
+    torch.manual_seed(0)
+    model, _ = create_model("cnn", n_in, n_classes, pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    meta = {"arch": "cnn", "format": fmt, "channels": channels, "n_in": n_in, "size": size, "mean": [0.5] * n_in,
+            "std": [0.25] * n_in, "vocab": vocab_for(fmt), "names": class_names(fmt),
+            "thresholds": [0.5] * n_classes, "loss": "bce", "focal_gamma": 2.0}
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def safe_model(tmp_path_factory):
+    return write_safe_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def rgby_model(tmp_path_factory):
+    return write_safe_model(tmp_path_factory.mktemp("rgby"), "hpa2018", "rgby")
+
+
+def edit_meta(**changes):
+    def mutate(run):
+        meta = json.loads((run / "model.json").read_text())
+        meta.update(changes)
+        for key in [k for k, v in changes.items() if v is ...]:
+            del meta[key]
+        (run / "model.json").write_text(json.dumps(meta))
+        return run
+    return mutate
+
+
+def write(name, content: bytes, target=None):
+    def mutate(run):
+        (run / name).write_bytes(content(run) if callable(content) else content)
+        return run / (target or "")
+    return mutate
+
+
+def other_arch_weights(run):
+    from safetensors.torch import save
+
+    from hpa_fastai.models import create_model
+
+    return save({k: v.contiguous() for k, v in create_model("cnn", 4, 10, pretrained=False)[0].state_dict().items()})
+
+
+LEARNER_CASES = {
+    # name: (mutation of a copy of the good run folder returning the path to load, message parts)
+    "model.json is a number": (write("model.json", b"5"), ["model.json", "a JSON int, not an object"]),
+    "model.json is null": (write("model.json", b"null"), ["model.json", "not an object"]),
+    "model.json is a list of the keys": (write("model.json", json.dumps(
+        ["arch", "channels", "size", "mean", "std", "vocab", "names", "thresholds", "format"]).encode()),
+        ["model.json", "not an object"]),
+    "model.json is not UTF-8": (write("model.json", b"\xff\xfe{}"), ["model.json", "not valid JSON"]),
+    "model.json is empty": (write("model.json", b""), ["model.json", "not valid JSON"]),
+    "model.json lacks thresholds": (edit_meta(thresholds=...), ["model.json", "missing thresholds"]),
+    "arch is a number": (edit_meta(arch=5), ["'arch'"]),
+    "unknown arch": (edit_meta(arch="resnet1000"), ["'arch'", "resnet1000"]),
+    "channels is a number": (edit_meta(channels=3), ["'channels'"]),
+    "format unknown": (edit_meta(format="hpa2021"), ["'format'"]),
+    "size is text": (edit_meta(size="big"), ["'size'"]),
+    "size is huge": (edit_meta(size=10**9), ["'size'"]),
+    "size is true": (edit_meta(size=True), ["'size'"]),
+    "vocab too short": (edit_meta(vocab=["0"]), ["'vocab'"]),
+    "names is a string": (edit_meta(names="Mitochondria"), ["'names'"]),
+    "threshold NaN": (edit_meta(thresholds=[math.nan] * 10), ["'thresholds'"]),
+    "threshold above 1": (edit_meta(thresholds=[0.5] * 9 + [2]), ["'thresholds'"]),
+    "mean for 4 channels on an RGB model": (edit_meta(mean=[0.5] * 4), ["'mean'"]),
+    "std of zero": (edit_meta(std=[0, 0.2, 0.2]), ["'std'"]),
+    "loss unknown": (edit_meta(loss="hinge"), ["'loss'"]),
+    "rgby model.json over RGB weights": (edit_meta(channels="rgby", mean=[0.5] * 4, std=[0.2] * 4),
+                                         ["model.safetensors", "do not fit cnn"]),
+    "safetensors truncated": (write("model.safetensors", lambda r: (r / "model.safetensors").read_bytes()[:500]),
+                              ["model.safetensors", "cannot read weights"]),
+    "safetensors zero bytes": (write("model.safetensors", b""), ["model.safetensors", "cannot read weights"]),
+    "safetensors huge header length": (write("model.safetensors", b"\xff" * 8 + b"{}"),
+                                       ["model.safetensors", "cannot read weights"]),
+    "safetensors of another shape": (write("model.safetensors", other_arch_weights), ["model.safetensors", "do not fit"]),
+    "safetensors given, model.json missing": (lambda r: ((r / "model.json").unlink(), r / "model.safetensors")[1],
+                                             ["model.json", "cannot read the model description"]),
+    "export.pkl zero bytes (--trust)": (write("export.pkl", b"", "export.pkl"), ["export.pkl", "not a loadable"]),
+    "export.pkl garbage (--trust)": (write("export.pkl", b"\x80\x04garbage", "export.pkl"), ["export.pkl", "not a loadable"]),
+    "export.pkl holds a dict (--trust)": (lambda r: (torch.save({"a": 1}, r / "export.pkl"), r / "export.pkl")[1],
+                                          ["export.pkl", "not a loadable"]),
+    "folder with neither export": (lambda r: ([f.unlink() for f in r.iterdir()], r)[1], ["no model.json"]),
+    "unknown suffix": (write("model.bin", b"x", "model.bin"), ["expected a run folder"]),
+}
+
+
+@pytest.mark.parametrize("name", LEARNER_CASES)
+def test_learner_file(safe_model, tmp_path, name):
+    mutate, parts = LEARNER_CASES[name]
+    run = tmp_path / "run"
+    shutil.copytree(safe_model, run)
+    path = mutate(run)
+    with pytest.raises(HPAError) as info:
+        load_predictor(path, trust=True, cpu=True)
+    message = one_line(str(info.value))
+    for part in parts:
+        assert part in message, (part, message)
+
+
+def test_the_good_model_loads_and_predicts(safe_model, make_z2g):
+    result = load_predictor(safe_model, cpu=True).predict(make_z2g(n=1, size=16) / "train" / "img0.png")
+    assert len(result["all_probabilities"]) == 10
+
+
+def test_empty_export_pkl_in_runs_is_unpickled_without_trust_and_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "export.pkl").write_bytes(b"")
+    with pytest.raises(HPAError, match="not a loadable fastai learner"):
+        load_predictor("runs/r", cpu=True)
+    (tmp_path / "elsewhere.pkl").write_bytes(b"")
+    with pytest.raises(HPAError, match="refusing to unpickle"):
+        load_predictor(tmp_path / "elsewhere.pkl", cpu=True)
+
+
+json_value = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=6),
+                          lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                          max_leaves=12)
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True)
+PLAUSIBLE_META = {  # values near the valid ones, so that some fuzzed files load
+    "size": st.integers(-5, 5000), "arch": st.sampled_from(["cnn", "resnet18", "timm:no_such_model", "CNN"]),
+    "thresholds": st.lists(st.floats(-0.5, 1.5) | floats, min_size=9, max_size=11),
+    "mean": st.lists(st.floats(-1e3, 1e3) | floats, min_size=2, max_size=4),
+    "std": st.lists(st.floats(-1, 1e3) | floats, min_size=2, max_size=4), "focal_gamma": floats,
+    "loss": st.sampled_from(["bce", "focal", "mse"]), "format": st.sampled_from(["z2g", "hpa2018", "Z2G"]),
+    "channels": st.sampled_from(["rgb", "rgby", "RGB"]), "names": st.lists(st.text(max_size=3), min_size=9, max_size=11),
+}
+
+
+@settings(max_examples=60, **FUZZ)
+@given(data=st.data())
+def test_fuzzed_model_json_loads_or_raises_hpa_error(safe_model, data):
+    good = json.loads((safe_model / "model.json").read_text())
+    keys = data.draw(st.lists(st.sampled_from(sorted(good)), max_size=3, unique=True))
+    changes = {k: data.draw(PLAUSIBLE_META.get(k, json_value) | json_value | st.just(...)) for k in keys}
+    meta = data.draw(st.just({k: v for k, v in {**good, **changes}.items() if v is not ...}) | json_value)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        shutil.copy(safe_model / "model.safetensors", run)
+        (run / "model.json").write_text(json.dumps(meta))
+        try:
+            pred = load_predictor(run, cpu=True)
+            event("loaded")
+        except HPAError as e:
+            event("refused")
+            assert str(run) in one_line(str(e))
+            return
+    assert isinstance(meta, dict) and pred.channels == "rgb" and 1 <= pred.size <= 4096
+    assert pred.thresholds.shape == (10,) and np.all((pred.thresholds >= 0) & (pred.thresholds <= 1))
+
+
+# --- --resume -----------------------------------------------------------------------------------
+
+def resume_folder(run, make_z2g, config, checkpoint):
+    data = make_z2g(n=4, size=16)
+    run.mkdir()
+    good = {"data": str(data), "arch": "cnn", "epochs": 1, "bs": 2, "lr": "1e-3", "pretrained": False,
+            "size": 16, "channels": "rgb", "workers": 0, "lr_used": 1e-3, "pretrained_used": False}
+    text = config(good) if callable(config) else config
+    (run / "config.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    if isinstance(checkpoint, bytes):
+        (run / "checkpoint.pth").write_bytes(checkpoint)
+    else:
+        torch.save(checkpoint, run / "checkpoint.pth")
+
+
+FULL_CHECKPOINT = {k: 0 for k in ("model", "opt", "phase", "epochs_done", "rng", "smooth_loss", "history")}
+RESUME_CASES = {
+    "config.json not JSON": ("{oops", FULL_CHECKPOINT, ["config.json", "unreadable run config"]),
+    "config.json a list": ("[1, 2]", FULL_CHECKPOINT, ["config.json", "not the config of a run"]),
+    "config.json without lr_used": (lambda c: {k: v for k, v in c.items() if k != "lr_used"}, FULL_CHECKPOINT,
+                                    ["config.json", "lr_used"]),
+    "config.json with a text epoch count": (lambda c: {**c, "epochs": "ten"}, FULL_CHECKPOINT, ["--epochs must be int"]),
+    "config.json with an unknown arch": (lambda c: {**c, "arch": "resnet1000"}, FULL_CHECKPOINT, ["--arch"]),
+    "checkpoint zero bytes": (lambda c: c, b"", ["checkpoint.pth", "unreadable checkpoint"]),
+    "checkpoint garbage": (lambda c: c, b"PK\x03\x04garbage", ["checkpoint.pth", "unreadable checkpoint"]),
+    "checkpoint truncated": (lambda c: c, "truncated", ["checkpoint.pth", "unreadable checkpoint"]),
+    "checkpoint a list": (lambda c: c, [1, 2], ["checkpoint.pth", "not a checkpoint"]),
+    "checkpoint without its phase": (lambda c: c, {k: v for k, v in FULL_CHECKPOINT.items() if k != "phase"},
+                                     ["checkpoint.pth", "missing phase"]),
+}
+
+
+@pytest.mark.parametrize("name", RESUME_CASES)
+def test_resume_folder(make_z2g, tmp_path, capsys, name):
+    config, checkpoint, parts = RESUME_CASES[name]
+    if checkpoint == "truncated":
+        buf = io.BytesIO()
+        torch.save({"model": {"w": torch.zeros(1000)}, **FULL_CHECKPOINT}, buf)
+        checkpoint = buf.getvalue()[:len(buf.getvalue()) // 2]
+    run = tmp_path / "run"
+    resume_folder(run, make_z2g, config, checkpoint)
+    before = sorted(p.name for p in run.iterdir())
+    assert_cli_error(*cli_in_process(capsys, "--resume", run), *parts)
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written into the run folder
+
+
+# --- CLI flags ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,parts", [
+    (["--bs", "0"], ["--bs"]), (["--bs", "-1"], ["--bs"]), (["--bs", "abc"], ["--bs"]),
+    (["--epochs", "1.5"], ["--epochs"]), (["--size", "0"], ["--size"]), (["--seed", "x"], ["--seed"]),
+    (["--valid-pct", "half"], ["--valid-pct"]), (["--channels", "rgbx"], ["--channels"]),
+    (["--frobnicate"], ["--frobnicate"]), (["predict", "--bs", "0"], ["--bs"]),
+    (["predict", "--threshold", "high"], ["--threshold"]),
+])
+def test_flag_refused_by_the_parser(capsys, args, parts):
+    code, _, err = cli_in_process(capsys, *args)
+    assert_argparse_error(code, err, *parts)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "-0.1"], "--lr"), (["--valid-pct", "1"], "--valid-pct"),
+    (["--valid-pct", "nan"], "--valid-pct"), (["--fold", "7", "--n-folds", "5"], "--fold"),
+    (["--n-folds", "1"], "--n-folds"), (["--threshold", "nan"], "--threshold"), (["--seed", "-1"], "--seed"),
+    (["--focal-gamma", "nan"], "--focal-gamma"), (["--size", "100000"], "--size"), (["--workers", "-1"], "--workers"),
+    (["--weights", "/no/such.pth"], "--weights"), (["lr-find", "--lr", "inf"], "--lr"),
+    (["cv", "--n-folds", "1"], "--n-folds"),
+])
+def test_flag_refused_before_any_data_is_read(capsys, tmp_path, args, flag):
+    code, out, err = cli_in_process(capsys, *args, "--data", tmp_path / "nowhere", "--arch", "cnn", "--no-pretrained",
+                                    "--out", tmp_path / "runs")
+    assert_cli_error(code, out, err, flag)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_batch_size_larger_than_the_data_set_marks_the_run_failed(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=8, size=16)
+    code, out, err = cli_in_process(capsys, "--data", data, "--arch", "cnn", "--no-pretrained", "--bs", "100000",
+                                    "--lr", "1e-3", "--out", tmp_path / "runs")
+    assert_cli_error(code, out, err, "--bs 100000")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+    assert not any((run / f).exists() for f in ("checkpoint.pth", "export.pkl", "model.safetensors"))
+
+
+@pytest.mark.parametrize("command,args,parts", [
+    ("predict", ["--threshold", "nan"], ["--threshold"]), ("predict", ["--threshold", "1"], ["--threshold"]),
+    ("predict", ["--workers", "-1"], ["--workers"]), ("predict", ["--out", "{blocker}/sub.csv"], ["cannot write"]),
+    ("predict", ["--out", "{tmp}"], ["cannot write"]),
+    ("predict", ["--data", "{images}/broken.png"], ["broken.png", "not a readable image"]),
+    ("predict", ["--data", "{bad_csv}"], ["submission.csv, line 3", "'../img0'"]),
+    ("evaluate", ["--threshold", "2"], ["--threshold"]), ("evaluate", ["--out", "{blocker}/eval"], ["cannot write"]),
+    ("evaluate", ["--data", "{bad_csv}"], ["train.csv, line 2", "outside the vocabulary"]),
+])
+def test_predict_and_evaluate_leave_no_output_after_an_error(safe_model, make_z2g, tmp_path, capsys, command, args,
+                                                             parts):
+    data = make_z2g(n=3, size=16)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(RGB_PNG[:40])
+    bad_csv = make_z2g(n=3, size=16, name="bad")
+    shutil.copytree(bad_csv / "train", bad_csv / "test")
+    (bad_csv / "submission.csv").write_text("Image,Label\nimg0,0\n../img0,0\n")
+    (bad_csv / "train.csv").write_text("Image,Label\nimg0,12\n")
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    names = {"blocker": tmp_path / "blocker", "tmp": tmp_path, "images": images, "bad_csv": bad_csv}
+    args = [a.format(**names) for a in args]
+    out = tmp_path / "out" / ("sub.csv" if command == "predict" else "eval")
+    full = [command, "--learner", safe_model, "--data", data / ("train" if command == "predict" else ""),
+            "--out", out, *args]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert_cli_error(*cli_in_process(capsys, *full), *parts)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no temporary or partial files either
+
+
+def test_rgby_model_on_a_submission_csv_with_a_path_id(rgby_model, make_hpa2018, tmp_path, capsys):
+    data = make_hpa2018(n=2, size=16)
+    shutil.copytree(data / "train", data / "test")
+    (data / "sample_submission.csv").write_text("Id,Predicted\nid-0000,0\nid-0001/../../x,0\n")
+    out = tmp_path / "sub.csv"
+    assert_cli_error(*cli_in_process(capsys, "predict", "--learner", rgby_model, "--data", data, "--out", out),
+                     "sample_submission.csv, line 3")
+    assert not out.exists()
+
+
+# --- through a real process: stderr holds nothing but the one line ------------------------------
+
+def test_subprocess_lr_nan_is_one_line(tmp_path):
+    proc = run_cli("--lr", "nan", "--arch", "cnn", "--out", tmp_path / "runs", cwd=tmp_path, timeout=120)
+    assert_cli_error(proc.returncode, proc.stdout, proc.stderr, "--lr")
+    assert proc.stdout == "" and not (tmp_path / "runs").exists()
+
+
+def test_subprocess_predict_with_a_model_json_that_is_not_an_object(safe_model, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(safe_model, run)
+    (run / "model.json").write_text("[]")
+    proc = run_cli("predict", "--learner", run, "--out", tmp_path / "sub.csv", cwd=tmp_path, timeout=120)
+    assert_cli_error(proc.returncode, proc.stdout, proc.stderr, "model.json", "not an object")
+    assert not (tmp_path / "sub.csv").exists()
