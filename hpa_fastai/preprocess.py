@@ -1,0 +1,144 @@
+"""The ``preprocess`` command: a resized copy of a data set, decoded once, that training reads
+instead of decoding full-size PNGs every epoch.
+
+Each training image becomes one uint8 ``.npy`` of shape (C, H, W), the layout of the tensors the
+loader hands on, under ``<data>/cache/<channels>_<size>/<id>.npy``; ``cache.json`` beside them
+(size, channels, count) is written last. Images are resized by ``read_image`` itself, so batches
+from the cache are identical to batches decoded from the PNGs. Every file is written atomically
+and files that are already there and valid are skipped, so an interrupted run just continues.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._io import atomic_path, write_json
+from .console import log
+from .data import read_image
+from .errors import HPAError
+from .formats import CHANNEL_SETS, detect_format, key_files, read_items
+
+CACHE_JSON = "cache.json"
+
+
+def cache_dir(data_dir, channels: str, size: int) -> Path:
+    return Path(data_dir) / "cache" / f"{channels}_{size}"
+
+
+def cached_file(folder: Path, image_id: str) -> Path:
+    return folder / f"{image_id}.npy"
+
+
+def _newest_source(key: str, channels: str) -> float:
+    return max(os.stat(f).st_mtime for f in key_files(key, CHANNEL_SETS[channels]))
+
+
+def is_cached(path: Path, key: str, channels: str, size: int) -> bool:
+    """Whether ``path`` holds a complete (C, size, size) uint8 array newer than every source file."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only; a cut-off file fails to map
+        fresh = path.stat().st_mtime >= _newest_source(key, channels)
+    except (OSError, ValueError, EOFError):
+        return False
+    return fresh and arr.dtype == np.uint8 and arr.shape == (len(channels), size, size)
+
+
+def _cache_one(task: tuple) -> str | None:
+    """Worker: decode and resize one image, write its .npy; the error message if it is unreadable."""
+    key, dest, channels, size = task
+    try:
+        arr = read_image(key, CHANNEL_SETS[channels], size)
+    except HPAError as e:
+        return str(e)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
+        np.save(f, np.ascontiguousarray(arr.transpose(2, 0, 1)), allow_pickle=False)
+    return None
+
+
+def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int | None = None) -> Path:
+    """Cache the training images of ``data`` at ``size``; returns the cache folder."""
+    from .train import resolve_data_dir  # late import: train imports this module
+
+    if size < 8:
+        raise HPAError(f"--size must be at least 8 pixels (got {size})")
+    if workers is not None and workers < 1:
+        raise HPAError(f"--workers must be at least 1 (got {workers})")
+    data_dir = resolve_data_dir(data)
+    fmt = detect_format(data_dir)
+    channels = fmt.default_channels if channels == "auto" else channels
+    if channels == "rgby" and not fmt.channel_files:
+        raise HPAError(f"--channels rgby needs one file per stain (HPA 2018 layout); {data_dir} is "
+                       "Zero-to-GANs RGB: use --channels rgb")
+    # bad rows are left out as `train --skip-bad` leaves them out; without it, training stops on them anyway
+    items = read_items(data_dir, fmt, "train", skip_bad=True, channels=channels, log=log)
+    folder = cache_dir(data_dir, channels, size)
+    tasks = [(key, cached_file(folder, image_id), channels, size) for image_id, key in zip(items["id"], items["key"])]
+    todo = [t for t in tasks if not is_cached(t[1], t[0], channels, size)]
+    if todo:
+        log(f"caching {len(todo)} of {len(tasks)} images of {data_dir} ({channels}, {size}px) in {folder}"
+            + (f" ({len(tasks) - len(todo)} already cached)" if len(todo) < len(tasks) else ""))
+    else:
+        log(f"all {len(tasks)} images of {data_dir} are already cached in {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+    if workers == 1:
+        errors = [_cache_one(t) for t in todo]
+    else:
+        # processes, not threads: decoding and resizing hold the GIL for much of their time
+        with ProcessPoolExecutor(workers) as pool:
+            errors = list(pool.map(_cache_one, todo, chunksize=max(1, min(32, len(todo) // (4 * workers)))))
+    bad = [msg for msg in errors if msg]
+    if bad:
+        log(f"skipped {len(bad)} unreadable image(s):")
+        for msg in bad:
+            log(f"  {msg}")
+    write_json(folder / CACHE_JSON, {"size": size, "channels": channels, "count": len(tasks) - len(bad),
+                                     "format": fmt.name, "layout": "uint8 (channels, height, width), one .npy per id"})
+    log(f"cache ready: {len(tasks) - len(bad)} images in {folder}; training at --size {size} --channels "
+        f"{channels} reads it from now on")
+    return folder
+
+
+def cached_items(items: pd.DataFrame, channels: str, size: int) -> pd.DataFrame:
+    """``items`` with keys switched to their cached .npy files, folder by folder (``--data`` and
+    each ``--extra-data``): a folder's images switch when its cache for (channels, size) holds an
+    up-to-date copy of every one of them; otherwise they are decoded as before, with a note."""
+    keys = items["key"].to_numpy(dtype=object).copy()
+    data_dirs = [Path(key).parent.parent for key in keys]  # keys are <data>/train/<file>
+    for data_dir in dict.fromkeys(data_dirs):
+        rows = [i for i, d in enumerate(data_dirs) if d == data_dir]
+        paths = _cached_paths(data_dir, items["id"].iloc[rows], keys[rows], channels, size)
+        if paths is not None:
+            keys[rows] = [str(p) for p in paths]
+    return items.assign(key=keys)
+
+
+def _cached_paths(data_dir: Path, ids, keys, channels: str, size: int) -> list[Path] | None:
+    folder = cache_dir(data_dir, channels, size)
+    try:
+        meta = json.loads((folder / CACHE_JSON).read_text())
+        if meta.get("size") != size or meta.get("channels") != channels:
+            return None
+        present = set(os.listdir(folder))
+        paths = [cached_file(folder, image_id) for image_id in ids]
+        missing = sum(p.name not in present for p in paths)
+        # a source changed after caching (a re-download, a regenerated set) makes its copy stale
+        stale = 0 if missing else sum(p.stat().st_mtime < _newest_source(key, channels) for p, key in zip(paths, keys))
+    except (OSError, ValueError):
+        return None
+    if missing or stale:
+        problem = f"lacks {missing}" if missing else f"has {stale} out-of-date"
+        log(f"note: the cache {folder} {problem} of {len(paths)} images; decoding the originals instead "
+            f"(update it with: python run.py preprocess --data {data_dir} --size {size} --channels {channels})")
+        return None
+    log(f"reading {len(paths)} images from the preprocessed cache {folder}")
+    return paths
+
+
+def preprocess_command(cfg) -> Path:
+    return preprocess(cfg.data, cfg.size, cfg.channels, cfg.workers)
