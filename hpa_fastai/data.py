@@ -151,9 +151,13 @@ def channel_stats(keys, channels: str, size: int, n: int = 64, seed: int = 0) ->
 def augmentations(size: int, max_rotate: float = 10.0, max_lighting: float = 0.1) -> list:
     """Augmentations that suit microscopy: cells have no up or down, so all eight dihedral
     orientations, small rotations, brightness and contrast; no warp or colour shifts."""
-    return aug_transforms(do_flip=True, flip_vert=True, max_rotate=max_rotate, max_zoom=1.0,
-                          max_lighting=max_lighting, max_warp=0.0, pad_mode="reflection",
-                          size=None)
+    tfms = aug_transforms(do_flip=True, flip_vert=True, max_rotate=max_rotate, max_zoom=1.0,
+                          max_lighting=max_lighting, max_warp=0.0, pad_mode="reflection", size=None)
+    for tfm in tfms:
+        # training batches only: fastai's affine transform otherwise resamples every validation and
+        # test batch through an identity warp, which costs time and changes pixels by float rounding
+        tfm.split_idx = 0
+    return tfms
 
 
 def stratified_valid_idx(labels: pd.Series, n_classes: int, n_folds: int, fold: int, seed: int,

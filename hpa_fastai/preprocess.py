@@ -89,7 +89,7 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
     if workers == 1:
         errors = [_cache_one(t) for t in todo]
     else:
-        # processes, not threads: decoding and resizing hold the GIL for much of their time
+        # one process per core: decoding and resizing are CPU-bound, and each image is independent
         with ProcessPoolExecutor(workers) as pool:
             errors = list(pool.map(_cache_one, todo, chunksize=max(1, min(32, len(todo) // (4 * workers)))))
     bad = [msg for msg in errors if msg]
