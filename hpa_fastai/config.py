@@ -39,7 +39,7 @@ class TrainConfig:
     valid_pct: float = opt(0.2, "share of images held out for validation (random split)")
     n_folds: int = opt(0, "multi-label stratified K-fold split: number of folds (0 = random split)")
     fold: int = opt(0, "which fold is the validation set when --n-folds is set")
-    patience: int = opt(3, "early stopping: epochs without improvement of --monitor")
+    patience: int = opt(5, "early stopping: epochs without improvement of --monitor")
     monitor: str = opt("f1_macro", "metric for early stopping and best-epoch selection",
                        choices=["f1_macro", "f1_samples", "valid_loss"])
     threshold: float = opt(0.5, "probability threshold of the F1 metrics during training")
