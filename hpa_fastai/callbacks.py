@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,6 +82,11 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
             torch.save(bare_model(self.learn).state_dict(), tmp)
         self.last_saved_path = final
 
+    def after_fit(self, **kwargs):
+        # a fit cancelled (NaN, Ctrl-C) before its first epoch ended has no best weights to load
+        if self.last_saved_path is not None and Path(self.last_saved_path).is_file():
+            super().after_fit(**kwargs)
+
 
 class NaNGuard(TerminateOnNaNCallback):
     """fastai's TerminateOnNaNCallback, remembering where the loss went bad so the run can say so."""
@@ -108,7 +114,7 @@ def set_rng_state(learn, state: dict) -> None:
                          has_gauss, gauss))
 
 
-class Checkpoint(Callback):
+class Checkpoint(_TrainedEpochsOnly, Callback):
     """Writes ``checkpoint.pth`` atomically after every trained epoch: model, optimizer, the
     phase and epoch reached, RNG states, history and the trackers' state: all that
     ``--resume`` needs to continue the same one-cycle schedule."""
@@ -134,12 +140,6 @@ class Checkpoint(Callback):
             save.best = state["save_best"]
         if (stop := self._cb(WarmupEarlyStopping)) is not None:
             stop.best, stop.wait, stop.stop = state["stop_best"], state["stop_wait"], state["stop_stop"]
-
-    def before_epoch(self):
-        self._trained = False
-
-    def before_train(self):
-        self._trained = True
 
     def after_epoch(self):
         if not self._trained:

@@ -73,7 +73,6 @@ class EpochLogger(Callback):
                                  TimeRemainingColumn(), console=self.out, transient=True)
         self.progress.start()
         self.task = self.progress.add_task("", total=len(self.dls.train) + len(self.dls.valid))
-        self.t0 = time.time()
 
     def after_batch(self):
         if self.progress is not None:

@@ -76,7 +76,10 @@ def read_image(key: str, channels=CHANNEL_SETS["rgb"], size: int | None = None,
             raise HPAError(f"{files[0]}: the channel files of this image differ in size "
                            f"({', '.join('x'.join(map(str, im.size)) for im in ims)})")
     if header_only:
-        return np.empty((ims[0].size[1], ims[0].size[0], len(channels)), np.uint8)
+        width, height = ims[0].size
+        for im in ims:  # only the header was read: the file is still open
+            im.close()
+        return np.empty((height, width, len(channels)), np.uint8)
     if size is not None and ims[0].size != (size, size):
         if len(ims) in _MERGE_MODES:
             ims = [Image.merge(_MERGE_MODES[len(ims)], ims)]

@@ -260,16 +260,20 @@ def scan_images(path, channels: str) -> pd.DataFrame:
     if not files:
         raise HPAError(f"{path}: no images (.png, .jpg, .tif) found")
     keys = {}
+    names = CHANNEL_SETS[channels]
     for f in files:
         stem, _, ch = f.stem.rpartition("_")
-        if stem and ch in CHANNELS:
-            keys.setdefault(stem, str(f.parent / f"{stem}_{{channel}}{f.suffix}"))
+        template = str(f.parent / f"{stem}_{{channel}}{f.suffix}")
+        # an RGB model reads stain files too, but an RGB picture may just be named like one
+        stain_file = stem and ch in CHANNELS and (
+            channels == "rgby" or all(os.path.isfile(p) for p in key_files(template, names)))
+        if stain_file:
+            keys.setdefault(stem, template)
         elif channels == "rgby":
             raise HPAError(f"{f}: a 4-channel (RGBY) model needs one file per stain named "
                            f"{{id}}_red/_green/_blue/_yellow{f.suffix}")
         else:
             keys[f.stem] = str(f)
-    names = CHANNEL_SETS[channels]
     for image_id, key in keys.items():
         if "{channel}" in key:
             for f in key_files(key, names):

@@ -342,14 +342,20 @@ def _workers(cfg) -> int:
     return cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0)
 
 
+def _check_flags(cfg) -> None:
+    """Flag checks that need no model, before any model is loaded."""
+    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
+        raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
+    _workers(cfg)
+
+
 def predict_command(cfg) -> Path:
     from .train import SAMPLE_DIR
 
+    _check_flags(cfg)
     pred = load_predictors(cfg.learner, cfg.trust)
     if isinstance(pred, Ensemble):
         log(f"ensemble of {len(pred.members)} models ({pred.source}): mean probabilities")
-    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
-        raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     fmt = _competition_format(data)
     out = Path(cfg.out)
@@ -382,9 +388,8 @@ def predict_command(cfg) -> Path:
 def evaluate_command(cfg) -> Path:
     from .train import SAMPLE_DIR
 
+    _check_flags(cfg)
     pred = load_predictor(cfg.learner, cfg.trust)
-    if cfg.threshold is not None and not 0 < cfg.threshold < 1:
-        raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     from .formats import detect_format
 

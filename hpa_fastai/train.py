@@ -34,7 +34,7 @@ from . import plots
 from ._io import atomic_path, write_csv, write_json
 from .config import TrainConfig
 from .console import EpochLogger, console, log, table
-from .data import channel_stats, labels_matrix, make_dls, make_splitter, native_size
+from .data import channel_stats, make_dls, make_splitter, native_size
 from .dedup import duplicate_groups
 from .errors import HPAError
 from .formats import detect_format, read_items, verify_images, with_extra_items
@@ -446,10 +446,15 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
         log(f"interrupted after {len(logger.rows)} complete epoch(s); continue with: "
             f"python run.py --resume {run_dir}")
         raise
+    except Exception as e:  # out of memory, a bug: the run folder must not claim to be running
+        write_json(run_dir / "status.json", {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500],
+                                             "epochs_done": len(logger.rows)})
+        raise
     finally:
         _restore_signals(previous_handlers)
+        if not main:
+            shutil.rmtree(run_dir, ignore_errors=True)
     if not main:
-        shutil.rmtree(run_dir, ignore_errors=True)
         return None
     history = pd.DataFrame(logger.rows)
     plots.curves_plot(run_dir / "curves.png", history)

@@ -346,3 +346,15 @@ def test_skip_bad_with_nothing_left_is_an_error(make_z2g):
     set_row(data, 1, "img1,99")
     with pytest.raises(HPAError, match="no usable rows"):
         prepare(cfg_for(data, skip_bad=True))
+
+
+def test_scan_images_reads_an_rgb_picture_named_like_a_stain_as_one_image(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "cell_green.png")
+    for stain in ("red", "green", "blue"):
+        Image.new("L", (8, 8)).save(tmp_path / f"well1_{stain}.png")
+    items = scan_images(tmp_path, "rgb")
+    assert sorted(items["id"]) == ["cell_green", "well1"]
+    assert items.set_index("id").loc["cell_green", "key"] == str(tmp_path / "cell_green.png")
+    assert "{channel}" in items.set_index("id").loc["well1", "key"]

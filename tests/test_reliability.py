@@ -92,7 +92,8 @@ def test_sigterm_stops_with_a_checkpoint_and_a_resume_hint(data, tmp_path):
     assert len(pd.read_csv(run_dir / "history.csv")) == status["epochs_done"]
 
 
-def test_nan_loss_stops_the_run_naming_epoch_and_batch(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("epoch, batch", [(1, 1), (2, 3)])  # before and after the first best weights
+def test_nan_loss_stops_the_run_naming_epoch_and_batch(epoch, batch, data, tmp_path, monkeypatch):
     real = M.make_loss
 
     def poisoned(*args, **kwargs):
@@ -102,7 +103,7 @@ def test_nan_loss_stops_the_run_naming_epoch_and_batch(data, tmp_path, monkeypat
             def __call__(self, inp, targ):
                 calls["n"] += torch.is_grad_enabled()  # count training batches only
                 out = super().__call__(inp, targ)
-                return out * float("nan") if calls["n"] == n_train_batches + 3 else out
+                return out * float("nan") if calls["n"] == n_train_batches * (epoch - 1) + batch else out
 
         loss.__class__ = Poisoned
         return loss
@@ -110,7 +111,7 @@ def test_nan_loss_stops_the_run_naming_epoch_and_batch(data, tmp_path, monkeypat
     n_train_batches = 38 // 8  # 48 images, 20% held out, full batches of 8
     monkeypatch.setattr(M, "make_loss", poisoned)
     cfg = TrainConfig(data=str(data), out=str(tmp_path), arch="cnn", epochs=3, bs=8, lr="1e-3", pretrained=False)
-    with pytest.raises(HPAError, match=r"loss became nan at epoch 2, batch 3") as exc:
+    with pytest.raises(HPAError, match=rf"loss became nan at epoch {epoch}, batch {batch}") as exc:
         train(cfg)
     assert "checkpoint.pth" in str(exc.value)
     run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
