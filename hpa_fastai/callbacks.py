@@ -83,8 +83,9 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
         self.last_saved_path = final
 
     def after_fit(self, **kwargs):
-        # a fit cancelled (NaN, Ctrl-C) before its first epoch ended has no best weights to load
-        if self.last_saved_path is not None and Path(self.last_saved_path).is_file():
+        # a fit cancelled (NaN, Ctrl-C) before its first epoch ended has no best weights to load;
+        # a resumed run does, from before the restart
+        if (Path(self.learn.path) / self.learn.model_dir / f"{self.fname}.pth").is_file():
             super().after_fit(**kwargs)
 
 

@@ -128,6 +128,12 @@ def ImageTensorBlock(channels: str = "rgb", size: int | None = None) -> Transfor
     return TransformBlock(type_tfms=ReadImage(channels, size), batch_tfms=IntToFloatTensor)
 
 
+def default_workers(cuda: bool) -> int:
+    """DataLoader worker processes: on a GPU, decoding must keep up (up to 8); on CPU the model
+    needs the cores and worker start-up costs more than it saves on small sets."""
+    return min(8, os.cpu_count() or 1) if cuda else 0
+
+
 def native_size(key: str, channels: str) -> int:
     h, w, _ = read_image(key, CHANNEL_SETS[channels], header_only=True).shape
     return max(h, w)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import skm_to_fastai
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 from torch import nn
+from torchvision.ops import sigmoid_focal_loss
 
 
 def f1_metric(average: str, thresh: float = 0.5):
@@ -19,16 +19,15 @@ def f1_metric(average: str, thresh: float = 0.5):
 
 
 class BinaryFocalLoss(nn.Module):
-    """Focal loss on independent sigmoids (fastai's FocalLossFlat is for single-label softmax)."""
+    """Focal loss on independent sigmoids, as torchvision computes it (fastai's FocalLossFlat is for
+    single-label softmax), with the activation and decoding fastai's get_preds looks for."""
 
     def __init__(self, gamma: float = 2.0, thresh: float = 0.5):
         super().__init__()
         self.gamma, self.thresh = gamma, thresh
 
     def forward(self, inp, targ):
-        bce = F.binary_cross_entropy_with_logits(inp.float(), targ.float(), reduction="none")
-        p_t = torch.exp(-bce)
-        return ((1 - p_t) ** self.gamma * bce).mean()
+        return sigmoid_focal_loss(inp.float(), targ.float(), alpha=-1, gamma=self.gamma, reduction="mean")
 
     def activation(self, x):
         return torch.sigmoid(x)

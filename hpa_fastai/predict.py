@@ -18,7 +18,7 @@ from . import metrics as M
 from . import plots
 from ._io import write_csv, write_json
 from .console import console, log, table
-from .data import ReadImage, labels_matrix, read_image
+from .data import ReadImage, default_workers, labels_matrix, read_image
 from .errors import HPAError
 from .formats import CHANNEL_SETS, FORMATS, read_items, scan_images
 from .metrics import make_loss
@@ -339,7 +339,7 @@ def _tta_mode(cfg) -> str | None:
 def _workers(cfg) -> int:
     if cfg.workers is not None and cfg.workers < 0:
         raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
-    return cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if torch.cuda.is_available() else 0)
+    return cfg.workers if cfg.workers is not None else default_workers(torch.cuda.is_available())
 
 
 def _check_flags(cfg) -> None:

@@ -34,7 +34,7 @@ from . import plots
 from ._io import atomic_path, write_csv, write_json
 from .config import TrainConfig
 from .console import EpochLogger, console, log, table
-from .data import channel_stats, make_dls, make_splitter, native_size
+from .data import channel_stats, default_workers, make_dls, make_splitter, native_size
 from .dedup import duplicate_groups
 from .errors import HPAError
 from .formats import detect_format, read_items, verify_images, with_extra_items
@@ -174,7 +174,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
     items = cached_items(items, channels, size)  # `run.py preprocess` copies, where they exist
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device.type == "cuda")
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
     mean, std = channel_stats(items["key"], channels, size, seed=cfg.seed)
     return Prepared(resolved, data_dir, fmt.name, items, vocab_for(fmt.name), class_names(fmt.name),
