@@ -147,7 +147,8 @@ class Prepared:
     device: torch.device
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare(cfg: TrainConfig, stats: tuple | None = None) -> Prepared:
+    """Check the flags and the data; ``stats`` (mean, std) skips measuring the channel statistics."""
     validate(cfg)
     data_dir = resolve_data_dir(cfg.data)
     fmt = detect_format(data_dir)
@@ -176,7 +177,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     workers = cfg.workers if cfg.workers is not None else default_workers(device.type == "cuda")
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
-    mean, std = channel_stats(items["key"], channels, size, seed=cfg.seed)
+    mean, std = stats or channel_stats(items["key"], channels, size, seed=cfg.seed)
     return Prepared(resolved, data_dir, fmt.name, items, vocab_for(fmt.name), class_names(fmt.name),
                     mean, std, device)
 
@@ -213,7 +214,6 @@ def point_latest(run_dir: Path) -> None:
 
 def build_learner(prep: Prepared, run_dir: Path | None, quiet: bool = False):
     cfg = prep.cfg
-    set_seed(cfg.seed, reproducible=True)
     splitter_fn = make_splitter(prep.items, len(prep.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
     dls = make_dls(prep.items, prep.vocab, cfg.channels, cfg.size, prep.mean, prep.std, splitter_fn,
                    bs=cfg.bs, workers=cfg.workers, seed=cfg.seed, device=prep.device)
@@ -385,8 +385,8 @@ def _start(cfg: TrainConfig, run_name: str | None = None):
     missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing:
         raise HPAError(f"{ckpt_path}: not a checkpoint of this project (missing {', '.join(sorted(missing))})")
-    prep = prepare(dataclasses.replace(TrainConfig.from_json(run_dir / "config.json"), resume=None))
-    prep.mean, prep.std = saved.get("mean", prep.mean), saved.get("std", prep.std)
+    stats = (saved["mean"], saved["std"]) if "mean" in saved and "std" in saved else None
+    prep = prepare(dataclasses.replace(TrainConfig.from_json(run_dir / "config.json"), resume=None), stats)
     prep.device = distributed.init(prep.device)
     if not distributed.is_main():
         run_dir = Path(tempfile.mkdtemp(prefix="hpa-rank-"))
