@@ -1,18 +1,52 @@
-"""Atomic file writes: a file appears under its final name complete or not at all."""
+"""Atomic file writes: a file appears under its final name complete or not at all, with the
+permissions ``open()`` would give it (0666 less the umask)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from .errors import HPAError
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` sets it while
+    reading it, which races with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform can open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+def atomic_path(path, durable: bool = False):
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    ``durable``: flush the file to disk before the rename and the folder after it, so that after a
+    power loss the final name holds either the old file or the complete new one (checkpoints and
+    exported models; the other files are cheap to make again)."""
     path = Path(path)
     try:  # e.g. a parent that is a file
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,7 +57,15 @@ def atomic_path(path):
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp makes the file 0600 (and some writers, e.g. safetensors, make it anew): the final
+        # file gets the mode open() would have given it
+        os.chmod(tmp, 0o666 & ~current_umask())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise HPAError(f"cannot write {path}: {e.strerror or e}") from e
@@ -32,14 +74,14 @@ def atomic_path(path):
         raise
 
 
-def write_text(path, text: str) -> Path:
-    with atomic_path(path) as tmp:
+def write_text(path, text: str, durable: bool = False) -> Path:
+    with atomic_path(path, durable) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
-def write_json(path, obj) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+def write_json(path, obj, durable: bool = False) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n", durable)
 
 
 def write_csv(path, df, **kwargs) -> Path:
@@ -62,3 +104,17 @@ def save_figure(path, fig) -> Path:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def folder_size(folder) -> int:
+    """Bytes of the regular files under ``folder`` (links are not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:  # removed meanwhile
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total

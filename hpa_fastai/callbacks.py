@@ -78,7 +78,7 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
 
     def _save(self, name):
         final = self.learn.path / self.learn.model_dir / f"{name}.pth"
-        with atomic_path(final) as tmp:
+        with atomic_path(final, durable=True) as tmp:
             torch.save(bare_model(self.learn).state_dict(), tmp)
         self.last_saved_path = final
 
@@ -161,7 +161,7 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
             "stop_wait": int(stop.wait) if stop else 0,
             "stop_stop": bool(stop.stop) if stop else False,
         }
-        with atomic_path(self.path) as tmp:
+        with atomic_path(self.path, durable=True) as tmp:
             torch.save(state, tmp)
 
 

@@ -48,6 +48,8 @@ class TrainConfig:
     workers: int | None = opt(None, "DataLoader worker processes; default: 0 on CPU, up to 8 on GPU")
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing")
     skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
+    keep_checkpoint: bool = opt(False, "keep checkpoint.pth and best.pth once the run has finished and exported "
+                                       "(failed, stopped and interrupted runs always keep them for --resume)")
     log: str = opt("none", "extra logger", choices=["none", "tensorboard"])
     resume: str | None = opt(None, "continue the interrupted run in this folder from its last complete epoch "
                                    "(its saved config is used; other flags are ignored)")
@@ -107,7 +109,7 @@ class SynthConfig:
 @dataclass
 class RunsConfig:
     dir: str = opt("runs", "folder of run folders", positional=True, nargs="?")
-    sort: str = opt("date", "column to sort by", choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "time", "status"])
+    sort: str = opt("date", "column to sort by", choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "time", "status", "disk"])
     csv: str | None = opt(None, "also write the table to this CSV file")
 
 

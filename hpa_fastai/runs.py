@@ -23,17 +23,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._io import write_csv
+from ._io import folder_size, write_csv
 from .console import console, log, table
 from .errors import HPAError
 
 STALE_SECONDS = 10 * 60
 COLUMNS = ["run", "date", "data", "arch", "channels", "size", "epochs", "best_epoch", "f1", "f1_tuned",
-           "time", "status"]
+           "time", "status", "disk_bytes"]
 # --sort key -> (column, descending): scores best first, the rest in natural order (dates oldest
 # first, so the newest run sits next to the prompt)
 SORTS = {"date": ("date", False), "arch": ("arch", False), "size": ("size", False), "epochs": ("epochs", True),
-         "f1": ("f1", True), "f1_tuned": ("f1_tuned", True), "time": ("time", False), "status": ("status", False)}
+         "f1": ("f1", True), "f1_tuned": ("f1_tuned", True), "time": ("time", False), "status": ("status", False),
+         "disk": ("disk_bytes", True)}
 
 
 def read_json(path: Path) -> dict:
@@ -108,6 +109,7 @@ def run_summary(run_dir) -> dict:
         "f1_tuned": metrics.get("f1_macro_tuned"),
         "time": seconds,
         "status": run_status(run_dir, status, history),
+        "disk_bytes": folder_size(run_dir.resolve()),
         "threshold": metrics.get("threshold", config.get("threshold")),
         "path": str(run_dir),
     }
@@ -121,7 +123,7 @@ def collect_runs(folder="runs", sort: str = "date") -> pd.DataFrame:
         raise HPAError(f"{folder}: not a folder of runs")
     rows = [run_summary(d) for d in run_dirs(folder)] if folder.is_dir() else []
     df = pd.DataFrame(rows, columns=COLUMNS + ["threshold", "path"])
-    for col in ("size", "epochs", "best_epoch"):
+    for col in ("size", "epochs", "best_epoch", "disk_bytes"):
         df[col] = df[col].astype("Int64")
     for col in ("f1", "f1_tuned", "time", "threshold"):
         df[col] = df[col].astype(float)
@@ -140,6 +142,16 @@ def format_seconds(seconds) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m {seconds % 60:02d}s"
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def format_bytes(n) -> str:
+    if n is None or pd.isna(n):
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return "-"
 
 
 def short_data(path) -> str:
@@ -167,10 +179,11 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
         "tuned": df["f1_tuned"].map(lambda v: text(v, "{:.4f}")),
         "time": df["time"].map(format_seconds),
         "status": df["status"],
+        "disk": df["disk_bytes"].map(format_bytes),
     })
 
 
-NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "time"}
+NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "time", "disk"}
 
 
 def runs_command(cfg) -> pd.DataFrame:

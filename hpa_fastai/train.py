@@ -296,12 +296,12 @@ def export_model(learn, meta: dict, run_dir: Path) -> None:
     from safetensors.torch import save_file
 
     learn.hpa_meta = meta
-    with atomic_path(run_dir / "export.pkl") as tmp:
+    with atomic_path(run_dir / "export.pkl", durable=True) as tmp:
         learn.export(tmp)
     state = {k: v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()}
-    with atomic_path(run_dir / "model.safetensors") as tmp:
+    with atomic_path(run_dir / "model.safetensors", durable=True) as tmp:
         save_file(state, str(tmp))
-    write_json(run_dir / "model.json", meta)
+    write_json(run_dir / "model.json", meta, durable=True)
 
 
 def evaluate_valid(learn, prep: Prepared, run_dir: Path, history: pd.DataFrame, t_start: float,
@@ -466,6 +466,8 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
     status = "stopped early" if result["stopped_early"] else "finished"
     write_json(run_dir / "status.json", {"status": status, "finished": datetime.now().isoformat(timespec="seconds"),
                                          "seconds": round(time.time() - t_start, 1)})
+    if not cfg.keep_checkpoint:
+        remove_resume_files(run_dir)
     from .report import log_tensorboard_summary, write_report
 
     log(f"report {write_report(run_dir)}")
@@ -481,6 +483,15 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
                         f"{result['seconds']:.0f}s", summary))
     log(f"artifacts in {run_dir} (exported model: export.pkl, model.safetensors + model.json)")
     return run_dir
+
+
+RESUME_FILES = ("checkpoint.pth", "best.pth")
+
+
+def remove_resume_files(run_dir: Path) -> None:
+    """A finished run is exported: what only --resume needs (three times the model's size) goes."""
+    for name in RESUME_FILES:
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _learning_rate(cfg: TrainConfig, learn, run_dir: Path, resumed) -> float:

@@ -52,6 +52,7 @@ def _start_and_wait(args, out: Path, epochs_done: int, env=None):
     raise AssertionError("training did not reach the epoch in time")
 
 
+@pytest.mark.learning
 def test_killed_run_resumes_to_the_same_result(data, tmp_path):
     ref = subprocess.run(_args(data, tmp_path / "ref"), capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import stat
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -13,15 +17,17 @@ import torch
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import f1_score
 
+from hpa_fastai._io import folder_size
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.metrics import f1_metric
 from hpa_fastai.synth import make_dataset
 from hpa_fastai.train import train
 
-from .helpers import cli_in_process, read_json, run_cli
+from .conftest import write_colour_classes
+from .helpers import REPO, cli_in_process, read_json, run_cli
 
 ARTIFACTS = ["config.json", "history.csv", "lr_find.png", "lr_find.json", "curves.png", "metrics.json",
-             "per_class.csv", "per_class_f1.png", "best.pth", "export.pkl", "model.safetensors",
+             "per_class.csv", "per_class_f1.png", "export.pkl", "model.safetensors",
              "model.json", "status.json"]
 
 
@@ -59,6 +65,34 @@ def test_cli_run_writes_every_artifact_and_clean_log(z2g_data, tmp_path):
     metrics = read_json(run_dir / "metrics.json")
     assert len(metrics["per_class"]) == 10 and {"precision", "recall", "f1", "support"} <= set(metrics["per_class"][0])
     assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp"))
+    # a finished run keeps what predict, evaluate, report and runs need, not what only --resume needs
+    assert not (run_dir / "checkpoint.pth").exists() and not (run_dir / "best.pth").exists()
+    weights = (run_dir / "model.safetensors").stat().st_size
+    assert folder_size(run_dir) <= 2.1 * weights, (folder_size(run_dir), weights)
+
+
+@pytest.mark.slow
+def test_keep_checkpoint_keeps_the_resume_files(z2g_data, tmp_path):
+    run_dir = train(tiny(z2g_data, tmp_path, epochs=1, keep_checkpoint=True))
+    assert (run_dir / "checkpoint.pth").is_file() and (run_dir / "best.pth").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(z2g_data, tmp_path, umask):
+    runs = tmp_path / "runs"
+    code = (f"import os; os.umask({umask:#o}); from hpa_fastai.cli import main; "
+            f"raise SystemExit(main(['--data', r'{z2g_data}', '--arch', 'cnn', '--epochs', '1', '--bs', '8', "
+            f"'--no-pretrained', '--lr', '1e-3', '--out', r'{runs}']) or "
+            f"main(['predict', '--learner', r'{runs / 'latest'}', '--data', r'{z2g_data}', "
+            f"'--out', r'{tmp_path / 'submission.csv'}']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    files = [p for p in (runs / "latest").resolve().iterdir() if p.is_file()] + [tmp_path / "submission.csv"]
+    assert len(files) > 10
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, (path.name, oct(path.stat().st_mode))
 
 
 @pytest.mark.slow
@@ -67,7 +101,9 @@ def test_resnet18_rgby_trains_and_exports(hpa_data, tmp_path):
     meta = read_json(run_dir / "model.json")
     assert meta["channels"] == "rgby" and meta["n_in"] == 4 and len(meta["vocab"]) == 28
     assert len(meta["mean"]) == 4 and len(meta["thresholds"]) == 28
-    state = torch.load(run_dir / "best.pth", weights_only=True)
+    from safetensors.torch import load_file
+
+    state = load_file(run_dir / "model.safetensors")
     first_conv = next(v for k, v in state.items() if v.ndim == 4)
     assert first_conv.shape[1] == 4
 
@@ -111,10 +147,11 @@ def test_f1_metric_matches_sklearn_without_warnings():
 
 
 @pytest.mark.slow
-def test_training_learns_on_easy_synthetic_data(tmp_path_factory):
-    data = make_dataset(tmp_path_factory.mktemp("learn"), "z2g", n_train=160, n_test=0, size=48, seed=3, easy=True)
-    run_dir = train(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("runs")), arch="resnet18",
-                                pretrained=False, epochs=6, bs=16, lr="3e-3", seed=0, patience=6))
+@pytest.mark.learning
+def test_training_learns_on_easy_synthetic_data(tmp_path):
+    data = write_colour_classes(tmp_path / "data", per_class=16, size=32, seed=0)
+    run_dir = train(TrainConfig(data=str(data), out=str(tmp_path / "runs"), arch="resnet18", pretrained=False,
+                                epochs=6, bs=16, lr="3e-3", seed=0, patience=6))
     history = pd.read_csv(run_dir / "history.csv")
     metrics = read_json(run_dir / "metrics.json")
     # an untrained model's validation macro F1 on the same split
@@ -122,11 +159,15 @@ def test_training_learns_on_easy_synthetic_data(tmp_path_factory):
 
     learn, _ = build_learner(prepare(TrainConfig.from_json(run_dir / "config.json")), None, quiet=True)
     _, untrained_f1, _ = learn.validate()
-    assert metrics["f1_macro"] > untrained_f1 + 0.15, (metrics["f1_macro"], untrained_f1)
-    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    # Measured on a 2-core AMD EPYC with data and training seeds 0-4 at 1 and 2 torch threads (10 runs):
+    # trained 0.72-0.97, untrained 0.06-0.15, so trained - untrained >= 0.66; the last epoch's
+    # training loss was 0.57-0.62 of the first's. The bounds below leave a wide margin on both.
+    assert metrics["f1_macro"] > 0.5 and metrics["f1_macro"] > untrained_f1 + 0.35, (metrics["f1_macro"], untrained_f1)
+    assert history["train_loss"].iloc[-1] < 0.85 * history["train_loss"].iloc[0]
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_early_stopping_stops_a_run_that_stops_improving(z2g_data, tmp_path):
     run_dir = train(tiny(z2g_data, tmp_path, epochs=8, lr="1e-12", patience=1, monitor="valid_loss"))
     metrics = read_json(run_dir / "metrics.json")
@@ -137,6 +178,7 @@ def test_early_stopping_stops_a_run_that_stops_improving(z2g_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_same_seed_gives_same_split_and_metrics(z2g_data, tmp_path):
     a = train(tiny(z2g_data, tmp_path / "a"))
     b = train(tiny(z2g_data, tmp_path / "b"))
