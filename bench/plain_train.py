@@ -113,7 +113,7 @@ def main(argv=None) -> None:
                 probs.append(torch.sigmoid(out))
                 targs.append(y)
         f1 = f1_score(torch.cat(targs).numpy(), torch.cat(probs).numpy() >= 0.5, average="macro", zero_division=0)
-        print(f"epoch {epoch + 1} train_loss {float(loss):.4f} valid_loss {np.mean(losses):.4f} f1_macro {f1:.4f}",
+        print(f"epoch {epoch + 1} train_loss {loss.item():.4f} valid_loss {np.mean(losses):.4f} f1_macro {f1:.4f}",
               flush=True)
     if args.out:
         torch.save(model.state_dict(), args.out)

@@ -69,12 +69,26 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
     killed while saving never leaves a truncated ``best.pth``, and that prints nothing (its
     print() would break the one-line-per-epoch log)."""
 
+    def before_validate(self):
+        self._preds, self._targs = [], []
+
+    def after_batch(self):
+        if not self.training:
+            self._preds.append(self.learn.to_detach(self.pred))
+            self._targs.append(self.learn.to_detach(self.y))
+
     def after_epoch(self):
         if not self._trained:
             return
         TrackerCallback.after_epoch(self)
         if self.new_best:
             self._save(self.fname)
+            # what get_preds on the validation set would give once the best weights are loaded
+            # back: kept, so that the run need not predict its validation images once more
+            activation = getattr(self.loss_func, "activation", torch.sigmoid)
+            self.best_preds = (activation(torch.cat(self._preds)), torch.cat(self._targs))
+
+    best_preds = None  # (probabilities, targets) of the best epoch trained in this process
 
     def _save(self, name):
         final = self.learn.path / self.learn.model_dir / f"{name}.pth"
@@ -118,12 +132,16 @@ def set_rng_state(learn, state: dict) -> None:
 class Checkpoint(_TrainedEpochsOnly, Callback):
     """Writes ``checkpoint.pth`` atomically after every trained epoch: model, optimizer, the
     phase and epoch reached, RNG states, history and the trackers' state: all that
-    ``--resume`` needs to continue the same one-cycle schedule."""
+    ``--resume`` needs to continue the same one-cycle schedule.
+
+    The last epoch of the final phase is not saved: the run exports its model right after it and
+    then removes the checkpoint, so writing it would only cost time (a run killed while exporting
+    resumes from the epoch before)."""
 
     order = TrackerCallback.order + 5
 
-    def __init__(self, path, phase: str = "train"):
-        self.path, self.phase, self.restore = path, phase, None
+    def __init__(self, path, phase: str = "train", final_phase: bool = True):
+        self.path, self.phase, self.final_phase, self.restore = path, phase, final_phase, None
 
     def _cb(self, cls):
         found = [c for c in self.learn.cbs if isinstance(c, cls)]
@@ -143,7 +161,7 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
             stop.best, stop.wait, stop.stop = state["stop_best"], state["stop_wait"], state["stop_stop"]
 
     def after_epoch(self):
-        if not self._trained:
+        if not self._trained or (self.final_phase and self.epoch + 1 == self.n_epoch):
             return
         from .console import EpochLogger
 

@@ -7,7 +7,8 @@ import contextlib
 import os
 
 import torch
-from fastai.distributed import DistributedDL, num_distrib, rank_distrib
+# fastai.distributed imports accelerate (0.2 s): only a launch with several processes needs it
+from fastai.torch_core import num_distrib, rank_distrib
 
 
 def world_size() -> int:
@@ -24,6 +25,7 @@ def init(device: torch.device) -> torch.device:
     if world_size() <= 1:
         return device
     from accelerate import PartialState
+    from fastai.distributed import DistributedDL
 
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

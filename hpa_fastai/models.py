@@ -10,11 +10,31 @@ import warnings
 from pathlib import Path
 
 import torch
-from fastai.vision.learner import _get_first_layer, create_timm_model, create_vision_model, default_split
-from torch import nn
-from torchvision import models as tvm
 
-from .errors import HPAError
+
+def _import_timm_lazily() -> None:
+    """fastai.vision.learner imports timm (half a second) for its timm models only; register timm
+    as a lazy module first (the standard library's LazyLoader), so that it loads on first use."""
+    import importlib.util
+    import sys
+
+    if "timm" in sys.modules:
+        return
+    spec = importlib.util.find_spec("timm")
+    if spec is None or spec.loader is None:
+        return
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["timm"] = module
+    spec.loader.exec_module(module)
+
+
+_import_timm_lazily()
+from fastai.vision.learner import _get_first_layer, create_timm_model, create_vision_model, default_split  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision import models as tvm  # noqa: E402
+
+from .errors import HPAError  # noqa: E402
 
 ARCHS: dict = {}
 

@@ -458,8 +458,11 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
         return None
     history = pd.DataFrame(logger.rows)
     plots.curves_plot(run_dir / "curves.png", history)
-    with distributed.single_process():
-        valid_preds = learn.get_preds(dl=learn.dls.valid)
+    save = next(cb for cb in fit_cbs if isinstance(cb, AtomicSaveModel))
+    valid_preds = save.best_preds if distributed.world_size() == 1 else None
+    if valid_preds is None:  # the best epoch was before a --resume, or each process saw a share
+        with distributed.single_process():
+            valid_preds = learn.get_preds(dl=learn.dls.valid)
     result = evaluate_valid(learn, prep, run_dir, history, t_start, valid_preds)
     learn.remove_cb(logger)
     export_model(learn, model_meta(prep, result["thresholds"]), run_dir)
@@ -512,6 +515,7 @@ def _fit_phases(learn, phases, fit_cbs, resumed, skip_to, checkpoint, logger, st
         if i < skip_to:
             continue
         logger.phase = checkpoint.phase = phase
+        checkpoint.final_phase = i == len(phases) - 1
         if phase == "frozen":
             learn.freeze()
         elif phase == "unfrozen":

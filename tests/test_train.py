@@ -72,6 +72,17 @@ def test_cli_run_writes_every_artifact_and_clean_log(z2g_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_validation_predictions_are_those_of_the_exported_model(z2g_data, tmp_path):
+    run_dir = train(tiny(z2g_data, tmp_path, epochs=3))
+    saved = pd.read_csv(run_dir / "valid_predictions.csv", dtype=str, keep_default_na=False)
+    from hpa_fastai import load_predictor
+
+    probs = load_predictor(run_dir).probabilities(saved[["key"]])
+    expected = np.array([[float(p) for p in row.split()] for row in saved["probs"]])
+    np.testing.assert_allclose(probs, expected, atol=6e-5)
+
+
+@pytest.mark.slow
 def test_keep_checkpoint_keeps_the_resume_files(z2g_data, tmp_path):
     run_dir = train(tiny(z2g_data, tmp_path, epochs=1, keep_checkpoint=True))
     assert (run_dir / "checkpoint.pth").is_file() and (run_dir / "best.pth").is_file()
