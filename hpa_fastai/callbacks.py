@@ -65,9 +65,27 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, EarlyStoppingCallback):
 
 
 class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
-    """SaveModelCallback that writes the best weights under a temporary name first, so a run
-    killed while saving never leaves a truncated ``best.pth``, and that prints nothing (its
-    print() would break the one-line-per-epoch log)."""
+    """fastai's SaveModelCallback (the best epoch's weights are the ones the fit ends with), keeping
+    the best weights in memory and writing ``best.pth`` only when ``--resume`` could need it: when a
+    checkpoint is saved after an epoch that is not the best (``persist``), since otherwise the
+    checkpoint holds the same weights. A one-cycle fit usually improves every epoch, so ``best.pth``
+    is rarely written. The file is written atomically and read with ``weights_only=True``; nothing
+    is printed (SaveModelCallback's print() would break the one-line-per-epoch log).
+
+    It also keeps the best epoch's validation predictions: what ``get_preds`` on the validation set
+    gives once the best weights are back, so the run need not predict those images once more."""
+
+    best_preds = None  # (probabilities, targets) of the best epoch trained in this process
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # epochs are counted across fits (a pretrained model's frozen and unfrozen phases)
+        self.best_state, self.best_epoch, self.on_disk, self.trained_epochs = None, None, False, 0
+
+    def before_fit(self):
+        super().before_fit()
+        # kept: write() may be called after the fit, when the callback has left the Learner
+        self.path = Path(self.learn.path) / self.learn.model_dir / f"{self.fname}.pth"
 
     def before_validate(self):
         self._preds, self._targs = [], []
@@ -81,26 +99,44 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
         if not self._trained:
             return
         TrackerCallback.after_epoch(self)
+        self.trained_epochs += 1
         if self.new_best:
-            self._save(self.fname)
-            # what get_preds on the validation set would give once the best weights are loaded
-            # back: kept, so that the run need not predict its validation images once more
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in bare_model(self.learn).state_dict().items()}
+            self.best_epoch, self.on_disk = self.trained_epochs, False
             activation = getattr(self.loss_func, "activation", torch.sigmoid)
             self.best_preds = (activation(torch.cat(self._preds)), torch.cat(self._targs))
 
-    best_preds = None  # (probabilities, targets) of the best epoch trained in this process
+    def persist(self) -> bool:
+        """Before a checkpoint of this epoch: write ``best.pth`` if the best weights are an earlier
+        epoch's. Returns whether the checkpoint's own weights are the best ones."""
+        current = self.best_state is not None and self.best_epoch == self.trained_epochs
+        if not current:
+            self.write()
+        return current
 
-    def _save(self, name):
-        final = self.learn.path / self.learn.model_dir / f"{name}.pth"
-        with atomic_path(final, durable=True) as tmp:
-            torch.save(bare_model(self.learn).state_dict(), tmp)
-        self.last_saved_path = final
+    def write(self) -> None:
+        """``best.pth``, unless it is there already or there are no best weights yet."""
+        if self.best_state is not None and not self.on_disk:
+            with atomic_path(self.path, durable=True) as tmp:
+                torch.save(self.best_state, tmp)
+            self.on_disk = True
+
+    def state_dict(self) -> dict:
+        return {"save_best": float(self.best)}
+
+    def load_state_dict(self, state: dict, model_state: dict, best_is_current: bool) -> None:
+        """After a restart: the tracked value, and the best weights: those of the checkpoint, or
+        ``best.pth`` (read when the fit ends)."""
+        self.best = state["save_best"]
+        self.best_state = dict(model_state) if best_is_current else None
+        self.best_epoch, self.on_disk = None, not best_is_current
 
     def after_fit(self, **kwargs):
-        # a fit cancelled (NaN, Ctrl-C) before its first epoch ended has no best weights to load;
-        # a resumed run does, from before the restart
-        if (Path(self.learn.path) / self.learn.model_dir / f"{self.fname}.pth").is_file():
-            super().after_fit(**kwargs)
+        if self.best_state is not None:
+            bare_model(self.learn).load_state_dict(self.best_state)
+        elif self.path.is_file():  # the best epoch came before a --resume
+            bare_model(self.learn).load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        # else: a fit cancelled (NaN, Ctrl-C) before its first epoch ended has no best weights
 
 
 class NaNGuard(TerminateOnNaNCallback):
@@ -134,14 +170,14 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
     phase and epoch reached, RNG states, history and the trackers' state: all that
     ``--resume`` needs to continue the same one-cycle schedule.
 
-    The last epoch of the final phase is not saved: the run exports its model right after it and
-    then removes the checkpoint, so writing it would only cost time (a run killed while exporting
-    resumes from the epoch before)."""
+    With ``skip_last``, the last epoch of the final phase is not saved: the run exports its model
+    right after it and then removes the checkpoint, so writing it would only cost time (a run
+    killed while exporting resumes from the epoch before)."""
 
     order = TrackerCallback.order + 5
 
-    def __init__(self, path, phase: str = "train", final_phase: bool = True):
-        self.path, self.phase, self.final_phase, self.restore = path, phase, final_phase, None
+    def __init__(self, path, phase: str = "train", final_phase: bool = True, skip_last: bool = True):
+        self.path, self.phase, self.final_phase, self.skip_last, self.restore = path, phase, final_phase, skip_last, None
 
     def _cb(self, cls):
         found = [c for c in self.learn.cbs if isinstance(c, cls)]
@@ -156,17 +192,20 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
         count, val = state["smooth_loss"]
         self.learn.recorder.smooth_loss.count, self.learn.recorder.smooth_loss.val = count, torch.tensor(val)
         if (save := self._cb(AtomicSaveModel)) is not None:
-            save.best = state["save_best"]
+            # a checkpoint without the flag comes from a run that wrote best.pth at every new best
+            save.load_state_dict(state, state["model"], state.get("best_is_current", False))
         if (stop := self._cb(WarmupEarlyStopping)) is not None:
             stop.best, stop.wait, stop.stop = state["stop_best"], state["stop_wait"], state["stop_stop"]
 
     def after_epoch(self):
-        if not self._trained or (self.final_phase and self.epoch + 1 == self.n_epoch):
+        if not self._trained or (self.skip_last and self.final_phase and self.epoch + 1 == self.n_epoch):
             return
         from .console import EpochLogger
 
         save, stop, logger = self._cb(AtomicSaveModel), self._cb(WarmupEarlyStopping), self._cb(EpochLogger)
+        best_is_current = save.persist() if save else False
         state = {
+            "best_is_current": best_is_current,
             "model": bare_model(self.learn).state_dict(),
             "opt": plain_opt_state(self.learn.opt.state_dict()),
             "phase": self.phase,
@@ -174,7 +213,7 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
             "rng": rng_state(self.learn),
             "smooth_loss": (int(self.learn.recorder.smooth_loss.count), float(self.learn.recorder.smooth_loss.val)),
             "history": logger.rows if logger else [],
-            "save_best": float(save.best) if save else None,
+            **(save.state_dict() if save else {"save_best": None}),
             "stop_best": float(stop.best) if stop else None,
             "stop_wait": int(stop.wait) if stop else 0,
             "stop_stop": bool(stop.stop) if stop else False,

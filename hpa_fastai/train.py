@@ -422,7 +422,7 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
         write_json(run_dir / "config.json", {**cfg.to_json(), "lr_used": lr, "pretrained_used": used_pretrained,
                                              "precision_used": learn.hpa_precision, "mean": prep.mean, "std": prep.std})
     comp = np.greater if cfg.monitor_higher_is_better else np.less
-    checkpoint, stopper = Checkpoint(run_dir / "checkpoint.pth"), StopOnSignal()
+    checkpoint, stopper = Checkpoint(run_dir / "checkpoint.pth", skip_last=not cfg.keep_checkpoint), StopOnSignal()
     fit_cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience),
                AtomicSaveModel(monitor=cfg.monitor, comp=comp, fname="best", reset_on_fit=False),
                checkpoint, NaNGuard(), stopper]
@@ -469,7 +469,9 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
     status = "stopped early" if result["stopped_early"] else "finished"
     write_json(run_dir / "status.json", {"status": status, "finished": datetime.now().isoformat(timespec="seconds"),
                                          "seconds": round(time.time() - t_start, 1)})
-    if not cfg.keep_checkpoint:
+    if cfg.keep_checkpoint:
+        save.write()
+    else:
         remove_resume_files(run_dir)
     from .report import log_tensorboard_summary, write_report
 
