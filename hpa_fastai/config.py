@@ -78,7 +78,7 @@ class PredictConfig:
     tta_max: bool = opt(False, "like --tta, but take the maximum over the 8 orientations")
     bs: int = opt(32, "batch size")
     workers: int | None = opt(None, "DataLoader worker processes")
-    trust: bool = opt(False, "allow unpickling an export.pkl from outside this project's run folders")
+    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
 @dataclass
@@ -90,7 +90,7 @@ class EvaluateConfig:
     tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
     bs: int = opt(32, "batch size")
     workers: int | None = opt(None, "DataLoader worker processes")
-    trust: bool = opt(False, "allow unpickling an export.pkl from outside this project's run folders")
+    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
 @dataclass

@@ -117,17 +117,9 @@ def _items_for_path(path, channels: str) -> pd.DataFrame:
     return items
 
 
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = None) -> "Predictor | Ensemble":
     """Load a trained model from a run folder, a model.json (safe: weights only, no pickle) or an
-    export.pkl (fastai's pickled learner; only from this project's ``runs/`` unless ``trust``).
+    export.pkl (fastai's pickled learner: only with ``trust``, wherever the file is).
     A cross-validation folder (``run.py cv``) loads as the ``Ensemble`` of its folds."""
     path = Path(path)
     if not path.exists():
@@ -297,10 +289,12 @@ def _check_meta(meta, json_path: Path) -> None:
 def _load_pickle(pkl: Path, trust: bool, cpu: bool | None) -> Predictor:
     from fastai.learner import load_learner
 
-    if not trust and not _is_inside(pkl, Path.cwd() / "runs"):
-        raise HPAError(f"{pkl}: refusing to unpickle a learner from outside ./runs (unpickling can run "
-                       "arbitrary code); load the run folder's model.json + model.safetensors instead, "
-                       "or pass --trust if you made this file")
+    # Location is not trust: a run folder can be copied from a colleague, unpacked from an archive or
+    # planted in a shared folder, and unpickling runs whatever code the file holds.
+    if not trust:
+        raise HPAError(f"{pkl}: refusing to unpickle a learner without --trust (unpickling can run arbitrary "
+                       "code); use a run folder's model.json + model.safetensors instead, or pass --trust if "
+                       "you made this file")
     try:
         learn = load_learner(pkl, cpu=_device(cpu).type == "cpu")
     except Exception as e:  # unpickling raises anything the file's contents choose to raise

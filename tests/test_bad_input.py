@@ -570,12 +570,14 @@ def test_the_good_model_loads_and_predicts(safe_model, make_z2g):
     assert len(result["all_probabilities"]) == 10
 
 
-def test_empty_export_pkl_in_runs_is_unpickled_without_trust_and_refused(tmp_path, monkeypatch):
+def test_empty_export_pkl_in_runs_is_refused_without_trust(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "export.pkl").write_bytes(b"")
-    with pytest.raises(HPAError, match="not a loadable fastai learner"):
+    with pytest.raises(HPAError, match="refusing to unpickle"):  # inside ./runs is no longer trusted
         load_predictor("runs/r", cpu=True)
+    with pytest.raises(HPAError, match="not a loadable fastai learner"):
+        load_predictor("runs/r", trust=True, cpu=True)
     (tmp_path / "elsewhere.pkl").write_bytes(b"")
     with pytest.raises(HPAError, match="refusing to unpickle"):
         load_predictor(tmp_path / "elsewhere.pkl", cpu=True)
@@ -760,3 +762,62 @@ def test_subprocess_predict_with_a_model_json_that_is_not_an_object(safe_model, 
     proc = run_cli("predict", "--learner", run, "--out", tmp_path / "sub.csv", cwd=tmp_path, timeout=120)
     assert_cli_error(proc.returncode, proc.stdout, proc.stderr, "model.json", "not an object")
     assert not (tmp_path / "sub.csv").exists()
+
+
+# --- security and robustness: consent to unpickle, escaped pages, bounded resources, safe outputs -----
+
+class Payload:
+    """Unpickling this creates the folder ``marker``: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def planted_run(folder: Path, marker: Path) -> Path:
+    """A run folder holding only a config and an export.pkl whose unpickling creates ``marker``."""
+    import pickle
+
+    folder.mkdir(parents=True)
+    (folder / "export.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / "config.json").write_text("{}")
+    (folder / "status.json").write_text('{"status": "finished"}')
+    return folder
+
+
+@pytest.mark.parametrize("learner", ["runs/r", "runs/r/export.pkl", "runs/latest", "elsewhere/export.pkl"])
+def test_export_pkl_is_never_unpickled_without_trust_wherever_it_is(tmp_path, monkeypatch, learner):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "payload-ran"
+    planted_run(tmp_path / "runs" / "r", marker)
+    (tmp_path / "runs" / "latest").symlink_to("r")
+    planted_run(tmp_path / "elsewhere", marker)
+    with pytest.raises(HPAError) as info:
+        load_predictor(learner, cpu=True)
+    message = one_line(str(info.value))
+    assert "refusing to unpickle" in message and "--trust" in message and "export.pkl" in message
+    assert not marker.exists()
+    with pytest.raises(HPAError, match="not a loadable fastai learner"):
+        load_predictor(learner, trust=True, cpu=True)  # with consent it is unpickled (and then refused)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "export", "report", "runs"])
+def test_no_command_unpickles_a_planted_runs_latest(make_z2g, tmp_path, monkeypatch, capsys, command):
+    data = make_z2g(n=2, size=16)
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "payload-ran"
+    planted_run(tmp_path / "runs" / "r", marker)
+    (tmp_path / "runs" / "latest").symlink_to("r")
+    args = {"predict": ["--data", data / "train", "--out", tmp_path / "sub.csv"],
+            "evaluate": ["--data", data, "--out", tmp_path / "eval"],
+            "export": ["--onnx", "--out", tmp_path / "model.onnx"],
+            "report": ["runs/latest"], "runs": []}[command]
+    code, out, err = cli_in_process(capsys, command, *args)
+    if command in ("report", "runs"):
+        assert code == 0, err
+    else:
+        assert_cli_error(code, out, err, "export.pkl", "--trust")
+    assert not marker.exists()
