@@ -821,3 +821,33 @@ def test_no_command_unpickles_a_planted_runs_latest(make_z2g, tmp_path, monkeypa
     else:
         assert_cli_error(code, out, err, "export.pkl", "--trust")
     assert not marker.exists()
+
+
+def test_control_characters_never_reach_the_console(safe_model, tmp_path, capsys):
+    from hpa_fastai.console import console, log, table
+
+    evil = "a\x1b]0;owned\x07b\x1b[2Jc\rd\x9be\u202ef"
+    capsys.readouterr()
+    log(evil)
+    console.print(table(evil, pd.DataFrame({"x": [evil], "y": [1.5]})))
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r\x9b\u202e") and "owned" in out
+    images = tmp_path / "images"
+    write_png(images / "x\x1b[2J.png", np.zeros((16, 16, 3), np.uint8))
+    code, out, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", images, "--out",
+                                    tmp_path / "labels.csv")
+    assert code == 0, err
+    assert "\x1b" not in out + err and "x\\x1b[2J" in out
+
+
+def test_class_names_with_rich_markup_are_printed_literally(safe_model, make_z2g, tmp_path, capsys):
+    data = make_z2g(n=3, size=16)
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(names=[f"[/]x{i}" for i in range(10)])(run)
+    code, out, err = cli_in_process(capsys, "predict", "--learner", run, "--data", data / "train", "--out",
+                                    tmp_path / "labels.csv")
+    assert code == 0, err
+    assert "[/]x" in out
+    code, out, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert "[/]x9" in out
