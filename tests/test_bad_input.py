@@ -851,3 +851,15 @@ def test_class_names_with_rich_markup_are_printed_literally(safe_model, make_z2g
     code, out, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "eval")
     assert code == 0, err
     assert "[/]x9" in out
+
+
+def test_a_bad_image_in_a_worker_process_is_one_short_line(safe_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    for name in ("a", "b"):
+        write_png(images / f"{name}.png", np.zeros((16, 16, 3), np.uint8))
+    (images / "broken.png").write_bytes(RGB_PNG[:40])  # read by a worker, after the first batch
+    code, out, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", images, "--out",
+                                    tmp_path / "labels.csv", "--workers", "2", "--bs", "1")
+    assert_cli_error(code, out, err, "broken.png", "not a readable image")
+    assert len(err) < 400 and "Traceback" not in err and "DataLoader" not in err
+    assert not (tmp_path / "labels.csv").exists()
