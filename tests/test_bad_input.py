@@ -863,3 +863,23 @@ def test_a_bad_image_in_a_worker_process_is_one_short_line(safe_model, tmp_path,
     assert_cli_error(code, out, err, "broken.png", "not a readable image")
     assert len(err) < 400 and "Traceback" not in err and "DataLoader" not in err
     assert not (tmp_path / "labels.csv").exists()
+
+
+def test_train_csv_is_read_once_and_stops_at_the_first_bad_row(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=2, size=16)
+    rows = "".join(f"missing{i},1\n" for i in range(300_000)).encode()
+    (data / "train.csv").write_bytes(b"Image,Label\n" + rows + b"\xff\xfe,1\n")  # not UTF-8 at the very end
+    code, out, err = cli_in_process(capsys, "--data", data, "--arch", "cnn", "--no-pretrained", "--out",
+                                    tmp_path / "runs")
+    assert_cli_error(code, out, err, "train.csv, line 2", "missing0.png not found")
+
+
+def test_an_over_long_field_names_its_line_and_skip_bad_skips_it(make_z2g):
+    data = make_z2g(n=3, size=16)
+    (data / "train.csv").write_text("Image,Label\nimg0,1\nimg1," + "1 " * 100_000 + "\nimg2,3\n")
+    with pytest.raises(HPAError) as info:
+        read_items(data, detect_format(data))
+    assert "train.csv, line 3" in one_line(str(info.value))
+    skipped = []
+    items = read_items(data, detect_format(data), skip_bad=True, log=skipped.append)
+    assert list(items["id"]) == ["img0", "img2"] and any("line 3" in s for s in skipped)
