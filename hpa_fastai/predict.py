@@ -18,7 +18,7 @@ from . import metrics as M
 from . import plots
 from ._io import write_csv, write_json
 from .console import console, log, table
-from .data import ReadImage, default_workers, labels_matrix, read_image
+from .data import ReadImage, bound_workers, check_workers, default_workers, labels_matrix, read_image
 from .errors import HPAError
 from .formats import CHANNEL_SETS, FORMATS, read_items, scan_images
 from .metrics import make_loss
@@ -330,17 +330,15 @@ def _tta_mode(cfg) -> str | None:
     return "max" if getattr(cfg, "tta_max", False) else "mean" if cfg.tta else None
 
 
-def _workers(cfg) -> int:
-    if cfg.workers is not None and cfg.workers < 0:
-        raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
-    return cfg.workers if cfg.workers is not None else default_workers(torch.cuda.is_available())
+def _workers(cfg, items: pd.DataFrame) -> int:
+    return bound_workers(cfg.workers, len(items), default_workers(torch.cuda.is_available()), log)
 
 
 def _check_flags(cfg) -> None:
     """Flag checks that need no model, before any model is loaded."""
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
         raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
-    _workers(cfg)
+    check_workers(cfg.workers)
 
 
 def predict_command(cfg) -> Path:
@@ -356,7 +354,7 @@ def predict_command(cfg) -> Path:
     if fmt is not None:
         _check_compatible(pred, fmt)
         items = read_items(data, fmt, split="test", labelled=False, channels=pred.channels)
-        probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+        probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
         preds = pred.decode(probs, cfg.threshold)
         labels = [" ".join(str(i) for i in np.flatnonzero(row)) for row in preds]
         sub = pd.DataFrame({fmt.id_col: items["id"], fmt.submission_label_col: labels})
@@ -364,7 +362,7 @@ def predict_command(cfg) -> Path:
         log(f"wrote {out}: {len(sub)} rows, {fmt.name} submission ({fmt.id_col},{fmt.submission_label_col})")
         return out
     items = scan_images(data, pred.channels)
-    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
     preds = pred.decode(probs, cfg.threshold)
     rows = pd.DataFrame({
         "image": items["id"],
@@ -390,7 +388,7 @@ def evaluate_command(cfg) -> Path:
     fmt = detect_format(data)
     _check_compatible(pred, fmt)
     items = read_items(data, fmt, split="train", labelled=True, channels=pred.channels)
-    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
     targets = labels_matrix(items["labels"], len(pred.names)).astype(bool)
     thresholds = pred.thresholds if cfg.threshold is None else np.full(len(pred.names), cfg.threshold)
     out = Path(cfg.out) if cfg.out else pred.source / "evaluate"

@@ -34,7 +34,7 @@ from . import plots
 from ._io import atomic_path, write_csv, write_json
 from .config import TrainConfig
 from .console import EpochLogger, console, log, table
-from .data import channel_stats, default_workers, make_dls, make_splitter, native_size
+from .data import bound_workers, channel_stats, check_workers, default_workers, make_dls, make_splitter, native_size
 from .dedup import duplicate_groups
 from .errors import HPAError
 from .formats import detect_format, read_items, verify_images, with_extra_items
@@ -107,8 +107,7 @@ def validate(cfg: TrainConfig) -> None:
         raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
     if cfg.patience < 1:
         raise HPAError(f"--patience must be at least 1 (got {cfg.patience})")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
+    check_workers(cfg.workers)
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range
         raise HPAError(f"--seed must be in 0..{2**32 - 1} (got {cfg.seed})")
     if not (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0):
@@ -175,7 +174,7 @@ def prepare(cfg: TrainConfig, stats: tuple | None = None) -> Prepared:
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
     items = cached_items(items, channels, size)  # `run.py preprocess` copies, where they exist
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    workers = cfg.workers if cfg.workers is not None else default_workers(device.type == "cuda")
+    workers = bound_workers(cfg.workers, len(items), default_workers(device.type == "cuda"), log)
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
     mean, std = stats or channel_stats(items["key"], channels, size, seed=cfg.seed)
     return Prepared(resolved, data_dir, fmt.name, items, vocab_for(fmt.name), class_names(fmt.name),

@@ -883,3 +883,32 @@ def test_an_over_long_field_names_its_line_and_skip_bad_skips_it(make_z2g):
     skipped = []
     items = read_items(data, detect_format(data), skip_bad=True, log=skipped.append)
     assert list(items["id"]) == ["img0", "img2"] and any("line 3" in s for s in skipped)
+
+
+WORKER_COMMANDS = ["train", "cv", "predict", "evaluate", "preprocess"]
+
+
+@pytest.mark.parametrize("command", WORKER_COMMANDS)
+@pytest.mark.parametrize("workers", [str(10**20), "65"])
+def test_workers_above_the_cap_are_refused_before_anything_starts(safe_model, make_z2g, tmp_path, capsys, command,
+                                                                  workers):
+    data = make_z2g(n=4, size=16)
+    train_args = ["--data", data, "--arch", "cnn", "--no-pretrained", "--lr", "1e-3", "--out", tmp_path / "runs"]
+    args = {"train": train_args, "cv": train_args,
+            "predict": ["--learner", safe_model, "--data", data / "train", "--out", tmp_path / "sub.csv"],
+            "evaluate": ["--learner", safe_model, "--data", data, "--out", tmp_path / "eval"],
+            "preprocess": ["--data", data, "--size", "8"]}[command]
+    assert_cli_error(*cli_in_process(capsys, *([] if command == "train" else [command]), *args, "--workers", workers),
+                     "--workers", "64")
+    assert not any((tmp_path / p).exists() for p in ("runs", "sub.csv", "eval")) and not (data / "cache").exists()
+
+
+def test_worker_count_is_bounded_by_cores_and_images():
+    from hpa_fastai.data import MAX_WORKERS, bound_workers
+
+    cores = len(os.sched_getaffinity(0))
+    notes = []
+    assert bound_workers(MAX_WORKERS, 6, default=0, log=notes.append) == min(cores, 6)
+    assert len(notes) == 1 and f"--workers {MAX_WORKERS} lowered to {min(cores, 6)}" in notes[0]
+    assert bound_workers(None, 3, default=8) <= 3 and bound_workers(0, 3, default=8) == 0
+    assert bound_workers(None, 100, default=0) == 0  # the CPU default is unchanged
