@@ -184,11 +184,26 @@ class Ensemble:
 
 def _load_cv(folder: Path, trust: bool, cpu: bool | None) -> Ensemble:
     """The folds of a cross-validation, with the thresholds tuned on all their out-of-fold predictions."""
+    where = folder / CV_FILE
     try:
-        cv = json.loads((folder / CV_FILE).read_text())
+        cv = json.loads(where.read_text())
         runs, thresholds = cv["runs"], cv["thresholds"]
-    except (ValueError, KeyError, TypeError):
-        raise HPAError(f"{folder / CV_FILE}: not a cross-validation summary (no runs and thresholds)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HPAError(f"{where}: not a cross-validation summary (no runs and thresholds)") from None
+    if not isinstance(runs, list) or not runs:
+        raise HPAError(f"{where}: lists no fold runs (expected a list of fold folder names)")
+    if not (isinstance(thresholds, list)
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)):
+        raise HPAError(f"{where}: 'thresholds' must be a list of numbers in 0..1 (got {thresholds!r:.60})")
+    # each run a folder inside this one, and not another cv folder: "." or a link back would recurse
+    inside = folder.resolve()
+    for run in runs:
+        plain_name = isinstance(run, str) and run not in ("", ".", "..") and run.isprintable() and not (
+            set(run) & {"/", "\\"})
+        if not plain_name or inside not in (folder / run).resolve().parents:
+            raise HPAError(f"{where}: run {run!r:.60} is not the name of a fold folder inside {folder}")
+        if (folder / run / CV_FILE).exists():
+            raise HPAError(f"{where}: run {run!r} is itself a cross-validation folder; nesting is not supported")
     return Ensemble([load_predictor(folder / run, trust, cpu) for run in runs], thresholds, folder)
 
 
@@ -211,7 +226,7 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models import create_model
+    from . import models
 
     weights = json_path.with_name("model.safetensors")
     try:
@@ -221,11 +236,21 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     except OSError as e:
         raise HPAError(f"{json_path}: cannot read the model description ({e.strerror or e})") from None
     _check_meta(meta, json_path)
+    n_in, n_out = len(meta["channels"]), len(meta["vocab"])
+    # Names and shapes first, from the file's header and a model without memory: a small file
+    # whose model.json names a giant architecture must not get that model built.
+    expected = _state_shapes(meta["arch"], n_in, n_out)
+    if expected is not None and (diff := _first_difference(expected, read_safetensors_header(weights))):
+        raise HPAError(f"{weights}: weights do not fit {meta['arch']} ({diff})")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise HPAError(f"{weights}: cannot read weights ({e})") from None
-    model, _ = create_model(meta["arch"], len(meta["channels"]), len(meta["vocab"]), pretrained=False)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise HPAError(f"{weights}: weight {name!r} is not finite (NaN or infinity): the model would "
+                           "predict nonsense")
+    model, _ = models.create_model(meta["arch"], n_in, n_out, pretrained=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -234,6 +259,65 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     model.to(device).eval()
     learn = Learner(DataLoaders(), model, loss_func=make_loss(meta.get("loss", "bce"), meta.get("focal_gamma", 2.0)))
     return Predictor(learn, meta, json_path.parent, safe=True)
+
+
+MAX_HEADER = 16 * 1024 * 1024  # a safetensors header of the largest timm models is well under 1 MiB
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple]:
+    """Tensor name -> shape of a safetensors file, from its header alone (8 bytes of little-endian
+    header length, then that much JSON), read with a bounded length."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little") if size >= 8 else None
+            if length is None:
+                raise ValueError("shorter than the 8-byte header length")
+            if length > min(MAX_HEADER, size - 8):
+                raise ValueError(f"header length {length} runs past the end of the file or over {MAX_HEADER} bytes")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise HPAError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise HPAError(f"{path}: cannot read weights ({str(e)[:150]})") from None
+    if not isinstance(header, dict):
+        raise HPAError(f"{path}: cannot read weights (the header is not a JSON object)")
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise HPAError(f"{path}: cannot read weights (tensor {name!r:.80} has no valid shape)")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def _state_shapes(arch: str, n_in: int, n_out: int) -> dict[str, tuple] | None:
+    """Parameter and buffer shapes of ``arch``, built on the meta device (no memory, no weights);
+    None if it cannot be built that way, and the real build then checks the weights."""
+    import warnings
+
+    from .models import builder
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = builder(arch)(n_in, n_out, pretrained=False)
+    except Exception:  # an architecture whose construction needs real tensors
+        return None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _first_difference(expected: dict, found: dict) -> str | None:
+    """The first tensor name whose presence or shape differs between the model and the file."""
+    for name, shape in expected.items():
+        if name not in found:
+            return f"{name!r} {shape} is missing from the file"
+        if found[name] != shape:
+            return f"{name!r} is {found[name]} in the file, {shape} in the model"
+    extra = next((name for name in found if name not in expected), None)
+    return None if extra is None else f"{extra!r:.80} {found[extra]} is in the file but not in the model"
 
 
 def _check_meta(meta, json_path: Path) -> None:
@@ -276,8 +360,9 @@ def _check_meta(meta, json_path: Path) -> None:
         ("vocab", strings(meta["vocab"], n_classes), f"a list of {n_classes} class ids"),
         ("names", strings(meta["names"], n_classes), f"a list of {n_classes} class names"),
         ("thresholds", numbers(meta["thresholds"], n_classes, lambda t: 0 <= t <= 1), f"a list of {n_classes} numbers in 0..1"),
-        ("mean", numbers(meta["mean"], n_in), f"a list of {n_in} numbers"),
-        ("std", numbers(meta["std"], n_in, lambda s: s > 0), f"a list of {n_in} positive numbers"),
+        # training measures them on images scaled to 0..1, and keeps the std at 0.001 or more
+        ("mean", numbers(meta["mean"], n_in, lambda m: 0 <= m <= 1), f"a list of {n_in} numbers in 0..1"),
+        ("std", numbers(meta["std"], n_in, lambda s: 1e-3 <= s <= 1), f"a list of {n_in} numbers in 0.001..1"),
         ("loss", meta.get("loss", "bce") in ("bce", "focal"), "bce or focal"),
         ("focal_gamma", number(meta.get("focal_gamma", 2.0)), "a number"),
     ]

@@ -509,6 +509,16 @@ def other_arch_weights(run):
     return save({k: v.contiguous() for k, v in create_model("cnn", 4, 10, pretrained=False)[0].state_dict().items()})
 
 
+def nan_weights(value):
+    def make(run):
+        from safetensors.torch import load_file, save
+
+        state = load_file(str(run / "model.safetensors"))
+        state["0.0.weight"] = torch.full_like(state["0.0.weight"], value)
+        return save(state)
+    return make
+
+
 LEARNER_CASES = {
     # name: (mutation of a copy of the good run folder returning the path to load, message parts)
     "model.json is a number": (write("model.json", b"5"), ["model.json", "a JSON int, not an object"]),
@@ -549,6 +559,16 @@ LEARNER_CASES = {
                                           ["export.pkl", "not a loadable"]),
     "folder with neither export": (lambda r: ([f.unlink() for f in r.iterdir()], r)[1], ["no model.json"]),
     "unknown suffix": (write("model.bin", b"x", "model.bin"), ["expected a run folder"]),
+    "all-NaN weights": (write("model.safetensors", nan_weights(math.nan)),
+                        ["model.safetensors", "'0.0.weight'", "not finite"]),
+    "infinite weights": (write("model.safetensors", nan_weights(math.inf)), ["model.safetensors", "not finite"]),
+    "std of 1e-300": (edit_meta(std=[1e-300] * 3), ["'std'"]),
+    "std of 1e6": (edit_meta(std=[1e6] * 3), ["'std'"]),
+    "mean of 1e6": (edit_meta(mean=[1e6] * 3), ["'mean'"]),
+    "safetensors header not JSON": (write("model.safetensors", struct.pack("<Q", 4) + b"{{{{"),
+                                    ["model.safetensors", "cannot read weights"]),
+    "safetensors header length past the end": (write("model.safetensors", struct.pack("<Q", 10**6) + b"{}"),
+                                               ["model.safetensors", "cannot read weights"]),
 }
 
 
@@ -912,3 +932,54 @@ def test_worker_count_is_bounded_by_cores_and_images():
     assert len(notes) == 1 and f"--workers {MAX_WORKERS} lowered to {min(cores, 6)}" in notes[0]
     assert bound_workers(None, 3, default=8) <= 3 and bound_workers(0, 3, default=8) == 0
     assert bound_workers(None, 100, default=0) == 0  # the CPU default is unchanged
+
+
+def test_a_giant_arch_over_tiny_weights_is_refused_from_the_header_before_building(safe_model, tmp_path, monkeypatch):
+    import hpa_fastai.models as models
+    from safetensors.torch import save_file
+
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))  # 68 bytes
+    assert (run / "model.safetensors").stat().st_size < 100
+    edit_meta(arch="timm:vit_giant_patch14_224")(run)
+
+    def built(*args, **kwargs):
+        pytest.fail("the model was built before the weights' names and shapes were checked")
+
+    monkeypatch.setattr(models, "create_model", built)
+    with pytest.raises(HPAError) as info:
+        load_predictor(run, cpu=True)
+    message = one_line(str(info.value))
+    assert "model.safetensors" in message and "do not fit timm:vit_giant_patch14_224" in message
+    assert "'0.model.cls_token'" in message  # the first name the model has and the file lacks
+
+
+def test_weights_that_do_not_fit_name_the_first_mismatching_key_and_shapes(safe_model, tmp_path):
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(channels="rgby", mean=[0.5] * 4, std=[0.2] * 4)(run)
+    with pytest.raises(HPAError) as info:
+        load_predictor(run, cpu=True)
+    message = one_line(str(info.value))
+    assert "'0.0.weight'" in message and "(32, 3, 3, 3)" in message and "(32, 4, 3, 3)" in message
+
+
+@pytest.mark.parametrize("cv, part", [
+    ({"runs": ["."], "thresholds": [0.5] * 10}, "'.'"),
+    ({"runs": [], "thresholds": [0.5] * 10}, "no fold runs"),
+    ({"runs": ["../run"], "thresholds": [0.5] * 10}, "'../run'"),
+    ({"runs": "fold0", "thresholds": [0.5] * 10}, "no fold runs"),
+    ({"runs": ["fold0", 3], "thresholds": [0.5] * 10}, "3"),
+    ({"runs": ["fold0"], "thresholds": "x"}, "thresholds"),
+    ({"runs": ["nested"], "thresholds": [0.5] * 10}, "nested"),
+])
+def test_cv_json_names_only_fold_folders_inside_it(safe_model, tmp_path, cv, part):
+    folder = tmp_path / "cv"
+    shutil.copytree(safe_model, folder / "fold0")
+    shutil.copytree(safe_model, tmp_path / "run")
+    (folder / "nested").mkdir()
+    (folder / "nested" / "cv.json").write_text(json.dumps({"runs": [".."], "thresholds": [0.5] * 10}))
+    (folder / "cv.json").write_text(json.dumps(cv))
+    with pytest.raises(HPAError) as info:
+        load_predictor(folder, cpu=True)
+    message = one_line(str(info.value))
+    assert "cv.json" in message and part in message
