@@ -17,6 +17,7 @@ the same way, which is the honest reading of the evidence.
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -80,9 +81,10 @@ def run_status(run_dir: Path, status: dict, history: pd.DataFrame, now: float | 
     """status.json's word, with a ``running`` run whose files went quiet read as ``interrupted``."""
     word = status.get("status", "unknown")
     if word != "running":
-        return word
+        return word if isinstance(word, str) else "unknown"
     newest = max((p.stat().st_mtime for p in run_dir.iterdir() if p.is_file()), default=0.0)
-    slowest_epoch = float(history["seconds"].max()) if "seconds" in history and len(history) else 0.0
+    seconds = pd.to_numeric(history["seconds"], errors="coerce").max() if "seconds" in history else None
+    slowest_epoch = float(seconds) if seconds is not None and math.isfinite(seconds) else 0.0
     quiet = (time.time() if now is None else now) - newest
     return "interrupted" if quiet > max(STALE_SECONDS, 3 * slowest_epoch) else "running"
 
@@ -95,7 +97,7 @@ def run_summary(run_dir) -> dict:
     started = _started(run_dir.resolve(), status)
     epochs = metrics.get("epochs_run", len(history) if len(history) else None)
     seconds = metrics.get("seconds", status.get("seconds"))
-    return {
+    return _typed({
         "run": run_dir.resolve().name,  # "latest" is a link: name the run it points at
         "date": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
         "data": config.get("data"),
@@ -110,7 +112,28 @@ def run_summary(run_dir) -> dict:
         "status": run_status(run_dir, status, history),
         "threshold": metrics.get("threshold", config.get("threshold")),
         "path": str(run_dir),
-    }
+    })
+
+
+# What each value of a row must be; the run files are JSON anyone can edit, so a value of another
+# type (text where a number belongs, a list) is shown as missing rather than breaking the table.
+ROW_TYPES = {"data": str, "arch": str, "channels": str, "size": int, "epochs": int, "best_epoch": int,
+             "f1": float, "f1_tuned": float, "time": float, "threshold": float, "status": str}
+
+
+def _typed(row: dict) -> dict:
+    for key, kind in ROW_TYPES.items():
+        row[key] = _as(kind, row.get(key))
+    row["status"] = row["status"] or "unknown"
+    return row
+
+
+def _as(kind, value):
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e15 or not math.isfinite(value):
+        return None  # abs() first: math.isfinite overflows on a huge JSON integer
+    return None if kind is int and value != int(value) else kind(value)
 
 
 def collect_runs(folder="runs", sort: str = "date") -> pd.DataFrame:

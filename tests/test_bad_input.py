@@ -983,3 +983,48 @@ def test_cv_json_names_only_fold_folders_inside_it(safe_model, tmp_path, cv, par
         load_predictor(folder, cpu=True)
     message = one_line(str(info.value))
     assert "cv.json" in message and part in message
+
+
+def fake_run(folder: Path, data: Path | str, keys=(), channels="rgb", **files) -> Path:
+    """A run folder written by hand (no training): config, status, metrics, history and validation
+    predictions for ``keys``; ``files`` replace any of them (a dict or frame, or text)."""
+    folder.mkdir(parents=True)
+    n = len(keys)
+    contents = {
+        "config.json": {"data": str(data), "arch": "cnn", "channels": channels, "size": 16, "threshold": 0.5},
+        "status.json": {"status": "finished"},
+        "metrics.json": {},
+        "history.csv": pd.DataFrame({"epoch": [1], "phase": ["train"], "train_loss": [0.7], "valid_loss": [0.6],
+                                     "f1_macro": [0.1], "lr": [1e-3], "seconds": [1.0]}),
+        "valid_predictions.csv": pd.DataFrame({"id": [f"v{i}" for i in range(n)], "key": [str(k) for k in keys],
+                                               "labels": ["1"] * n, "predicted": ["2"] * n,
+                                               "probs": [" ".join(["0.5"] * 10)] * n}),
+        **files}
+    for name, value in contents.items():
+        if isinstance(value, pd.DataFrame):
+            value.to_csv(folder / name, index=False)
+        elif isinstance(value, bytes):
+            (folder / name).write_bytes(value)
+        else:
+            (folder / name).write_text(value if isinstance(value, str) else json.dumps(value))
+    return folder
+
+
+def write_runs_folder(out: Path, arch="[/]evil", **metrics) -> Path:
+    fake_run(out / "20240101-000000-cnn", "data/z2g", **{"metrics.json": {"epochs_run": 2, "best_epoch": 1,
+                                                                           "f1_macro": 0.5, "seconds": 3.0}})
+    odd = {"epochs_run": "many", "best_epoch": [1], "f1_macro": "high", "f1_macro_tuned": None, "seconds": "slow",
+           "threshold": "x", **metrics}
+    fake_run(out / "20240102-000000-odd", "[bold]data[/bold]", **{
+        "config.json": {"data": "[bold]data[/bold]", "arch": arch, "channels": ["x"], "size": "big"},
+        "metrics.json": odd, "status.json": {"status": "[/]"}})
+    return out
+
+
+@pytest.mark.parametrize("sort", ["date", "epochs", "f1", "size", "arch"])
+def test_runs_table_survives_odd_values_in_one_run_folder(tmp_path, capsys, sort):
+    out = write_runs_folder(tmp_path / "runs")
+    code, stdout, err = cli_in_process(capsys, "runs", out, "--sort", sort, "--csv", tmp_path / "runs.csv")
+    assert code == 0, err
+    assert "[/]evil" in stdout and "20240101-000000-cnn" in stdout
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 2
