@@ -19,6 +19,7 @@ import shutil
 import struct
 import tempfile
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -1028,3 +1029,99 @@ def test_runs_table_survives_odd_values_in_one_run_folder(tmp_path, capsys, sort
     assert code == 0, err
     assert "[/]evil" in stdout and "20240101-000000-cnn" in stdout
     assert len(pd.read_csv(tmp_path / "runs.csv")) == 2
+
+
+# A value that breaks out of HTML text, of an attribute, and of a style or script context.
+XSS = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>'
+HTML_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "b", "nav", "a", "table", "tr", "th",
+             "td", "span", "img", "div", "figure", "figcaption", "br"}
+
+
+class Tags(HTMLParser):
+    """The tags and attribute names of a page."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tags, self.attrs = set(), set()
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        self.attrs.update(name for name, _ in attrs)
+
+
+def hostile_run(folder: Path) -> Path:
+    """A run folder with XSS in every value a page shows, and text where numbers belong."""
+    return fake_run(folder, XSS, **{
+        "config.json": {"data": XSS, "arch": XSS, "channels": XSS, "size": XSS, "lr": XSS, "lr_used": XSS, XSS: XSS},
+        "status.json": {"status": XSS, "seconds": XSS},
+        "metrics.json": {k: XSS for k in ("best_epoch", "epochs_run", "f1_macro", "f1_macro_tuned", "f1_samples",
+                                          "f1_samples_tuned", "threshold", "seconds", "valid_images")}
+        | {"per_class": [{k: XSS for k in ("class", "name", "threshold", "precision", "recall", "f1", "support")}]},
+        "lr_find.json": {"suggestions": {XSS: XSS}},
+        "lr_find.png": RGB_PNG,
+        "model.json": {"names": [XSS]},
+        "history.csv": pd.DataFrame({"epoch": [XSS], "phase": [XSS], "valid_loss": [XSS], "f1_macro": [XSS], XSS: [XSS]}),
+        "valid_predictions.csv": pd.DataFrame({"id": [XSS], "key": [XSS], "labels": [XSS], "predicted": [XSS],
+                                               "probs": [XSS]})})
+
+
+def assert_no_markup_from_files(text: str):
+    parsed = Tags(text)
+    assert parsed.tags <= HTML_TAGS, parsed.tags - HTML_TAGS
+    assert not any(a.startswith("on") for a in parsed.attrs), parsed.attrs
+    assert "<script" not in text.lower() and "&lt;script&gt;" in text
+
+
+def test_report_and_comparison_escape_every_value_read_from_the_run_folder(tmp_path, capsys):
+    from hpa_fastai.report import write_comparison, write_report
+
+    first = hostile_run(tmp_path / "<img src=x onerror=alert(3)>")
+    second = hostile_run(tmp_path / "runs2" / "<b onmouseover=alert(4)>")
+    assert_no_markup_from_files(write_report(first).read_text())
+    assert_no_markup_from_files(write_comparison([first, second], tmp_path / "c.html").read_text())
+    code, _, err = cli_in_process(capsys, "report", second)
+    assert code == 0, err
+    assert_no_markup_from_files((second / "report.html").read_text())
+
+
+def test_report_grid_reads_no_fifo(make_z2g, tmp_path):
+    import threading
+
+    from hpa_fastai.report import write_report
+
+    data = make_z2g(n=2, size=16)
+    fifo = data / "train" / "pipe.png"
+    os.mkfifo(fifo)
+    run = fake_run(tmp_path / "run", data, keys=[data / "train" / "img0.png", fifo])
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(path=write_report(run)), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # blocked opening the FIFO: give it a writer so the thread can end
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        worker.join(10)
+        pytest.fail("report blocked on a FIFO named in valid_predictions.csv")
+    text = done["path"].read_text()
+    assert "pipe.png" in text and "not a regular file" in text and 'class="thumb"' not in text
+
+
+@pytest.mark.parametrize("where", ["outside", "symlink out", "dot-dot", "no data folder recorded"])
+def test_report_grid_embeds_only_images_inside_the_recorded_data_folder(make_z2g, tmp_path, where):
+    from hpa_fastai.report import write_report
+
+    data = make_z2g(n=2, size=16)
+    secret = write_png(tmp_path / "private" / "secret.png", np.full((16, 16, 3), 200, np.uint8))
+    key = {"outside": secret, "symlink out": data / "train" / "link.png",
+           "dot-dot": f"{data}/train/../../private/secret.png", "no data folder recorded": data / "train" / "img0.png"}[where]
+    if where == "symlink out":
+        key.symlink_to(secret)
+    run = fake_run(tmp_path / "run", data, keys=[key])
+    if where == "no data folder recorded":
+        (run / "config.json").write_text(json.dumps({"arch": "cnn", "channels": "rgb"}))
+    text = write_report(run).read_text()
+    assert 'class="thumb"' not in text
+    assert ("no data folder" if where == "no data folder recorded" else "outside the data folder") in text
