@@ -444,7 +444,7 @@ def overlay_plot(histories: dict[str, pd.DataFrame]) -> bytes:
         if "epoch" not in h:
             continue
         # numbers only: a hand-edited history.csv may hold text
-        epoch = pd.to_numeric(h["epoch"], errors="coerce")
+        epoch, label = pd.to_numeric(h["epoch"], errors="coerce"), plots.plain_text(label)
         if "valid_loss" in h:
             ax1.plot(epoch, pd.to_numeric(h["valid_loss"], errors="coerce"), marker="o", label=label)
         if "f1_macro" in h:

@@ -1125,3 +1125,24 @@ def test_report_grid_embeds_only_images_inside_the_recorded_data_folder(make_z2g
     text = write_report(run).read_text()
     assert 'class="thumb"' not in text
     assert ("no data folder" if where == "no data folder recorded" else "outside the data folder") in text
+
+
+def test_ids_and_class_names_with_dollar_signs_are_plotted_as_text(safe_model, make_z2g, tmp_path, capsys):
+    data = make_z2g(n=3, size=16)
+    ids = ["a$^$0", "b$_$1", "c$x$2"]
+    for i, image_id in enumerate(ids):
+        (data / "train" / f"img{i}.png").rename(data / "train" / f"{image_id}.png")
+    (data / "train.csv").write_text("Image,Label\n" + "".join(f"{image_id},{i}\n" for i, image_id in enumerate(ids)))
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(names=[f"class$^${i}" for i in range(10)])(run)
+    code, _, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "per_class_f1.png").is_file()
+    pytest.importorskip("tensorboard")
+    from hpa_fastai.report import log_tensorboard_summary
+
+    per_class = [{"class": 0, "name": "x$^$", "threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                  "support": 1}]
+    log_tensorboard_summary(run, {"epochs_run": 1, "f1_macro": 0.0, "per_class": per_class},
+                            [{"id": "a$^$0", "image": np.zeros((8, 8, 3), np.uint8), "true": [0], "predicted": [0]}])
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
