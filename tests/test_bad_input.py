@@ -1146,3 +1146,40 @@ def test_ids_and_class_names_with_dollar_signs_are_plotted_as_text(safe_model, m
     log_tensorboard_summary(run, {"epochs_run": 1, "f1_macro": 0.0, "per_class": per_class},
                             [{"id": "a$^$0", "image": np.zeros((8, 8, 3), np.uint8), "true": [0], "predicted": [0]}])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_one_pixel_images_without_size_are_refused_naming_the_flag(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=4, size=1)
+    code, out, err = cli_in_process(capsys, "--data", data, "--arch", "cnn", "--no-pretrained", "--epochs", "1",
+                                    "--bs", "2", "--lr", "1e-3", "--out", tmp_path / "runs")
+    assert_cli_error(code, out, err, "--size", "1x1")
+    statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "runs").glob("*/status.json")]
+    assert "running" not in statuses
+
+
+def test_an_unexpected_error_before_the_first_epoch_marks_the_run_failed(make_z2g, tmp_path, monkeypatch):
+    import hpa_fastai.train as training
+
+    def broken_lr_find(*args, **kwargs):
+        raise ZeroDivisionError("inside a library")
+
+    monkeypatch.setattr(training, "find_lr", broken_lr_find)
+    with pytest.raises(ZeroDivisionError):
+        training.train(TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, epochs=1, bs=2,
+                                   out=str(tmp_path / "runs")))
+    (status,) = (tmp_path / "runs").glob("*/status.json")
+    assert json.loads(status.read_text())["status"] == "failed"
+
+
+def test_run_folders_started_together_never_collide(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpa_fastai.train import make_run_dir
+
+    made = []
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: make_run_dir(tmp_path / "runs", "cnn", name="same"), range(120)))
+    assert len(set(made)) == 120
+    # another process creating the folder between a check and the mkdir
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    assert make_run_dir(tmp_path / "runs", "cnn", name="same").name == "same-121"
