@@ -17,10 +17,11 @@ from fastai.learner import Learner
 from . import metrics as M
 from . import plots
 from ._io import write_csv, write_json
+from ._outputs import check_output, check_output_folder, for_spreadsheet
 from .console import console, log, table
 from .data import ReadImage, bound_workers, check_workers, default_workers, labels_matrix, read_image
 from .errors import HPAError
-from .formats import CHANNEL_SETS, FORMATS, read_items, scan_images
+from .formats import CHANNEL_SETS, FORMATS, key_files, read_items, scan_images
 from .metrics import make_loss
 
 SAFE_FILES = ("model.json", "model.safetensors")
@@ -424,6 +425,20 @@ def _check_flags(cfg) -> None:
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
         raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
     check_workers(cfg.workers)
+    if cfg.out is not None:
+        check_output(cfg.out, "--out")  # an empty --out, before a model is loaded
+
+
+def _run_dirs(pred) -> list[Path]:
+    """The run folders a predictor was loaded from (an ensemble's members and its cv folder)."""
+    if isinstance(pred, Ensemble):
+        return [m.source for m in pred.members] + [pred.source]
+    return [pred.source]
+
+
+def _inputs(items: pd.DataFrame, channels: str, *csvs: Path) -> list:
+    """The files a command reads for ``items``: the label CSVs and every image file."""
+    return [*csvs, *(f for key in items["key"] for f in key_files(key, CHANNEL_SETS[channels]))]
 
 
 def predict_command(cfg) -> Path:
@@ -435,18 +450,21 @@ def predict_command(cfg) -> Path:
         log(f"ensemble of {len(pred.members)} models ({pred.source}): mean probabilities")
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     fmt = _competition_format(data)
-    out = Path(cfg.out)
     if fmt is not None:
         _check_compatible(pred, fmt)
         items = read_items(data, fmt, split="test", labelled=False, channels=pred.channels)
+        out = check_output(cfg.out, "--out", _inputs(items, pred.channels, data / "train.csv",
+                                                     data / fmt.submission_csv), _run_dirs(pred))
         probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
         preds = pred.decode(probs, cfg.threshold)
         labels = [" ".join(str(i) for i in np.flatnonzero(row)) for row in preds]
+        # ids verbatim, not made safe for spreadsheets: Kaggle matches them exactly
         sub = pd.DataFrame({fmt.id_col: items["id"], fmt.submission_label_col: labels})
         write_csv(out, sub)
         log(f"wrote {out}: {len(sub)} rows, {fmt.name} submission ({fmt.id_col},{fmt.submission_label_col})")
         return out
     items = scan_images(data, pred.channels)
+    out = check_output(cfg.out, "--out", _inputs(items, pred.channels), _run_dirs(pred))
     probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
     preds = pred.decode(probs, cfg.threshold)
     rows = pd.DataFrame({
@@ -455,7 +473,7 @@ def predict_command(cfg) -> Path:
         "names": ["; ".join(pred.names[i] for i in np.flatnonzero(r)) for r in preds],
         "probabilities": [" ".join(f"{probs[n, i]:.4f}" for i in np.flatnonzero(r)) for n, r in enumerate(preds)],
     })
-    write_csv(out, rows)
+    write_csv(out, for_spreadsheet(rows))  # a table for people: file names starting with = stay text
     if len(rows) <= 20:
         console.print(table("predictions", rows))
     log(f"wrote {out}: {len(rows)} images")
@@ -473,10 +491,11 @@ def evaluate_command(cfg) -> Path:
     fmt = detect_format(data)
     _check_compatible(pred, fmt)
     items = read_items(data, fmt, split="train", labelled=True, channels=pred.channels)
+    out = check_output_folder(cfg.out if cfg.out is not None else pred.source / "evaluate", "--out", EVALUATION_FILES,
+                              _inputs(items, pred.channels, data / "train.csv"), _run_dirs(pred))
     probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
     targets = labels_matrix(items["labels"], len(pred.names)).astype(bool)
     thresholds = pred.thresholds if cfg.threshold is None else np.full(len(pred.names), cfg.threshold)
-    out = Path(cfg.out) if cfg.out else pred.source / "evaluate"
     result = evaluation_report(probs, targets, thresholds, pred.names, items, pred.channels, out)
     summary = pd.DataFrame([{"average": k, "F1": v} for k, v in result["f1"].items()])
     console.print(table(f"per class ({len(items)} images)", result["report"].assign(
@@ -486,11 +505,14 @@ def evaluate_command(cfg) -> Path:
     return out
 
 
+EVALUATION_FILES = ("per_class.csv", "summary.json", "per_class_f1.png", "samples.png")
+
+
 def evaluation_report(probs, targets, thresholds, names, items, channels, out: Path, n_images: int = 16) -> dict:
     """Write per_class.csv, summary.json, per_class_f1.png and samples.png (worst mistakes first)."""
     report = M.per_class_report(probs, targets, thresholds, names)
     f1 = M.summary(probs, targets, thresholds)
-    write_csv(out / "per_class.csv", report)
+    write_csv(out / "per_class.csv", for_spreadsheet(report))
     write_json(out / "summary.json", {"images": int(len(targets)), "f1": f1, "thresholds": list(map(float, thresholds))})
     plots.f1_bars_plot(out / "per_class_f1.png", report)
     preds = M.decode(probs, thresholds)

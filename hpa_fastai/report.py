@@ -30,6 +30,7 @@ from PIL import Image
 
 from . import plots
 from ._io import write_text
+from ._outputs import check_output
 from .console import log
 from .errors import HPAError
 from .runs import format_seconds, read_json, run_summary
@@ -531,10 +532,12 @@ def write_comparison(run_dirs, out="comparison.html") -> Path:
 
 def report_command(cfg) -> Path:
     runs = [check_run_dir(r) for r in cfg.runs]
-    if len(runs) == 1:
-        path = write_report(runs[0], cfg.out)
+    if len(runs) == 1:  # a run's report.html is this command's own output; the rest of the folder is not
+        out = None if cfg.out is None else check_output(cfg.out, "--out", run_dirs=runs, own={"report.html"})
+        path = write_report(runs[0], out)
     else:
-        path = write_comparison(runs, cfg.out or Path.cwd() / "comparison.html")
+        path = write_comparison(runs, check_output(Path.cwd() / "comparison.html" if cfg.out is None else cfg.out,
+                                                   "--out", run_dirs=runs))
     log(f"wrote {path}")
     return path
 

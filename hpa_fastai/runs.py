@@ -197,8 +197,12 @@ NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "time"}
 
 
 def runs_command(cfg) -> pd.DataFrame:
+    from ._outputs import check_output, for_spreadsheet
+
     folder = Path(cfg.dir)
     df = collect_runs(folder, cfg.sort)
+    if cfg.csv is not None:
+        check_output(cfg.csv, "--csv", run_dirs=df["path"])
     if df.empty:
         why = "the folder does not exist" if not folder.exists() else "no run folders in it"
         log(f"no runs in {folder} ({why}); train one with: python run.py --out {folder}")
@@ -212,7 +216,7 @@ def runs_command(cfg) -> pd.DataFrame:
     t.caption = (f"macro F1 on the validation images at threshold {', '.join(f'{x:g}' for x in thresholds) or '0.5'}"
                  " and with per-class tuned thresholds")
     console.print(t)
-    if cfg.csv:
-        write_csv(cfg.csv, df)
+    if cfg.csv is not None:
+        write_csv(cfg.csv, for_spreadsheet(df))  # values from run files, for a spreadsheet
         log(f"wrote {cfg.csv}")
     return df

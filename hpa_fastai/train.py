@@ -109,6 +109,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.patience < 1:
         raise HPAError(f"--patience must be at least 1 (got {cfg.patience})")
     check_workers(cfg.workers)
+    if not cfg.out.strip():
+        raise HPAError("--out is empty: give the folder that holds the run folders")
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range
         raise HPAError(f"--seed must be in 0..{2**32 - 1} (got {cfg.seed})")
     if not (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0):

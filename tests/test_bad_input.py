@@ -1183,3 +1183,107 @@ def test_run_folders_started_together_never_collide(tmp_path, monkeypatch):
     # another process creating the folder between a check and the mkdir
     monkeypatch.setattr(Path, "exists", lambda self: False)
     assert make_run_dir(tmp_path / "runs", "cnn", name="same").name == "same-121"
+
+
+@pytest.fixture
+def case_folder(safe_model, make_z2g, tmp_path):
+    """A learner run folder, a competition folder with a test split and a folder of images, all copies."""
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    fake_files = fake_run(tmp_path / "scratch", "x")
+    for name in ("config.json", "status.json", "metrics.json", "history.csv"):
+        shutil.copy(fake_files / name, run / name)
+    shutil.rmtree(fake_files)
+    data = make_z2g(n=3, size=16)
+    shutil.copytree(data / "train", data / "test")
+    (data / "submission.csv").write_text("Image,Label\nimg0,0\nimg1,0\n")
+    return {"run": run, "data": data, "images": data / "train", "tmp": tmp_path}
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+OVERWRITE_CASES = {
+    "predict over train.csv": (["predict", "--learner", "{run}", "--data", "{data}", "--out", "{data}/train.csv"],
+                               ["--out", "train.csv"]),
+    "predict over the submission template": (["predict", "--learner", "{run}", "--data", "{data}", "--out",
+                                              "{data}/submission.csv"], ["--out", "submission.csv"]),
+    "predict over an image it reads": (["predict", "--learner", "{run}", "--data", "{images}", "--out",
+                                        "{images}/img0.png"], ["--out", "img0.png"]),
+    "predict over the model": (["predict", "--learner", "{run}", "--data", "{images}", "--out", "{run}/model.json"],
+                               ["--out", "model.json"]),
+    "predict over a run file": (["predict", "--learner", "{run}", "--data", "{images}", "--out", "{run}/metrics.json"],
+                                ["--out", "metrics.json"]),
+    "evaluate into the run folder": (["evaluate", "--learner", "{run}", "--data", "{data}", "--out", "{run}"],
+                                     ["--out", "per_class.csv"]),
+    "evaluate into an existing file": (["evaluate", "--learner", "{run}", "--data", "{data}", "--out",
+                                        "{data}/train.csv"], ["--out", "train.csv", "not a folder"]),
+    "report over the run's config": (["report", "{run}", "--out", "{run}/config.json"], ["--out", "config.json"]),
+    "comparison over a run's metrics": (["report", "{run}", "{run}", "--out", "{run}/metrics.json"],
+                                        ["--out", "metrics.json"]),
+    "export over the weights": (["export", "--onnx", "--learner", "{run}", "--out", "{run}/model.safetensors"],
+                                ["--out", "model.safetensors"]),
+    "runs table over a run's history": (["runs", "{tmp}", "--csv", "{run}/history.csv"], ["--csv", "history.csv"]),
+    "dedup over train.csv": (["dedup", "--data", "{data}", "--out", "{data}/train.csv"], ["--out", "train.csv"]),
+    "predict --out ''": (["predict", "--learner", "{run}", "--data", "{images}", "--out", ""], ["--out", "empty"]),
+    "evaluate --out ''": (["evaluate", "--learner", "{run}", "--data", "{data}", "--out", ""], ["--out", "empty"]),
+    "report --out ''": (["report", "{run}", "--out", ""], ["--out", "empty"]),
+    "export --out ''": (["export", "--onnx", "--learner", "{run}", "--out", ""], ["--out", "empty"]),
+    "dedup --out ''": (["dedup", "--data", "{data}", "--out", ""], ["--out", "empty"]),
+    "runs --csv ''": (["runs", "{tmp}", "--csv", ""], ["--csv", "empty"]),
+    "train --out ''": (["--data", "{data}", "--arch", "cnn", "--no-pretrained", "--out", ""], ["--out", "empty"]),
+    "synth --out ''": (["synth", "--out", "", "--n-train", "2", "--n-test", "0", "--size", "16"], ["--out", "empty"]),
+}
+
+
+@pytest.mark.parametrize("name", OVERWRITE_CASES)
+def test_no_command_writes_over_its_inputs_or_a_run_folder(case_folder, capsys, monkeypatch, name):
+    args, parts = OVERWRITE_CASES[name]
+    monkeypatch.chdir(case_folder["tmp"])
+    before = snapshot(case_folder["tmp"])
+    assert_cli_error(*cli_in_process(capsys, *[a.format(**case_folder) for a in args]), *parts)
+    assert snapshot(case_folder["tmp"]) == before
+
+
+def test_the_default_outputs_next_to_a_run_are_still_written(case_folder, capsys):
+    run, data = case_folder["run"], case_folder["data"]
+    code, _, err = cli_in_process(capsys, "report", run)
+    assert code == 0, err
+    code, _, err = cli_in_process(capsys, "report", run, "--out", run / "report.html")
+    assert code == 0, err
+    for _ in range(2):  # again over its own earlier output
+        code, _, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data)
+        assert code == 0, err
+    assert (run / "evaluate" / "per_class.csv").is_file()
+    for _ in range(2):  # a new file beside the data, then again over this command's own output
+        code, _, err = cli_in_process(capsys, "predict", "--learner", run, "--data", data, "--out", data / "sub.csv")
+        assert code == 0, err
+
+
+def test_ids_that_a_spreadsheet_would_run_are_prefixed_in_csvs_for_people(safe_model, make_z2g, tmp_path, capsys):
+    images = tmp_path / "images"
+    for name in ("=cmd", "+x", "-y", "@z"):
+        write_png(images / f"{name}.png", np.zeros((16, 16, 3), np.uint8))
+    code, _, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", images, "--out",
+                                  tmp_path / "labels.csv")
+    assert code == 0, err
+    labels = pd.read_csv(tmp_path / "labels.csv", dtype=str)
+    assert sorted(labels["image"]) == ["'+x", "'-y", "'=cmd", "'@z"]
+    # a Kaggle submission keeps its ids verbatim: Kaggle matches them exactly
+    data = make_z2g(n=2, size=16)
+    (data / "test").mkdir()
+    shutil.copy(data / "train" / "img0.png", data / "test" / "=1.png")
+    (data / "submission.csv").write_text("Image,Label\n=1,0\n")
+    code, _, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", data, "--out",
+                                  tmp_path / "sub.csv")
+    assert code == 0, err
+    assert list(pd.read_csv(tmp_path / "sub.csv", dtype=str)["Image"]) == ["=1"]
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(names=["=SUM(1)"] + [f"c{i}" for i in range(9)])(run)
+    code, _, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "eval" / "per_class.csv", dtype=str)["name"][0] == "'=SUM(1)"
+    out = write_runs_folder(tmp_path / "runs", arch="=HYPERLINK(\"http://x\")")
+    code, _, err = cli_in_process(capsys, "runs", out, "--csv", tmp_path / "runs.csv")
+    assert code == 0, err
+    assert "'=HYPERLINK(\"http://x\")" in set(pd.read_csv(tmp_path / "runs.csv", dtype=str)["arch"])
