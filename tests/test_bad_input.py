@@ -4,9 +4,12 @@ Each case ends either in the project's own error (``HPAError`` in-process; throu
 code 2 and one ``error: ...`` line naming the file, line or flag, no traceback) or, where the
 input is valid after all, in the right items. A flag value that argparse itself refuses (``--bs 0``)
 gets the same single ``error: argument --bs ...`` line. ``tests/test_formats.py`` has the common
-CSV and image cases; this module adds breadth and property-based fuzzing.
+CSV and image cases; this module adds breadth and property-based fuzzing. The last section is the
+careful attacker's and careless user's: nothing unpickled without ``--trust``, report pages that
+escape every value from a file, bounded worker counts, CSV fields and model headers, and outputs
+that never write over a command's inputs.
 
-182 parametrised cases + 5 single-case tests + 6 property-based tests (train.csv text, image bytes,
+244 parametrised cases + 21 single-case tests + 6 property-based tests (train.csv text, image bytes,
 ids, label text and config values at 150 examples each, model.json at 60) + 2 subprocess tests.
 """
 from __future__ import annotations
@@ -1061,7 +1064,8 @@ def hostile_run(folder: Path) -> Path:
         "lr_find.json": {"suggestions": {XSS: XSS}},
         "lr_find.png": RGB_PNG,
         "model.json": {"names": [XSS]},
-        "history.csv": pd.DataFrame({"epoch": [XSS], "phase": [XSS], "valid_loss": [XSS], "f1_macro": [XSS], XSS: [XSS]}),
+        "history.csv": pd.DataFrame({"epoch": [XSS], "phase": [XSS], "valid_loss": [XSS], "f1_macro": [XSS],
+                                     XSS: [XSS]}),
         "valid_predictions.csv": pd.DataFrame({"id": [XSS], "key": [XSS], "labels": [XSS], "predicted": [XSS],
                                                "probs": [XSS]})})
 
@@ -1116,7 +1120,8 @@ def test_report_grid_embeds_only_images_inside_the_recorded_data_folder(make_z2g
     data = make_z2g(n=2, size=16)
     secret = write_png(tmp_path / "private" / "secret.png", np.full((16, 16, 3), 200, np.uint8))
     key = {"outside": secret, "symlink out": data / "train" / "link.png",
-           "dot-dot": f"{data}/train/../../private/secret.png", "no data folder recorded": data / "train" / "img0.png"}[where]
+           "dot-dot": f"{data}/train/../../private/secret.png",
+           "no data folder recorded": data / "train" / "img0.png"}[where]
     if where == "symlink out":
         key.symlink_to(secret)
     run = fake_run(tmp_path / "run", data, keys=[key])
