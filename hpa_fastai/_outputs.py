@@ -21,23 +21,29 @@ RUN_FILES = frozenset({
     "model.safetensors", "model.json", "export.pkl", "model.onnx", "tensorboard", "cv.json", "oof_predictions.csv"})
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A training run (train writes status.json first) or a cross-validation (cv.json)."""
+    return (folder / "status.json").is_file() or (folder / "cv.json").is_file()
+
+
 def check_output(out, flag: str, inputs=(), run_dirs=(), own=()) -> Path:
     """``out`` as a Path, or a one-line HPAError naming ``flag`` when ``out`` is empty, when it is
     (or links to) one of ``inputs``, the files the command reads, or when it is one of the
-    ``RUN_FILES`` of a folder in ``run_dirs`` other than the names in ``own``, the command's own
-    outputs there (``report.html`` for ``report``, ``model.onnx`` for ``export``)."""
+    ``RUN_FILES`` of a run folder: of any folder that holds a run, and of the folders in
+    ``run_dirs`` (those the command reads), where the names in ``own`` are the command's own
+    outputs (``report.html`` for ``report``, ``model.onnx`` for ``export``)."""
     if out is None or not str(out).strip():
         raise HPAError(f"{flag} is empty: give a path to write to")
     path = Path(out)
     # where a write lands: the atomic writer replaces the name inside the folder's real path
     landing = {Path(os.path.realpath(path.parent)) / path.name, Path(os.path.realpath(path))}
-    for run_dir in map(lambda d: Path(os.path.realpath(d)), run_dirs):
-        for target in landing:
-            if run_dir in target.parents:
-                rel = target.relative_to(run_dir)
-                if rel.parts[0] in RUN_FILES and rel.as_posix() not in own:
-                    raise HPAError(f"{flag} {out}: would overwrite {rel.as_posix()} of the run folder {run_dir}, "
-                                   "which this command only reads; choose another path")
+    read = {Path(os.path.realpath(d)) for d in run_dirs}
+    for target in landing:
+        for run_dir in [p for p in list(target.parents)[:3] if p in read or _is_run_folder(p)]:
+            rel = target.relative_to(run_dir)
+            if rel.parts[0] in RUN_FILES and not (run_dir in read and rel.as_posix() in own):
+                raise HPAError(f"{flag} {out}: would overwrite {rel.as_posix()} of the run folder {run_dir}, "
+                               "which this command did not create; choose another path")
     try:
         st = os.stat(path)  # follows a link: writing through it must not replace what it points at
     except OSError:

@@ -9,7 +9,7 @@ careful attacker's and careless user's: nothing unpickled without ``--trust``, r
 escape every value from a file, bounded worker counts, CSV fields and model headers, and outputs
 that never write over a command's inputs.
 
-244 parametrised cases + 21 single-case tests + 6 property-based tests (train.csv text, image bytes,
+246 parametrised cases + 21 single-case tests + 6 property-based tests (train.csv text, image bytes,
 ids, label text and config values at 150 examples each, model.json at 60) + 2 subprocess tests.
 """
 from __future__ import annotations
@@ -1201,7 +1201,8 @@ def case_folder(safe_model, make_z2g, tmp_path):
     data = make_z2g(n=3, size=16)
     shutil.copytree(data / "train", data / "test")
     (data / "submission.csv").write_text("Image,Label\nimg0,0\nimg1,0\n")
-    return {"run": run, "data": data, "images": data / "train", "tmp": tmp_path}
+    other = fake_run(tmp_path / "other", data)  # a run folder that the command does not read
+    return {"run": run, "data": data, "images": data / "train", "tmp": tmp_path, "other": other}
 
 
 def snapshot(folder: Path) -> dict:
@@ -1228,6 +1229,9 @@ OVERWRITE_CASES = {
                                         ["--out", "metrics.json"]),
     "export over the weights": (["export", "--onnx", "--learner", "{run}", "--out", "{run}/model.safetensors"],
                                 ["--out", "model.safetensors"]),
+    "predict over another run's config": (["predict", "--learner", "{run}", "--data", "{images}", "--out",
+                                           "{other}/config.json"], ["--out", "config.json"]),
+    "report over another run's report": (["report", "{run}", "--out", "{other}/report.html"], ["--out", "report.html"]),
     "runs table over a run's history": (["runs", "{tmp}", "--csv", "{run}/history.csv"], ["--csv", "history.csv"]),
     "dedup over train.csv": (["dedup", "--data", "{data}", "--out", "{data}/train.csv"], ["--out", "train.csv"]),
     "predict --out ''": (["predict", "--learner", "{run}", "--data", "{images}", "--out", ""], ["--out", "empty"]),
