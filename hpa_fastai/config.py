@@ -45,7 +45,8 @@ class TrainConfig:
     threshold: float = opt(0.5, "probability threshold of the F1 metrics during training")
     precision: str = opt("auto", "auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU",
                          choices=["auto", "fp32", "fp16", "bf16"])
-    workers: int | None = opt(None, "DataLoader worker processes; default: 0 on CPU, up to 8 on GPU")
+    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images; "
+                                    "default: 0 on CPU, up to 8 on GPU")
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing")
     skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
     keep_checkpoint: bool = opt(False, "keep checkpoint.pth and best.pth once the run has finished and exported "
@@ -79,8 +80,8 @@ class PredictConfig:
     tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
     tta_max: bool = opt(False, "like --tta, but take the maximum over the 8 orientations")
     bs: int = opt(32, "batch size")
-    workers: int | None = opt(None, "DataLoader worker processes")
-    trust: bool = opt(False, "allow unpickling an export.pkl from outside this project's run folders")
+    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images")
+    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
 @dataclass
@@ -91,8 +92,8 @@ class EvaluateConfig:
     threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones")
     tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
     bs: int = opt(32, "batch size")
-    workers: int | None = opt(None, "DataLoader worker processes")
-    trust: bool = opt(False, "allow unpickling an export.pkl from outside this project's run folders")
+    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images")
+    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
 @dataclass
@@ -132,7 +133,8 @@ class PreprocessConfig:
     size: int = opt(256, "image side of the cached copy")
     channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
                         choices=["auto", "rgb", "rgby"])
-    workers: int | None = opt(None, "parallel worker processes; default: all cores")
+    workers: int | None = opt(None, "parallel worker processes, at most 64 and no more than the cores or images; "
+                                    "default: all cores")
 
 
 @dataclass

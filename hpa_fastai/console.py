@@ -12,8 +12,10 @@ import pandas as pd
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from ._io import write_csv
 
@@ -23,16 +25,25 @@ if not console.is_terminal:
     console = Console(highlight=False, width=160)
 
 
+def plain(text) -> str:
+    """``text`` as it may reach a terminal: control characters (escape sequences that retitle the
+    window or clear the screen, carriage returns, bidirectional overrides) written as repr() escapes.
+    File names, ids and values read from files pass through here before they are printed."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def log(msg: str = "") -> None:
-    console.print(msg, markup=False, soft_wrap=True)
+    console.print(plain(msg), markup=False, soft_wrap=True)
 
 
 def table(title: str, df: pd.DataFrame, floats: str = "{:.4f}") -> Table:
-    t = Table(title=title, title_justify="left")
+    """A rich table of ``df``; title, headers and cells are plain text (no rich markup, no control characters)."""
+    t = Table(title=Text(plain(title)), title_justify="left")
     for col in df.columns:
-        t.add_column(str(col), justify="right" if df[col].dtype.kind in "iuf" else "left")
+        t.add_column(escape(plain(col)), justify="right" if df[col].dtype.kind in "iuf" else "left")
     for row in df.itertuples(index=False):
-        t.add_row(*[floats.format(v) if isinstance(v, float) else str(v) for v in row])
+        t.add_row(*[Text(plain(floats.format(v) if isinstance(v, float) else v)) for v in row])
     return t
 
 

@@ -134,6 +134,43 @@ def default_workers(cuda: bool) -> int:
     return min(8, os.cpu_count() or 1) if cuda else 0
 
 
+# Each worker is a forked copy of the process: far more of them than cores only costs memory and
+# start-up time, and a mistyped --workers 640 could exhaust memory or the process table.
+MAX_WORKERS = 64
+
+
+def check_workers(workers, flag: str = "--workers") -> None:
+    """Refuse a worker count outside 0..MAX_WORKERS, before any data is read."""
+    if workers is None:
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise HPAError(f"{flag} must be 0 or more (got {workers!r:.40})")
+    if workers > MAX_WORKERS:
+        raise HPAError(f"{flag} must be at most {MAX_WORKERS} (got {workers})")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def bound_workers(workers: int | None, n_items: int, default: int, log=None) -> int:
+    """The worker processes to start for ``n_items`` images: ``workers``, or ``default`` when it is
+    None, but at most one per available core and one per image. Every command that takes
+    ``--workers`` (train, cv, predict, evaluate, preprocess) goes through here; an explicit value
+    that is lowered gets a note in ``log``."""
+    check_workers(workers)
+    want = default if workers is None else workers
+    cap = max(1, min(available_cores(), n_items))
+    if want <= cap:
+        return want
+    if workers is not None and log is not None:
+        log(f"note: --workers {workers} lowered to {cap} (at most one per CPU core and one per image)")
+    return cap
+
+
 def native_size(key: str, channels: str) -> int:
     h, w, _ = read_image(key, CHANNEL_SETS[channels], header_only=True).shape
     return max(h, w)

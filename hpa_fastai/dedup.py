@@ -19,9 +19,10 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ._io import write_csv
+from ._outputs import check_output
 from .config import DedupConfig
 from .errors import HPAError
-from .formats import read_csv, read_items
+from .formats import key_files, read_csv, read_items
 
 DUPLICATES_CSV = "duplicates.csv"
 HASH_SIDE = 32  # the stain is reduced to 32 x 32 before the DCT, as in Zauner's pHash
@@ -131,7 +132,8 @@ def dedup_command(cfg: DedupConfig) -> Path:
     _validate(cfg)
     data_dir = resolve_data_dir(cfg.data)
     items = read_items(data_dir, split="train", labelled=False)
-    out = Path(cfg.out) if cfg.out else data_dir / DUPLICATES_CSV
+    out = check_output(data_dir / DUPLICATES_CSV if cfg.out is None else cfg.out, "--out",
+                       [data_dir / "train.csv", *(f for key in items["key"] for f in key_files(key))])
     log(f"hashing the green stain of {len(items)} images in {data_dir}")
     hashes = hash_images(items["key"])
     dups = find_duplicates(items["id"], hashes, cfg.max_distance)

@@ -11,6 +11,17 @@ class HPAError(Exception):
     exit_code = 2
 
     def __init__(self, message: str = ""):
+        message = _from_worker(str(message))
         # Messages quote CSV headers, ids and paths, which can hold newlines or other control
         # characters: escape them as repr() does, so the message stays one line.
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
+def _from_worker(message: str) -> str:
+    """The original message of an HPAError re-raised by torch from a DataLoader worker, which
+    arrives as "Caught HPAError in DataLoader worker process N. Original Traceback ..." with the
+    worker's whole traceback; its last line is ``...HPAError: <original message>``."""
+    if not (message.startswith("Caught HPAError ") and "\nOriginal Traceback" in message):
+        return message
+    _, found, original = message.rstrip("\n").rsplit("\n", 1)[-1].partition("HPAError: ")
+    return original if found else message

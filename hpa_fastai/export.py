@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
+from ._outputs import check_output
 from .console import log
 from .errors import HPAError
 
@@ -62,8 +63,11 @@ def export_command(cfg) -> Path:
         import onnx  # noqa: F401
     except ImportError:
         raise HPAError("--onnx needs the onnx package: pip install 'hpa_fastai[onnx]'") from None
+    if cfg.out is not None:
+        check_output(cfg.out, "--out")  # an empty --out, before the model is loaded
     predictor = load_predictor(cfg.learner, cpu=True)
-    out = Path(cfg.out) if cfg.out else predictor.source / "model.onnx"
+    out = check_output(predictor.source / "model.onnx" if cfg.out is None else cfg.out, "--out",
+                       run_dirs=[predictor.source], own={"model.onnx"})
     result = export_onnx(predictor, out)
     if result["checked"]:
         log(f"wrote {out} (onnxruntime vs PyTorch: max abs difference {result['max_abs_diff']:.2e})")

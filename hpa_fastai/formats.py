@@ -5,7 +5,9 @@ with a ``{channel}`` field for one grayscale file per stain (HPA 2018, HPAv18).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,50 +43,112 @@ FORMATS = {
 }
 
 
-def read_csv(path) -> pd.DataFrame:
-    """Read a CSV as strings, tolerating a BOM, CRLF line ends, quoting, padding spaces and blank lines.
+# A label CSV's fields are an id (a file name, at most 255 bytes) and a few class ids: a longer
+# field is a damaged file, and reading it whole would only cost memory.
+MAX_FIELD = 128 * 1024  # as Python sets it by default, but not left to whatever another library set
 
-    ``df.attrs["lines"]`` holds each row's line number in the file, for error messages, and
-    ``df.attrs["row_errors"]`` a message per row position with more fields than the header (so
-    that ``--skip-bad`` can drop just that row). Python's csv module rather than pandas: pandas
-    silently makes the first column the index when the first data row has one field too many,
-    and its row numbers skip blank lines.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise HPAError(f"{path}: file not found")
-    rows, lines, row_errors = [], [], {}
+
+@contextlib.contextmanager
+def _field_limit(limit: int):
+    """csv's field size limit is global to the process: set ours while reading, then put it back."""
+    previous = csv.field_size_limit(limit)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, skipinitialspace=True)
-            header = next(reader, None)
-            if not header or not any(h.strip() for h in header):
-                raise HPAError(f"{path}: the file is empty")
-            header = [h.strip() for h in header]
-            for row in reader:
-                if not row:  # blank line
-                    continue
-                row = [v.strip() for v in row]
-                while len(row) > len(header) and not row[-1]:  # trailing commas
-                    row.pop()
-                if len(row) > len(header):
-                    row_errors[len(rows)] = (f"{path}, line {reader.line_num}: {len(row)} fields, but the "
-                                             f"header has {len(header)} ({','.join(header)})")
-                rows.append((row + [""] * len(header))[:len(header)])
-                lines.append(reader.line_num)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise HPAError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _unique(header: list[str]) -> list[str]:
+    """Column names as pandas makes them: a repeated name gets a .1, .2 suffix."""
     columns = []
-    for name in header:  # as pandas does: a repeated column name gets a .1, .2 suffix
+    for name in header:
         unique, n = name, 0
         while unique in columns:
             n += 1
             unique = f"{name}.{n}"
         columns.append(unique)
+    return columns
+
+
+def iter_csv(path):
+    """Stream a CSV as strings, tolerating a BOM, CRLF line ends, quoting, padding spaces and blank lines.
+
+    Yields the column names first (repeated names get a .1, .2 suffix as pandas gives them), then
+    ``(line, fields, problem)`` for each record, read only as the caller asks for it: ``fields`` has
+    one string per column, ``problem`` is None or a message naming the file and line (more fields
+    than the header, a field longer than ``MAX_FIELD``) for a record that ``--skip-bad`` may drop.
+    Python's csv module rather than pandas: pandas silently makes the first column the index when
+    the first data row has one field too many, its row numbers skip blank lines, and it reads the
+    whole file before the first row can be checked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HPAError(f"{path}: file not found")
+    with _field_limit(MAX_FIELD), open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, skipinitialspace=True)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise HPAError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise HPAError(f"{path}: not a readable CSV ({e})") from None
+        if not header or not any(h.strip() for h in header):
+            raise HPAError(f"{path}: the file is empty")
+        header = [h.strip() for h in header]
+        yield _unique(header)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # the reader goes on with the next line
+                reason = str(e).splitlines()[0]
+                if "field larger than field limit" in reason:
+                    reason = f"a field longer than {MAX_FIELD} characters"
+                problem = f"{path}, line {reader.line_num}: not a readable CSV row ({reason})"
+                yield reader.line_num, [""] * len(header), problem
+                continue
+            except UnicodeDecodeError as e:  # the decoder cannot resynchronise: nothing after this is readable
+                raise HPAError(f"{path}: not a readable CSV after line {reader.line_num} ({e})") from None
+            if not row:  # blank line
+                continue
+            row = [v.strip() for v in row]
+            while len(row) > len(header) and not row[-1]:  # trailing commas
+                row.pop()
+            problem = None
+            if len(row) > len(header):
+                problem = (f"{path}, line {reader.line_num}: {len(row)} fields, but the header has "
+                           f"{len(header)} ({','.join(header)})")
+            yield reader.line_num, (row + [""] * len(header))[:len(header)], problem
+
+
+def read_csv(path) -> pd.DataFrame:
+    """A whole (small) CSV as strings, read by ``iter_csv``.
+
+    ``df.attrs["lines"]`` holds each row's line number in the file, for error messages, and
+    ``df.attrs["row_errors"]`` a message per row position that ``iter_csv`` found a problem with.
+    """
+    records = iter_csv(path)
+    columns = next(records)
+    rows, lines, row_errors = [], [], {}
+    for line, fields, problem in records:
+        if problem:
+            row_errors[len(rows)] = problem
+        rows.append(fields)
+        lines.append(line)
     df = pd.DataFrame(rows, columns=columns, dtype=str)
     df.attrs["lines"] = lines
     df.attrs["row_errors"] = row_errors
     return df
+
+
+def read_header(path) -> list[str]:
+    """The column names of a CSV, reading nothing after its header."""
+    records = iter_csv(path)
+    try:
+        return next(records)
+    finally:
+        records.close()
 
 
 def detect_format(data_dir) -> Format:
@@ -95,7 +159,7 @@ def detect_format(data_dir) -> Format:
     csv_path = data_dir / "train.csv"
     if not csv_path.is_file():
         raise HPAError(f"{csv_path}: file not found (a data folder needs train.csv and train/)")
-    cols = set(read_csv(csv_path).columns)
+    cols = set(read_header(csv_path))
     for fmt in FORMATS.values():
         if {fmt.id_col, fmt.label_col} <= cols:
             return fmt
@@ -164,35 +228,47 @@ def read_items(data_dir, fmt: Format | None = None, split: str = "train", labell
     if split == "test" and not csv_path.is_file() and not fmt.channel_files and folder.is_dir():
         # Zero-to-GANs test folders are usable without the submission CSV.
         ids = sorted(p.stem for p in folder.glob("*.png"))
-        df = pd.DataFrame({fmt.id_col: ids})
+        records = iter([[fmt.id_col]] + [(line, [image_id], None) for line, image_id in enumerate(ids, 2)])
     else:
-        df = read_csv(csv_path)
+        records = iter_csv(csv_path)
+    try:
+        return _checked_items(records, csv_path, folder, fmt, labelled, skip_bad, channels, log)
+    finally:
+        getattr(records, "close", lambda: None)()  # the CSV file, when a bad row stopped the reading
+
+
+def _checked_items(records, csv_path: Path, folder: Path, fmt: Format, labelled: bool, skip_bad: bool,
+                   channels: str | None, log) -> pd.DataFrame:
+    # Rows are checked as they are read, so a bad row near the top of a huge file is reported at
+    # once, and the file is parsed once.
+    columns = next(records)
     needed = [fmt.id_col] + ([fmt.label_col] if labelled else [])
-    missing = [c for c in needed if c not in df.columns]
+    missing = [c for c in needed if c not in columns]
     if missing:
         raise HPAError(f"{csv_path}: missing column(s) {','.join(missing)}; expected "
-                       f"{','.join(needed)}, found {','.join(df.columns)}")
-    if df.empty:
+                       f"{','.join(needed)}, found {','.join(columns)}")
+    first = next(records, None)
+    if first is None:
         raise HPAError(f"{csv_path}: no rows")
     if not folder.is_dir():
         raise HPAError(f"{folder}: image folder not found")
+    id_at = columns.index(fmt.id_col)
+    label_at = columns.index(fmt.label_col) if labelled else None
     n_classes = len(vocab_for(fmt.name))
     channel_names = CHANNEL_SETS[channels or fmt.default_channels]
     rows, bad, seen = [], [], {}
-    lines = df.attrs.get("lines") or range(2, len(df) + 2)
-    row_errors = df.attrs.get("row_errors", {})
-    for i, (line, rec) in enumerate(zip(lines, df.to_dict("records"))):
+    for line, fields, problem in itertools.chain([first], records):
         where = f"{csv_path}, line {line}"
         try:
-            if i in row_errors:
-                raise HPAError(row_errors[i])
-            image_id = check_id(rec[fmt.id_col], where)
+            if problem:
+                raise HPAError(problem)
+            image_id = check_id(fields[id_at], where)
             if image_id in seen:
                 raise HPAError(f"{where}: duplicated id {image_id!r} (first at line {seen[image_id]})")
             seen[image_id] = line
             row = {"id": image_id, "key": item_key(folder, image_id, fmt)}
             if labelled:
-                row["labels"] = " ".join(map(str, parse_labels(rec[fmt.label_col], n_classes, where)))
+                row["labels"] = " ".join(map(str, parse_labels(fields[label_at], n_classes, where)))
             for f in key_files(row["key"], channel_names):
                 if not os.path.isfile(f):
                     raise HPAError(f"{where}: image file {f} not found")

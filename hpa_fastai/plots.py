@@ -12,6 +12,12 @@ import pandas as pd  # noqa: E402
 from ._io import save_figure  # noqa: E402
 
 
+def plain_text(text) -> str:
+    """``text`` drawn as it is: matplotlib reads a pair of ``$`` as maths and raises on what its
+    parser rejects (an id like ``a$^$b``), so ids and names from files get their ``$`` escaped."""
+    return str(text).replace("$", r"\$")
+
+
 def lr_find_plot(path, lrs, losses, suggestions: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
@@ -49,7 +55,7 @@ def curves_plot(path, history: pd.DataFrame):
 
 def f1_bars_plot(path, report: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(report) + 1.5))
-    labels = [f"{c} {n}" for c, n in zip(report["class"], report["name"])]
+    labels = [plain_text(f"{c} {n}") for c, n in zip(report["class"], report["name"])]
     ax.barh(labels, report["f1"], color="C0")
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
@@ -76,6 +82,6 @@ def sample_grid_plot(path, images, titles, cols: int = 4):
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles):
         ax.imshow(false_colour(img))
-        ax.set_title(title, fontsize=7)
+        ax.set_title(plain_text(title), fontsize=7)
     fig.tight_layout()
     return save_figure(path, fig)

@@ -17,10 +17,11 @@ from fastai.learner import Learner
 from . import metrics as M
 from . import plots
 from ._io import write_csv, write_json
+from ._outputs import check_output, check_output_folder, for_spreadsheet
 from .console import console, log, table
-from .data import ReadImage, default_workers, labels_matrix, read_image
+from .data import ReadImage, bound_workers, check_workers, default_workers, labels_matrix, read_image
 from .errors import HPAError
-from .formats import CHANNEL_SETS, FORMATS, read_items, scan_images
+from .formats import CHANNEL_SETS, FORMATS, key_files, read_items, scan_images
 from .metrics import make_loss
 
 SAFE_FILES = ("model.json", "model.safetensors")
@@ -117,17 +118,9 @@ def _items_for_path(path, channels: str) -> pd.DataFrame:
     return items
 
 
-def _is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = None) -> "Predictor | Ensemble":
     """Load a trained model from a run folder, a model.json (safe: weights only, no pickle) or an
-    export.pkl (fastai's pickled learner; only from this project's ``runs/`` unless ``trust``).
+    export.pkl (fastai's pickled learner: only with ``trust``, wherever the file is).
     A cross-validation folder (``run.py cv``) loads as the ``Ensemble`` of its folds."""
     path = Path(path)
     if not path.exists():
@@ -192,11 +185,26 @@ class Ensemble:
 
 def _load_cv(folder: Path, trust: bool, cpu: bool | None) -> Ensemble:
     """The folds of a cross-validation, with the thresholds tuned on all their out-of-fold predictions."""
+    where = folder / CV_FILE
     try:
-        cv = json.loads((folder / CV_FILE).read_text())
+        cv = json.loads(where.read_text())
         runs, thresholds = cv["runs"], cv["thresholds"]
-    except (ValueError, KeyError, TypeError):
-        raise HPAError(f"{folder / CV_FILE}: not a cross-validation summary (no runs and thresholds)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HPAError(f"{where}: not a cross-validation summary (no runs and thresholds)") from None
+    if not isinstance(runs, list) or not runs:
+        raise HPAError(f"{where}: lists no fold runs (expected a list of fold folder names)")
+    if not (isinstance(thresholds, list)
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)):
+        raise HPAError(f"{where}: 'thresholds' must be a list of numbers in 0..1 (got {thresholds!r:.60})")
+    # each run a folder inside this one, and not another cv folder: "." or a link back would recurse
+    inside = folder.resolve()
+    for run in runs:
+        plain_name = isinstance(run, str) and run not in ("", ".", "..") and run.isprintable() and not (
+            set(run) & {"/", "\\"})
+        if not plain_name or inside not in (folder / run).resolve().parents:
+            raise HPAError(f"{where}: run {run!r:.60} is not the name of a fold folder inside {folder}")
+        if (folder / run / CV_FILE).exists():
+            raise HPAError(f"{where}: run {run!r} is itself a cross-validation folder; nesting is not supported")
     return Ensemble([load_predictor(folder / run, trust, cpu) for run in runs], thresholds, folder)
 
 
@@ -219,7 +227,7 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models import create_model
+    from . import models
 
     weights = json_path.with_name("model.safetensors")
     try:
@@ -229,11 +237,21 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     except OSError as e:
         raise HPAError(f"{json_path}: cannot read the model description ({e.strerror or e})") from None
     _check_meta(meta, json_path)
+    n_in, n_out = len(meta["channels"]), len(meta["vocab"])
+    # Names and shapes first, from the file's header and a model without memory: a small file
+    # whose model.json names a giant architecture must not get that model built.
+    expected = _state_shapes(meta["arch"], n_in, n_out)
+    if expected is not None and (diff := _first_difference(expected, read_safetensors_header(weights))):
+        raise HPAError(f"{weights}: weights do not fit {meta['arch']} ({diff})")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise HPAError(f"{weights}: cannot read weights ({e})") from None
-    model, _ = create_model(meta["arch"], len(meta["channels"]), len(meta["vocab"]), pretrained=False)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise HPAError(f"{weights}: weight {name!r} is not finite (NaN or infinity): the model would "
+                           "predict nonsense")
+    model, _ = models.create_model(meta["arch"], n_in, n_out, pretrained=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -242,6 +260,65 @@ def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     model.to(device).eval()
     learn = Learner(DataLoaders(), model, loss_func=make_loss(meta.get("loss", "bce"), meta.get("focal_gamma", 2.0)))
     return Predictor(learn, meta, json_path.parent, safe=True)
+
+
+MAX_HEADER = 16 * 1024 * 1024  # a safetensors header of the largest timm models is well under 1 MiB
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple]:
+    """Tensor name -> shape of a safetensors file, from its header alone (8 bytes of little-endian
+    header length, then that much JSON), read with a bounded length."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little") if size >= 8 else None
+            if length is None:
+                raise ValueError("shorter than the 8-byte header length")
+            if length > min(MAX_HEADER, size - 8):
+                raise ValueError(f"header length {length} runs past the end of the file or over {MAX_HEADER} bytes")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise HPAError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise HPAError(f"{path}: cannot read weights ({str(e)[:150]})") from None
+    if not isinstance(header, dict):
+        raise HPAError(f"{path}: cannot read weights (the header is not a JSON object)")
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise HPAError(f"{path}: cannot read weights (tensor {name!r:.80} has no valid shape)")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def _state_shapes(arch: str, n_in: int, n_out: int) -> dict[str, tuple] | None:
+    """Parameter and buffer shapes of ``arch``, built on the meta device (no memory, no weights);
+    None if it cannot be built that way, and the real build then checks the weights."""
+    import warnings
+
+    from .models import builder
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = builder(arch)(n_in, n_out, pretrained=False)
+    except Exception:  # an architecture whose construction needs real tensors
+        return None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _first_difference(expected: dict, found: dict) -> str | None:
+    """The first tensor name whose presence or shape differs between the model and the file."""
+    for name, shape in expected.items():
+        if name not in found:
+            return f"{name!r} {shape} is missing from the file"
+        if found[name] != shape:
+            return f"{name!r} is {found[name]} in the file, {shape} in the model"
+    extra = next((name for name in found if name not in expected), None)
+    return None if extra is None else f"{extra!r:.80} {found[extra]} is in the file but not in the model"
 
 
 def _check_meta(meta, json_path: Path) -> None:
@@ -284,8 +361,9 @@ def _check_meta(meta, json_path: Path) -> None:
         ("vocab", strings(meta["vocab"], n_classes), f"a list of {n_classes} class ids"),
         ("names", strings(meta["names"], n_classes), f"a list of {n_classes} class names"),
         ("thresholds", numbers(meta["thresholds"], n_classes, lambda t: 0 <= t <= 1), f"a list of {n_classes} numbers in 0..1"),
-        ("mean", numbers(meta["mean"], n_in), f"a list of {n_in} numbers"),
-        ("std", numbers(meta["std"], n_in, lambda s: s > 0), f"a list of {n_in} positive numbers"),
+        # training measures them on images scaled to 0..1, and keeps the std at 0.001 or more
+        ("mean", numbers(meta["mean"], n_in, lambda m: 0 <= m <= 1), f"a list of {n_in} numbers in 0..1"),
+        ("std", numbers(meta["std"], n_in, lambda s: 1e-3 <= s <= 1), f"a list of {n_in} numbers in 0.001..1"),
         ("loss", meta.get("loss", "bce") in ("bce", "focal"), "bce or focal"),
         ("focal_gamma", number(meta.get("focal_gamma", 2.0)), "a number"),
     ]
@@ -297,10 +375,12 @@ def _check_meta(meta, json_path: Path) -> None:
 def _load_pickle(pkl: Path, trust: bool, cpu: bool | None) -> Predictor:
     from fastai.learner import load_learner
 
-    if not trust and not _is_inside(pkl, Path.cwd() / "runs"):
-        raise HPAError(f"{pkl}: refusing to unpickle a learner from outside ./runs (unpickling can run "
-                       "arbitrary code); load the run folder's model.json + model.safetensors instead, "
-                       "or pass --trust if you made this file")
+    # Location is not trust: a run folder can be copied from a colleague, unpacked from an archive or
+    # planted in a shared folder, and unpickling runs whatever code the file holds.
+    if not trust:
+        raise HPAError(f"{pkl}: refusing to unpickle a learner without --trust (unpickling can run arbitrary "
+                       "code); use a run folder's model.json + model.safetensors instead, or pass --trust if "
+                       "you made this file")
     try:
         learn = load_learner(pkl, cpu=_device(cpu).type == "cpu")
     except Exception as e:  # unpickling raises anything the file's contents choose to raise
@@ -336,17 +416,29 @@ def _tta_mode(cfg) -> str | None:
     return "max" if getattr(cfg, "tta_max", False) else "mean" if cfg.tta else None
 
 
-def _workers(cfg) -> int:
-    if cfg.workers is not None and cfg.workers < 0:
-        raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
-    return cfg.workers if cfg.workers is not None else default_workers(torch.cuda.is_available())
+def _workers(cfg, items: pd.DataFrame) -> int:
+    return bound_workers(cfg.workers, len(items), default_workers(torch.cuda.is_available()), log)
 
 
 def _check_flags(cfg) -> None:
     """Flag checks that need no model, before any model is loaded."""
     if cfg.threshold is not None and not 0 < cfg.threshold < 1:
         raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
-    _workers(cfg)
+    check_workers(cfg.workers)
+    if cfg.out is not None:
+        check_output(cfg.out, "--out")  # an empty --out, before a model is loaded
+
+
+def _run_dirs(pred) -> list[Path]:
+    """The run folders a predictor was loaded from (an ensemble's members and its cv folder)."""
+    if isinstance(pred, Ensemble):
+        return [m.source for m in pred.members] + [pred.source]
+    return [pred.source]
+
+
+def _inputs(items: pd.DataFrame, channels: str, *csvs: Path) -> list:
+    """The files a command reads for ``items``: the label CSVs and every image file."""
+    return [*csvs, *(f for key in items["key"] for f in key_files(key, CHANNEL_SETS[channels]))]
 
 
 def predict_command(cfg) -> Path:
@@ -358,19 +450,22 @@ def predict_command(cfg) -> Path:
         log(f"ensemble of {len(pred.members)} models ({pred.source}): mean probabilities")
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     fmt = _competition_format(data)
-    out = Path(cfg.out)
     if fmt is not None:
         _check_compatible(pred, fmt)
         items = read_items(data, fmt, split="test", labelled=False, channels=pred.channels)
-        probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+        out = check_output(cfg.out, "--out", _inputs(items, pred.channels, data / "train.csv",
+                                                     data / fmt.submission_csv), _run_dirs(pred))
+        probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
         preds = pred.decode(probs, cfg.threshold)
         labels = [" ".join(str(i) for i in np.flatnonzero(row)) for row in preds]
+        # ids verbatim, not made safe for spreadsheets: Kaggle matches them exactly
         sub = pd.DataFrame({fmt.id_col: items["id"], fmt.submission_label_col: labels})
         write_csv(out, sub)
         log(f"wrote {out}: {len(sub)} rows, {fmt.name} submission ({fmt.id_col},{fmt.submission_label_col})")
         return out
     items = scan_images(data, pred.channels)
-    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+    out = check_output(cfg.out, "--out", _inputs(items, pred.channels), _run_dirs(pred))
+    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
     preds = pred.decode(probs, cfg.threshold)
     rows = pd.DataFrame({
         "image": items["id"],
@@ -378,7 +473,7 @@ def predict_command(cfg) -> Path:
         "names": ["; ".join(pred.names[i] for i in np.flatnonzero(r)) for r in preds],
         "probabilities": [" ".join(f"{probs[n, i]:.4f}" for i in np.flatnonzero(r)) for n, r in enumerate(preds)],
     })
-    write_csv(out, rows)
+    write_csv(out, for_spreadsheet(rows))  # a table for people: file names starting with = stay text
     if len(rows) <= 20:
         console.print(table("predictions", rows))
     log(f"wrote {out}: {len(rows)} images")
@@ -396,10 +491,11 @@ def evaluate_command(cfg) -> Path:
     fmt = detect_format(data)
     _check_compatible(pred, fmt)
     items = read_items(data, fmt, split="train", labelled=True, channels=pred.channels)
-    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg))
+    out = check_output_folder(cfg.out if cfg.out is not None else pred.source / "evaluate", "--out", EVALUATION_FILES,
+                              _inputs(items, pred.channels, data / "train.csv"), _run_dirs(pred))
+    probs = pred.probabilities(items, _tta_mode(cfg), cfg.bs, _workers(cfg, items))
     targets = labels_matrix(items["labels"], len(pred.names)).astype(bool)
     thresholds = pred.thresholds if cfg.threshold is None else np.full(len(pred.names), cfg.threshold)
-    out = Path(cfg.out) if cfg.out else pred.source / "evaluate"
     result = evaluation_report(probs, targets, thresholds, pred.names, items, pred.channels, out)
     summary = pd.DataFrame([{"average": k, "F1": v} for k, v in result["f1"].items()])
     console.print(table(f"per class ({len(items)} images)", result["report"].assign(
@@ -409,11 +505,14 @@ def evaluate_command(cfg) -> Path:
     return out
 
 
+EVALUATION_FILES = ("per_class.csv", "summary.json", "per_class_f1.png", "samples.png")
+
+
 def evaluation_report(probs, targets, thresholds, names, items, channels, out: Path, n_images: int = 16) -> dict:
     """Write per_class.csv, summary.json, per_class_f1.png and samples.png (worst mistakes first)."""
     report = M.per_class_report(probs, targets, thresholds, names)
     f1 = M.summary(probs, targets, thresholds)
-    write_csv(out / "per_class.csv", report)
+    write_csv(out / "per_class.csv", for_spreadsheet(report))
     write_json(out / "summary.json", {"images": int(len(targets)), "f1": f1, "thresholds": list(map(float, thresholds))})
     plots.f1_bars_plot(out / "per_class_f1.png", report)
     preds = M.decode(probs, thresholds)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ._io import atomic_path, write_json
 from .console import log
-from .data import read_image
+from .data import available_cores, bound_workers, check_workers, read_image
 from .errors import HPAError
 from .formats import CHANNEL_SETS, detect_format, key_files, read_items
 
@@ -66,6 +66,7 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
 
     if size < 8:
         raise HPAError(f"--size must be at least 8 pixels (got {size})")
+    check_workers(workers)
     if workers is not None and workers < 1:
         raise HPAError(f"--workers must be at least 1 (got {workers})")
     data_dir = resolve_data_dir(data)
@@ -85,7 +86,7 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
     else:
         log(f"all {len(tasks)} images of {data_dir} are already cached in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+    workers = bound_workers(workers, len(todo), available_cores(), log)
     if workers == 1:
         errors = [_cache_one(t) for t in todo]
     else:

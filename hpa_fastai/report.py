@@ -5,23 +5,32 @@ The pages are plain HTML with an inline stylesheet and every image inlined as a 
 one file that can be mailed, archived or opened offline, and that makes no network request.
 Everything comes from the run folder's files; the validation image grid also reads the training
 images named in ``valid_predictions.csv``, and says so on the page when they are gone.
+
+A run folder can come from someone else, so nothing read from it reaches a page unescaped: pages
+are built from ``Markup`` fragments whose ``format`` escapes every argument (Jinja's autoescaping,
+without the templates), numbers from the files are shown only if they are numbers, and the image
+grid reads only regular files inside the data folder that the run's config.json records.
 """
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
+import math
+import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 from PIL import Image
 
 from . import plots
 from ._io import write_text
+from ._outputs import check_output
 from .console import log
 from .errors import HPAError
 from .runs import format_seconds, read_json, run_summary
@@ -66,16 +75,23 @@ figcaption .id { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, mon
 
 # --- small HTML helpers ------------------------------------------------------------------------
 
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
+def num(value, spec: str = "") -> str:
+    """A number read from a run file, formatted with ``spec``; "-" for anything else (text, a list,
+    NaN), so a hand-edited file shows a gap instead of breaking the page."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    try:
+        return format(value, spec) if math.isfinite(value) else "-"
+    except (OverflowError, ValueError):  # a huge JSON integer, or an integer spec for a float
+        return "-"
 
 
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def img_tag(png: bytes, alt: str, cls: str = "plot") -> str:
-    return f'<img class="{cls}" alt="{esc(alt)}" src="{data_uri(png)}">'
+def img_tag(png: bytes, alt: str, cls: str = "plot") -> Markup:
+    return Markup('<img class="{}" alt="{}" src="{}">').format(cls, alt, data_uri(png))
 
 
 def array_png(rgb: np.ndarray) -> bytes:
@@ -105,30 +121,33 @@ def fmt_value(v) -> str:
 
 
 def html_table(header: list[str], rows: list[list], numeric: set[int] = frozenset(),
-               row_classes: list[str] | None = None, cell_html: bool = False) -> str:
-    """A table; ``numeric`` column indices are right-aligned. Cells are escaped unless ``cell_html``."""
-    out = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+               row_classes: list[str] | None = None) -> Markup:
+    """A table; ``numeric`` column indices are right-aligned. Every cell is escaped, except the
+    ``Markup`` fragments a caller built on purpose (a bold best value, a bar)."""
+    out = [Markup("<table>"), Markup("<tr>{}</tr>").format(Markup("").join(
+        Markup("<th>{}</th>").format(h) for h in header))]
     for r, row in enumerate(rows):
-        cls = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
-        cells = "".join(f'<td{" class=num" if i in numeric else ""}>{c if cell_html else esc(c)}</td>'
-                        for i, c in enumerate(row))
-        out.append(f"<tr{cls}>{cells}</tr>")
-    out.append("</table>")
-    return "\n".join(out)
+        cls = Markup(' class="{}"').format(row_classes[r]) if row_classes and row_classes[r] else ""
+        cells = Markup("").join(Markup("<td{}>{}</td>").format(Markup(" class=num") if i in numeric else "", c)
+                                for i, c in enumerate(row))
+        out.append(Markup("<tr{}>{}</tr>").format(cls, cells))
+    out.append(Markup("</table>"))
+    return Markup("\n").join(out)
 
 
-def page(title: str, body: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+def page(title: str, body: Markup) -> str:
+    return str(Markup("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                      "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+                      "<title>{}</title>\n<style>{}</style>\n</head>\n<body>\n{}\n</body>\n</html>\n")
+               .format(title, Markup(CSS), body))
 
 
-def section(anchor: str, title: str, content: str) -> str:
-    return f'<h2 id="{anchor}">{esc(title)}</h2>\n{content}'
+def section(anchor: str, title: str, content: Markup) -> Markup:
+    return Markup('<h2 id="{}">{}</h2>\n{}').format(anchor, title, content)
 
 
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
+def note(text: str) -> Markup:
+    return Markup('<p class="note">{}</p>').format(text)
 
 
 # --- reading a run ----------------------------------------------------------------------------
@@ -184,48 +203,90 @@ def valid_samples(run_dir, n: int = N_SAMPLES, size: int = THUMBNAIL) -> list[di
     if preds_df.empty:
         return []
     config = read_json(run_dir / "config.json")
-    probs = np.array([[float(p) for p in row.split()] for row in preds_df["probs"]])
-    n_classes = probs.shape[1]
-    targets = labels_matrix(preds_df["labels"], n_classes).astype(bool)
-    preds = labels_matrix(preds_df["predicted"], n_classes).astype(bool)
+    channels = config.get("channels", "rgb")
+    channels = CHANNEL_SETS.get(channels) if isinstance(channels, str) else None
+    if channels is None:
+        raise HPAError(f"{run_dir / 'config.json'}: 'channels' is not rgb or rgby, so no image is read")
+    roots = image_folders(run_dir, config)
+    try:
+        probs = np.array([[float(p) for p in row.split()] for row in preds_df["probs"]], dtype=float)
+        n_classes = probs.shape[1]
+        targets = labels_matrix(preds_df["labels"], n_classes).astype(bool)
+        preds = labels_matrix(preds_df["predicted"], n_classes).astype(bool)
+        keys, ids = preds_df["key"], preds_df["id"]
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        raise HPAError(f"{run_dir / 'valid_predictions.csv'}: not the validation predictions of a run "
+                       f"({type(e).__name__}: {str(e)[:100]})") from None
     wrong = (preds != targets).sum(1) + np.abs(probs - targets).sum(1) / (n_classes + 1)
     order = np.argsort(-wrong, kind="stable")[:n]
-    channels = CHANNEL_SETS[config.get("channels", "rgb")]
+    for i in order:  # every file checked before any is read
+        check_image_files(keys.iloc[i], channels, roots)
     samples = []
     for i in order:
-        rgb = plots.false_colour(read_image(preds_df["key"].iloc[i], channels, size=size))
-        samples.append({"id": preds_df["id"].iloc[i], "image": rgb, "true": np.flatnonzero(targets[i]).tolist(),
+        rgb = plots.false_colour(read_image(keys.iloc[i], channels, size=size))
+        samples.append({"id": ids.iloc[i], "image": rgb, "true": np.flatnonzero(targets[i]).tolist(),
                         "predicted": np.flatnonzero(preds[i]).tolist(), "probs": probs[i],
                         "mistakes": int((preds[i] != targets[i]).sum())})
     return samples
 
 
-def class_names(run_dir: Path, metrics: dict) -> list[str]:
-    if metrics.get("per_class"):
-        return [row["name"] for row in metrics["per_class"]]
-    names = read_json(run_dir / "model.json").get("names")
-    if names:
-        return names
-    from .vocab import class_names as vocab_names
+def image_folders(run_dir: Path, config: dict) -> list[Path]:
+    """The folders the run read its images from, as its config.json records them: --data and any
+    --extra-data. The image grid reads nothing outside them."""
+    data, extra = config.get("data"), config.get("extra_data") or []
+    folders = [data] + ([extra] if isinstance(extra, str) else extra if isinstance(extra, list) else [])
+    if not isinstance(data, str) or not data:
+        raise HPAError(f"{run_dir / 'config.json'}: records no data folder, so no image is read")
+    return [Path(f).resolve() for f in folders if isinstance(f, str) and f]
 
-    return vocab_names(read_json(run_dir / "model.json").get("format", "z2g"))
+
+def check_image_files(key, channels, roots: list[Path]) -> None:
+    """Refuse an item key of valid_predictions.csv unless each of its files is a regular file inside
+    one of ``roots``. The checks stat the files and never open them: opening a FIFO would block
+    forever, and a key may name any readable file (a private image, a device)."""
+    from .formats import key_files
+
+    for f in key_files(str(key), channels):
+        real = Path(f).resolve()  # links followed: a link inside the data folder may point out of it
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            raise HPAError(f"{f}: image file not found") from None
+        except OSError as e:
+            raise HPAError(f"{f}: cannot read ({e.strerror or e})") from None
+        if not any(real == root or root in real.parents for root in roots):
+            raise HPAError(f"{f}: outside the data folder {roots[0]} that config.json records; not shown")
+        if not stat.S_ISREG(mode):
+            raise HPAError(f"{f}: not a regular file; not shown")
+
+
+def class_names(run_dir: Path, metrics: dict) -> list[str]:
+    per_class = metrics.get("per_class")
+    if per_class and isinstance(per_class, list):
+        return [str(row.get("name", "?")) if isinstance(row, dict) else "?" for row in per_class]
+    names = read_json(run_dir / "model.json").get("names")
+    if isinstance(names, list) and names:
+        return [str(name) for name in names]
+    from .vocab import NAMES
+
+    return list(NAMES.get(str(read_json(run_dir / "model.json").get("format", "z2g")), NAMES["z2g"]))
 
 
 # --- one run -------------------------------------------------------------------------------------
 
-def summary_line(summary: dict, metrics: dict) -> str:
+def summary_line(summary: dict, metrics: dict) -> Markup:
     if not metrics:
-        return (f"No validation metrics: the run is <b>{esc(summary['status'])}</b>"
-                + (f" after {summary['epochs']} epoch(s)." if summary["epochs"] else "."))
-    thr = metrics.get("threshold", 0.5)
-    return (f"Best epoch <b>{metrics['best_epoch']}</b> of {metrics['epochs_run']} · "
-            f"macro F1 <b>{metrics['f1_macro']:.4f}</b> at threshold {thr:g}, "
-            f"<b>{metrics['f1_macro_tuned']:.4f}</b> with per-class tuned thresholds · "
-            f"samples F1 {metrics['f1_samples']:.4f} / {metrics['f1_samples_tuned']:.4f} · "
-            f"status <b>{esc(summary['status'])}</b> · {esc(format_seconds(summary['time']))}")
+        after = Markup(" after {} epoch(s).").format(summary["epochs"]) if summary["epochs"] else "."
+        return Markup("No validation metrics: the run is <b>{}</b>{}").format(summary["status"], after)
+    return Markup("Best epoch <b>{}</b> of {} · macro F1 <b>{}</b> at threshold {}, <b>{}</b> with per-class "
+                  "tuned thresholds · samples F1 {} / {} · status <b>{}</b> · {}").format(
+        num(metrics.get("best_epoch")), num(metrics.get("epochs_run")), num(metrics.get("f1_macro"), ".4f"),
+        num(metrics.get("threshold", 0.5), "g"), num(metrics.get("f1_macro_tuned"), ".4f"),
+        num(metrics.get("f1_samples"), ".4f"), num(metrics.get("f1_samples_tuned"), ".4f"), summary["status"],
+        format_seconds(summary["time"]))
 
 
-def config_section(config: dict) -> str:
+def config_section(config: dict) -> Markup:
     # three setting/value pairs per row: the page opens on results, not on a screen of settings
     pairs = [[k, fmt_value(v)] for k, v in config.items()]
     pairs += [["", ""]] * (-len(pairs) % CONFIG_COLUMNS)
@@ -235,21 +296,21 @@ def config_section(config: dict) -> str:
                    + html_table(["setting", "value"] * CONFIG_COLUMNS, rows))
 
 
-def lr_find_section(run_dir: Path, config: dict) -> str:
+def lr_find_section(run_dir: Path, config: dict) -> Markup:
     png = run_dir / "lr_find.png"
     if not png.is_file():
         return section("lr-find", "Learning-rate finder",
-                       note(f"Not run: the learning rate was given (--lr {config.get('lr', '?')})."))
+                       note(f"Not run: the learning rate was given (--lr {fmt_value(config.get('lr', '?'))})."))
     suggestions = read_json(run_dir / "lr_find.json").get("suggestions", {})
-    rows = [[name, f"{lr:.3e}" if isinstance(lr, float) and np.isfinite(lr) else "-"] for name, lr in suggestions.items()]
+    rows = [[name, num(lr, ".3e")] for name, lr in suggestions.items()] if isinstance(suggestions, dict) else []
     used = config.get("lr_used")
     text = note(f"Loss against learning rate over a short mock training; the run used "
-                f"{used:.3e} (the valley suggestion)." if isinstance(used, float) else "")
+                f"{num(used, '.3e')} (the valley suggestion)." if isinstance(used, float) else "")
     return section("lr-find", "Learning-rate finder",
                    text + img_tag(png.read_bytes(), "lr_find plot") + html_table(["suggestion", "lr"], rows, {1}))
 
 
-def curves_section(run_dir: Path, history: pd.DataFrame) -> str:
+def curves_section(run_dir: Path, history: pd.DataFrame) -> Markup:
     parts = []
     png = run_dir / "curves.png"
     if png.is_file():
@@ -262,30 +323,41 @@ def curves_section(run_dir: Path, history: pd.DataFrame) -> str:
         rows = [[specs.get(c, "{:.4f}").format(v) if isinstance(v, float) else str(v) for c, v in zip(cols, r)]
                 for r in history.itertuples(index=False)]
         parts.append(html_table(cols, rows, {i for i, c in enumerate(cols) if c != "phase"}))
-    return section("curves", "Loss and F1 per epoch", "\n".join(parts))
+    return section("curves", "Loss and F1 per epoch", Markup("\n").join(parts))
 
 
-def per_class_section(run_dir: Path, metrics: dict) -> str:
-    if not metrics.get("per_class"):
+def per_class_rows(metrics: dict) -> list[dict]:
+    """metrics.json's per-class rows, each with the keys the pages show (a value that is missing or
+    not of its type is None, and shown as "-")."""
+    rows = metrics.get("per_class")
+    return [{"class": r.get("class"), "name": r.get("name"), **{k: r.get(k) if num(r.get(k)) != "-" else None
+             for k in ("threshold", "precision", "recall", "f1", "support")}}
+            for r in (rows if isinstance(rows, list) else []) if isinstance(r, dict)]
+
+
+def per_class_section(run_dir: Path, metrics: dict) -> Markup:
+    if not per_class_rows(metrics):
         return section("per-class", "Per class", note("No metrics.json: the run has not finished."))
     rows, classes = [], []
-    for r in metrics["per_class"]:
-        pct = max(0.0, min(100.0, 100 * r["f1"]))
-        bar = f'<span style="display:inline-block;width:{pct:.0f}px;height:.7em;background:#54aeff"></span>'
-        rows.append([esc(r["class"]), esc(r["name"]), f"{r['threshold']:.3f}", f"{r['precision']:.3f}",
-                     f"{r['recall']:.3f}", f"{r['f1']:.3f}", bar, esc(int(r["support"]))])
-        classes.append("absent" if int(r["support"]) == 0 else "")
+    for r in per_class_rows(metrics):
+        pct = max(0.0, min(100.0, 100 * (r["f1"] or 0.0)))
+        bar = Markup('<span style="display:inline-block;width:{}px;height:.7em;background:#54aeff"></span>').format(
+            f"{pct:.0f}")
+        rows.append([fmt_value(r["class"]), fmt_value(r["name"]), num(r["threshold"], ".3f"),
+                     num(r["precision"], ".3f"), num(r["recall"], ".3f"), num(r["f1"], ".3f"), bar,
+                     num(r["support"], ".0f")])
+        classes.append("absent" if r["support"] == 0 else "")
     table = html_table(["class", "name", "threshold", "precision", "recall", "F1", "", "support"], rows,
-                       {0, 2, 3, 4, 5, 7}, classes, cell_html=True)
-    text = note(f"On the {metrics.get('valid_images', '?')} validation images, each class at its own tuned "
-                "threshold. Support is the number of validation images with the class; greyed rows have none, "
-                "so their scores say nothing.")
+                       {0, 2, 3, 4, 5, 7}, classes)
+    text = note(f"On the {fmt_value(metrics.get('valid_images', '?'))} validation images, each class at its own "
+                "tuned threshold. Support is the number of validation images with the class; greyed rows have "
+                "none, so their scores say nothing.")
     png = run_dir / "per_class_f1.png"
     bars = img_tag(png.read_bytes(), "per-class F1 bars") if png.is_file() else ""
     return section("per-class", "Per class: precision, recall, F1", text + table + bars)
 
 
-def samples_section(run_dir: Path, names: list[str], rgby: bool) -> str:
+def samples_section(run_dir: Path, names: list[str], rgby: bool) -> Markup:
     try:
         samples = valid_samples(run_dir)
     except HPAError as e:
@@ -300,24 +372,24 @@ def samples_section(run_dir: Path, names: list[str], rgby: bool) -> str:
         for c in indices[:most]:
             p = f" {probs[c]:.2f}" if probs is not None else ""
             cls = cls_in if c in other else cls_out
-            spans.append(f'<span class="{cls}">{esc(names[c] if c < len(names) else c)}{p}</span>')
+            spans.append(Markup('<span class="{}">{}{}</span>').format(cls, names[c] if c < len(names) else c, p))
         more = f" and {len(indices) - most} more" if len(indices) > most else ""
-        return (", ".join(spans) or "-") + more
+        return (Markup(", ").join(spans) or "-") + more
 
     figures = []
     for s in samples:
-        caption = (f'<span class="id">{esc(s["id"])}</span> · {s["mistakes"]} label(s) wrong<br>'
-                   f'true: {labels(s["true"], s["predicted"], "ok", "missed")}<br>'
-                   f'predicted: {labels(s["predicted"], s["true"], "ok", "wrong", s["probs"])}')
-        figures.append(f"<figure>{img_tag(array_png(s['image']), str(s['id']), 'thumb')}"
-                       f"<figcaption>{caption}</figcaption></figure>")
+        caption = Markup('<span class="id">{}</span> · {} label(s) wrong<br>true: {}<br>predicted: {}').format(
+            s["id"], s["mistakes"], labels(s["true"], s["predicted"], "ok", "missed"),
+            labels(s["predicted"], s["true"], "ok", "wrong", s["probs"]))
+        figures.append(Markup("<figure>{}<figcaption>{}</figcaption></figure>").format(
+            img_tag(array_png(s["image"]), str(s["id"]), "thumb"), caption))
     colour = "; RGBY in false colour, yellow as red + green" if rgby else ""
-    text = ('<p class="note">The validation images the model got most wrong, worst first (tuned thresholds'
-            f'{colour}). Labels: <span class="ok">correct</span>, '
-            '<span class="missed">missed</span> (true, not predicted), <span class="wrong">wrong</span> '
-            '(predicted, not true); predicted labels show their probability.</p>')
+    text = Markup('<p class="note">The validation images the model got most wrong, worst first (tuned thresholds'
+                  '{}). Labels: <span class="ok">correct</span>, <span class="missed">missed</span> (true, not '
+                  'predicted), <span class="wrong">wrong</span> (predicted, not true); predicted labels show '
+                  'their probability.</p>').format(colour)
     return section("samples", "Validation images, worst mistakes first",
-                   text + '<div class="grid">' + "\n".join(figures) + "</div>")
+                   text + Markup('<div class="grid">{}</div>').format(Markup("\n").join(figures)))
 
 
 def render_report(run_dir: Path) -> str:
@@ -326,19 +398,20 @@ def render_report(run_dir: Path) -> str:
     summary = run_summary(run_dir)
     name = run_label(run_dir)
     history = read_history(run_dir)
-    sub = (f"{esc(config.get('arch', '?'))} on {esc(config.get('data', '?'))} · {esc(config.get('channels', '?'))}, "
-           f"{esc(config.get('size', '?'))} px · {esc(metrics.get('valid_images', '?'))} validation images")
-    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in [
+    sub = Markup("{} on {} · {}, {} px · {} validation images").format(*(fmt_value(v) for v in (
+        config.get("arch", "?"), config.get("data", "?"), config.get("channels", "?"), config.get("size", "?"),
+        metrics.get("valid_images", "?"))))
+    nav = Markup("").join(Markup('<a href="#{}">{}</a>').format(a, t) for a, t in [
         ("config", "Configuration"), ("lr-find", "Learning rate"), ("curves", "Curves"),
         ("per-class", "Per class"), ("samples", "Images")])
     tb = (note("TensorBoard logs: tensorboard/ in the run folder (tensorboard --logdir <run folder>).")
           if (run_dir / "tensorboard").is_dir() else "")
-    body = "\n".join([
-        f"<h1>Run {esc(name)}</h1>",
-        f'<p class="sub">{sub}</p>',
-        f'<p class="summary">{summary_line(summary, metrics)}</p>',
+    body = Markup("\n").join([
+        Markup("<h1>Run {}</h1>").format(name),
+        Markup('<p class="sub">{}</p>').format(sub),
+        Markup('<p class="summary">{}</p>').format(summary_line(summary, metrics)),
         tb,
-        f"<nav>{nav}</nav>",
+        Markup("<nav>{}</nav>").format(nav),
         config_section(config),
         lr_find_section(run_dir, config),
         curves_section(run_dir, history),
@@ -369,10 +442,14 @@ def overlay_plot(histories: dict[str, pd.DataFrame]) -> bytes:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, h in histories.items():
+        if "epoch" not in h:
+            continue
+        # numbers only: a hand-edited history.csv may hold text
+        epoch, label = pd.to_numeric(h["epoch"], errors="coerce"), plots.plain_text(label)
         if "valid_loss" in h:
-            ax1.plot(h["epoch"], h["valid_loss"], marker="o", label=label)
+            ax1.plot(epoch, pd.to_numeric(h["valid_loss"], errors="coerce"), marker="o", label=label)
         if "f1_macro" in h:
-            ax2.plot(h["epoch"], h["f1_macro"], marker="o", label=label)
+            ax2.plot(epoch, pd.to_numeric(h["f1_macro"], errors="coerce"), marker="o", label=label)
     ax1.set(xlabel="epoch", ylabel="validation loss", title="validation loss")
     ax2.set(xlabel="epoch", ylabel="macro F1 (validation)", title="macro F1", ylim=(0, 1))
     for ax in (ax1, ax2):
@@ -390,14 +467,13 @@ def render_comparison(run_dirs: list[Path]) -> str:
     metrics = [read_json(d / "metrics.json") for d in run_dirs]
 
     best_f1 = max((s["f1_tuned"] for s in summaries if s["f1_tuned"] is not None), default=None)
-    rows = [[esc(label), esc(s["data"]), esc(s["arch"]), esc(s["channels"]), esc(s["size"]), esc(fmt_value(s["epochs"])),
-             esc(fmt_value(s["best_epoch"])),
-             "-" if s["f1"] is None else f"{s['f1']:.4f}",
-             "-" if s["f1_tuned"] is None else (f"<b>{s['f1_tuned']:.4f}</b>" if s["f1_tuned"] == best_f1
-                                               else f"{s['f1_tuned']:.4f}"),
-             esc(format_seconds(s["time"])), esc(s["status"])] for label, s in zip(labels, summaries)]
+    rows = [[label, fmt_value(s["data"]), fmt_value(s["arch"]), fmt_value(s["channels"]), fmt_value(s["size"]),
+             fmt_value(s["epochs"]), fmt_value(s["best_epoch"]), num(s["f1"], ".4f"),
+             Markup("<b>{}</b>").format(num(s["f1_tuned"], ".4f"))
+             if best_f1 is not None and s["f1_tuned"] == best_f1 else num(s["f1_tuned"], ".4f"),
+             format_seconds(s["time"]), s["status"]] for label, s in zip(labels, summaries)]
     summary = html_table(["run", "data", "arch", "channels", "size", "epochs", "best", "macro F1", "tuned", "time",
-                          "status"], rows, {4, 5, 6, 7, 8, 9}, cell_html=True)
+                          "status"], rows, {4, 5, 6, 7, 8, 9})
 
     keys = list(dict.fromkeys(k for c in configs for k in c))
     cfg_rows, cfg_classes = [], []
@@ -414,30 +490,32 @@ def render_comparison(run_dirs: list[Path]) -> str:
 
     classes: dict[tuple, list] = {}
     for i, m in enumerate(metrics):
-        for r in m.get("per_class", []):
-            classes.setdefault((r["class"], r["name"]), [None] * len(metrics))[i] = r
+        for r in per_class_rows(m):
+            classes.setdefault((fmt_value(r["class"]), fmt_value(r["name"])), [None] * len(metrics))[i] = r
     pc_rows = []
     for (c, name), per_run in classes.items():
-        f1s = [r["f1"] for r in per_run if r is not None]
+        f1s = [r["f1"] for r in per_run if r is not None and r["f1"] is not None]
         top = max(f1s) if f1s else None
         cells = []
         for r in per_run:
             if r is None:
                 cells.append("-")
             else:
-                text = f"{r['f1']:.3f} <span class=note>(n={int(r['support'])})</span>"
-                cells.append(f"<b>{text}</b>" if r["f1"] == top and len(f1s) > 1 and top > 0 else text)
-        pc_rows.append([esc(c), esc(name), *cells])
+                text = Markup("{} <span class=note>(n={})</span>").format(num(r["f1"], ".3f"),
+                                                                          num(r["support"], ".0f"))
+                best = r["f1"] is not None and r["f1"] == top and len(f1s) > 1 and top > 0
+                cells.append(Markup("<b>{}</b>").format(text) if best else text)
+        pc_rows.append([c, name, *cells])
     per_class = (note("F1 of each class at each run's tuned thresholds; n is the class's validation support. "
                       "Best per class in bold.")
-                 + html_table(["class", "name", *labels], pc_rows, set(range(2, 2 + len(labels))), cell_html=True)
+                 + html_table(["class", "name", *labels], pc_rows, set(range(2, 2 + len(labels))))
                  if pc_rows else note("No run has per-class metrics yet."))
 
-    body = "\n".join([
-        f"<h1>Comparison of {len(run_dirs)} runs</h1>",
-        f'<p class="sub">{esc(", ".join(labels))}</p>',
-        '<nav><a href="#summary">Summary</a><a href="#config">Configuration</a><a href="#curves">Curves</a>'
-        '<a href="#per-class">Per class</a></nav>',
+    body = Markup("\n").join([
+        Markup("<h1>Comparison of {} runs</h1>").format(len(run_dirs)),
+        Markup('<p class="sub">{}</p>').format(", ".join(labels)),
+        Markup('<nav><a href="#summary">Summary</a><a href="#config">Configuration</a><a href="#curves">Curves</a>'
+               '<a href="#per-class">Per class</a></nav>'),
         section("summary", "Summary", summary),
         section("config", "Configuration side by side", cfg_table),
         section("curves", "Validation loss and macro F1 per epoch", curves),
@@ -454,10 +532,12 @@ def write_comparison(run_dirs, out="comparison.html") -> Path:
 
 def report_command(cfg) -> Path:
     runs = [check_run_dir(r) for r in cfg.runs]
-    if len(runs) == 1:
-        path = write_report(runs[0], cfg.out)
+    if len(runs) == 1:  # a run's report.html is this command's own output; the rest of the folder is not
+        out = None if cfg.out is None else check_output(cfg.out, "--out", run_dirs=runs, own={"report.html"})
+        path = write_report(runs[0], out)
     else:
-        path = write_comparison(runs, cfg.out or Path.cwd() / "comparison.html")
+        path = write_comparison(runs, check_output(Path.cwd() / "comparison.html" if cfg.out is None else cfg.out,
+                                                   "--out", run_dirs=runs))
     log(f"wrote {path}")
     return path
 
@@ -477,17 +557,20 @@ def log_tensorboard_summary(run_dir, metrics: dict | None = None, samples: list[
 
     run_dir = Path(run_dir)
     metrics = metrics if metrics is not None else read_json(run_dir / "metrics.json")
-    step = int(metrics.get("epochs_run", 0))
+    epochs = metrics.get("epochs_run", 0)
+    step = int(epochs) if num(epochs, "d") != "-" else 0
     names = class_names(run_dir, metrics)
     with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
         for key in ("f1_macro", "f1_micro", "f1_samples", "f1_macro_tuned", "f1_micro_tuned", "f1_samples_tuned"):
-            if key in metrics:
+            if num(metrics.get(key)) != "-":
                 writer.add_scalar(f"final/{key}", metrics[key], step)
         rows = ["| class | name | threshold | precision | recall | F1 | support |", "|---|---|---|---|---|---|---|"]
-        for r in metrics.get("per_class", []):
-            writer.add_scalar(f"per_class_f1/{r['class']:02d}_{_tag(r['name'])}", r["f1"], step)
-            rows.append(f"| {r['class']} | {r['name']} | {r['threshold']:.3f} | {r['precision']:.3f} | "
-                        f"{r['recall']:.3f} | {r['f1']:.3f} | {int(r['support'])} |")
+        for r in per_class_rows(metrics):
+            cls, name = fmt_value(r["class"]), fmt_value(r["name"]).replace("|", "\\|")
+            if r["f1"] is not None:
+                writer.add_scalar(f"per_class_f1/{num(r['class'], '02d')}_{_tag(name)}", r["f1"], step)
+            rows.append(f"| {cls} | {name} | {num(r['threshold'], '.3f')} | {num(r['precision'], '.3f')} | "
+                        f"{num(r['recall'], '.3f')} | {num(r['f1'], '.3f')} | {num(r['support'], '.0f')} |")
         writer.add_text("per_class", "\n".join(rows), step)
         if samples is None:
             try:

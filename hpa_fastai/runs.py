@@ -17,6 +17,7 @@ the same way, which is the honest reading of the evidence.
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -81,9 +82,10 @@ def run_status(run_dir: Path, status: dict, history: pd.DataFrame, now: float | 
     """status.json's word, with a ``running`` run whose files went quiet read as ``interrupted``."""
     word = status.get("status", "unknown")
     if word != "running":
-        return word
+        return word if isinstance(word, str) else "unknown"
     newest = max((p.stat().st_mtime for p in run_dir.iterdir() if p.is_file()), default=0.0)
-    slowest_epoch = float(history["seconds"].max()) if "seconds" in history and len(history) else 0.0
+    seconds = pd.to_numeric(history["seconds"], errors="coerce").max() if "seconds" in history else None
+    slowest_epoch = float(seconds) if seconds is not None and math.isfinite(seconds) else 0.0
     quiet = (time.time() if now is None else now) - newest
     return "interrupted" if quiet > max(STALE_SECONDS, 3 * slowest_epoch) else "running"
 
@@ -96,7 +98,7 @@ def run_summary(run_dir) -> dict:
     started = _started(run_dir.resolve(), status)
     epochs = metrics.get("epochs_run", len(history) if len(history) else None)
     seconds = metrics.get("seconds", status.get("seconds"))
-    return {
+    return _typed({
         "run": run_dir.resolve().name,  # "latest" is a link: name the run it points at
         "date": started.strftime("%Y-%m-%d %H:%M:%S") if started else None,
         "data": config.get("data"),
@@ -112,7 +114,28 @@ def run_summary(run_dir) -> dict:
         "disk_bytes": folder_size(run_dir.resolve()),
         "threshold": metrics.get("threshold", config.get("threshold")),
         "path": str(run_dir),
-    }
+    })
+
+
+# What each value of a row must be; the run files are JSON anyone can edit, so a value of another
+# type (text where a number belongs, a list) is shown as missing rather than breaking the table.
+ROW_TYPES = {"data": str, "arch": str, "channels": str, "size": int, "epochs": int, "best_epoch": int,
+             "f1": float, "f1_tuned": float, "time": float, "threshold": float, "status": str}
+
+
+def _typed(row: dict) -> dict:
+    for key, kind in ROW_TYPES.items():
+        row[key] = _as(kind, row.get(key))
+    row["status"] = row["status"] or "unknown"
+    return row
+
+
+def _as(kind, value):
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e15 or not math.isfinite(value):
+        return None  # abs() first: math.isfinite overflows on a huge JSON integer
+    return None if kind is int and value != int(value) else kind(value)
 
 
 def collect_runs(folder="runs", sort: str = "date") -> pd.DataFrame:
@@ -187,8 +210,12 @@ NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "time", "disk"}
 
 
 def runs_command(cfg) -> pd.DataFrame:
+    from ._outputs import check_output, for_spreadsheet
+
     folder = Path(cfg.dir)
     df = collect_runs(folder, cfg.sort)
+    if cfg.csv is not None:
+        check_output(cfg.csv, "--csv", run_dirs=df["path"])
     if df.empty:
         why = "the folder does not exist" if not folder.exists() else "no run folders in it"
         log(f"no runs in {folder} ({why}); train one with: python run.py --out {folder}")
@@ -202,7 +229,7 @@ def runs_command(cfg) -> pd.DataFrame:
     t.caption = (f"macro F1 on the validation images at threshold {', '.join(f'{x:g}' for x in thresholds) or '0.5'}"
                  " and with per-class tuned thresholds")
     console.print(t)
-    if cfg.csv:
-        write_csv(cfg.csv, df)
+    if cfg.csv is not None:
+        write_csv(cfg.csv, for_spreadsheet(df))  # values from run files, for a spreadsheet
         log(f"wrote {cfg.csv}")
     return df

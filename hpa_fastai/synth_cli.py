@@ -6,10 +6,13 @@ from pathlib import Path
 from rich.progress import Progress
 
 from .console import console, log
+from .errors import HPAError
 from .synth import make_dataset
 
 
 def synth_command(cfg) -> Path:
+    if not cfg.out.strip():
+        raise HPAError("--out is empty: give the folder to write the data set to")
     total = cfg.n_train + cfg.n_test
     if console.is_terminal:
         with Progress(console=console, transient=True) as progress:

@@ -34,7 +34,7 @@ from . import plots
 from ._io import atomic_path, write_csv, write_json
 from .config import TrainConfig
 from .console import EpochLogger, console, log, table
-from .data import channel_stats, default_workers, make_dls, make_splitter, native_size
+from .data import bound_workers, channel_stats, check_workers, default_workers, make_dls, make_splitter, native_size
 from .dedup import duplicate_groups
 from .errors import HPAError
 from .formats import detect_format, read_items, verify_images, with_extra_items
@@ -77,6 +77,7 @@ def _check_types(cfg: TrainConfig) -> None:
 
 
 MAX_SIZE = 4096  # a larger --size would only exhaust memory (a 100000 px side is 30 GB per image)
+MIN_SIZE = 8  # fastai's augmentation divides by zero on 1 px images; below 8 px no model sees anything
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -86,8 +87,8 @@ def validate(cfg: TrainConfig) -> None:
         raise HPAError(f"--epochs must be at least 1 (got {cfg.epochs})")
     if cfg.bs < 1:
         raise HPAError(f"--bs must be at least 1 (got {cfg.bs})")
-    if cfg.size is not None and cfg.size < 8:
-        raise HPAError(f"--size must be at least 8 pixels (got {cfg.size})")
+    if cfg.size is not None and cfg.size < MIN_SIZE:
+        raise HPAError(f"--size must be at least {MIN_SIZE} pixels (got {cfg.size})")
     if cfg.size is not None and cfg.size > MAX_SIZE:
         raise HPAError(f"--size must be at most {MAX_SIZE} pixels (got {cfg.size})")
     if cfg.lr != "auto":
@@ -107,8 +108,9 @@ def validate(cfg: TrainConfig) -> None:
         raise HPAError(f"--threshold must be between 0 and 1 (got {cfg.threshold})")
     if cfg.patience < 1:
         raise HPAError(f"--patience must be at least 1 (got {cfg.patience})")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise HPAError(f"--workers must be 0 or more (got {cfg.workers})")
+    check_workers(cfg.workers)
+    if not cfg.out.strip():
+        raise HPAError("--out is empty: give the folder that holds the run folders")
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range
         raise HPAError(f"--seed must be in 0..{2**32 - 1} (got {cfg.seed})")
     if not (math.isfinite(cfg.focal_gamma) and cfg.focal_gamma >= 0):
@@ -173,9 +175,12 @@ def prepare(cfg: TrainConfig, stats: tuple | None = None) -> Prepared:
     if groups is not None:
         items = items.assign(group=groups)
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
+    if size < MIN_SIZE:  # the automatic size: --size itself was checked by validate()
+        raise HPAError(f"{data_dir}: the images are {size}x{size} pixels (image {items['id'].iloc[0]!r}), below the "
+                       f"minimum of {MIN_SIZE}; pass --size {MIN_SIZE} or more to enlarge them")
     items = cached_items(items, channels, size)  # `run.py preprocess` copies, where they exist
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    workers = cfg.workers if cfg.workers is not None else default_workers(device.type == "cuda")
+    workers = bound_workers(cfg.workers, len(items), default_workers(device.type == "cuda"), log)
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
     mean, std = stats or channel_stats(items["key"], channels, size, seed=cfg.seed)
     return Prepared(resolved, data_dir, fmt.name, items, vocab_for(fmt.name), class_names(fmt.name),
@@ -190,12 +195,16 @@ def make_run_dir(out, arch: str, name: str | None = None) -> Path:
     name = name or f"{stamp}-{arch.replace(':', '-').replace('/', '-')}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        run_dir = out / name
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = out / f"{name}-{n}"
-        run_dir.mkdir()
+        run_dir, n = out / name, 1
+        while True:  # mkdir is the test: two runs started in the same second cannot both get a name
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                if n > 10_000:
+                    raise
+                run_dir = out / f"{name}-{n}"
         probe = run_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
@@ -415,8 +424,9 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
             f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
             f"device {prep.device.type}, precision {learn.hpa_precision}")
         lr = _learning_rate(cfg, learn, run_dir, resumed)
-    except HPAError as e:  # e.g. --bs too large, --weights that do not fit, lr_find without an answer
-        write_json(run_dir / "status.json", {"status": "failed", "reason": str(e), "epochs_done": 0})
+    except BaseException as e:  # --bs too large, --weights that do not fit, a library error: never left "running"
+        write_json(run_dir / "status.json", {"status": "interrupted", "epochs_done": 0} if isinstance(
+            e, KeyboardInterrupt) else {"status": "failed", "reason": _reason(e), "epochs_done": 0})
         raise
     if not resumed:
         write_json(run_dir / "config.json", {**cfg.to_json(), "lr_used": lr, "pretrained_used": used_pretrained,
@@ -497,6 +507,10 @@ def remove_resume_files(run_dir: Path) -> None:
     """A finished run is exported: what only --resume needs (three times the model's size) goes."""
     for name in RESUME_FILES:
         (run_dir / name).unlink(missing_ok=True)
+
+
+def _reason(e: BaseException) -> str:
+    return str(e) if isinstance(e, HPAError) else f"{type(e).__name__}: {e}"[:500]
 
 
 def _learning_rate(cfg: TrainConfig, learn, run_dir: Path, resumed) -> float:

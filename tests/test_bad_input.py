@@ -4,9 +4,12 @@ Each case ends either in the project's own error (``HPAError`` in-process; throu
 code 2 and one ``error: ...`` line naming the file, line or flag, no traceback) or, where the
 input is valid after all, in the right items. A flag value that argparse itself refuses (``--bs 0``)
 gets the same single ``error: argument --bs ...`` line. ``tests/test_formats.py`` has the common
-CSV and image cases; this module adds breadth and property-based fuzzing.
+CSV and image cases; this module adds breadth and property-based fuzzing. The last section is the
+careful attacker's and careless user's: nothing unpickled without ``--trust``, report pages that
+escape every value from a file, bounded worker counts, CSV fields and model headers, and outputs
+that never write over a command's inputs.
 
-182 parametrised cases + 5 single-case tests + 6 property-based tests (train.csv text, image bytes,
+246 parametrised cases + 21 single-case tests + 6 property-based tests (train.csv text, image bytes,
 ids, label text and config values at 150 examples each, model.json at 60) + 2 subprocess tests.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import struct
 import tempfile
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -509,6 +513,16 @@ def other_arch_weights(run):
     return save({k: v.contiguous() for k, v in create_model("cnn", 4, 10, pretrained=False)[0].state_dict().items()})
 
 
+def nan_weights(value):
+    def make(run):
+        from safetensors.torch import load_file, save
+
+        state = load_file(str(run / "model.safetensors"))
+        state["0.0.weight"] = torch.full_like(state["0.0.weight"], value)
+        return save(state)
+    return make
+
+
 LEARNER_CASES = {
     # name: (mutation of a copy of the good run folder returning the path to load, message parts)
     "model.json is a number": (write("model.json", b"5"), ["model.json", "a JSON int, not an object"]),
@@ -549,6 +563,16 @@ LEARNER_CASES = {
                                           ["export.pkl", "not a loadable"]),
     "folder with neither export": (lambda r: ([f.unlink() for f in r.iterdir()], r)[1], ["no model.json"]),
     "unknown suffix": (write("model.bin", b"x", "model.bin"), ["expected a run folder"]),
+    "all-NaN weights": (write("model.safetensors", nan_weights(math.nan)),
+                        ["model.safetensors", "'0.0.weight'", "not finite"]),
+    "infinite weights": (write("model.safetensors", nan_weights(math.inf)), ["model.safetensors", "not finite"]),
+    "std of 1e-300": (edit_meta(std=[1e-300] * 3), ["'std'"]),
+    "std of 1e6": (edit_meta(std=[1e6] * 3), ["'std'"]),
+    "mean of 1e6": (edit_meta(mean=[1e6] * 3), ["'mean'"]),
+    "safetensors header not JSON": (write("model.safetensors", struct.pack("<Q", 4) + b"{{{{"),
+                                    ["model.safetensors", "cannot read weights"]),
+    "safetensors header length past the end": (write("model.safetensors", struct.pack("<Q", 10**6) + b"{}"),
+                                               ["model.safetensors", "cannot read weights"]),
 }
 
 
@@ -570,12 +594,14 @@ def test_the_good_model_loads_and_predicts(safe_model, make_z2g):
     assert len(result["all_probabilities"]) == 10
 
 
-def test_empty_export_pkl_in_runs_is_unpickled_without_trust_and_refused(tmp_path, monkeypatch):
+def test_empty_export_pkl_in_runs_is_refused_without_trust(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "export.pkl").write_bytes(b"")
-    with pytest.raises(HPAError, match="not a loadable fastai learner"):
+    with pytest.raises(HPAError, match="refusing to unpickle"):  # inside ./runs is no longer trusted
         load_predictor("runs/r", cpu=True)
+    with pytest.raises(HPAError, match="not a loadable fastai learner"):
+        load_predictor("runs/r", trust=True, cpu=True)
     (tmp_path / "elsewhere.pkl").write_bytes(b"")
     with pytest.raises(HPAError, match="refusing to unpickle"):
         load_predictor(tmp_path / "elsewhere.pkl", cpu=True)
@@ -760,3 +786,513 @@ def test_subprocess_predict_with_a_model_json_that_is_not_an_object(safe_model, 
     proc = run_cli("predict", "--learner", run, "--out", tmp_path / "sub.csv", cwd=tmp_path, timeout=120)
     assert_cli_error(proc.returncode, proc.stdout, proc.stderr, "model.json", "not an object")
     assert not (tmp_path / "sub.csv").exists()
+
+
+# --- security and robustness: consent to unpickle, escaped pages, bounded resources, safe outputs -----
+
+class Payload:
+    """Unpickling this creates the folder ``marker``: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def planted_run(folder: Path, marker: Path) -> Path:
+    """A run folder holding only a config and an export.pkl whose unpickling creates ``marker``."""
+    import pickle
+
+    folder.mkdir(parents=True)
+    (folder / "export.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    (folder / "config.json").write_text("{}")
+    (folder / "status.json").write_text('{"status": "finished"}')
+    return folder
+
+
+@pytest.mark.parametrize("learner", ["runs/r", "runs/r/export.pkl", "runs/latest", "elsewhere/export.pkl"])
+def test_export_pkl_is_never_unpickled_without_trust_wherever_it_is(tmp_path, monkeypatch, learner):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "payload-ran"
+    planted_run(tmp_path / "runs" / "r", marker)
+    (tmp_path / "runs" / "latest").symlink_to("r")
+    planted_run(tmp_path / "elsewhere", marker)
+    with pytest.raises(HPAError) as info:
+        load_predictor(learner, cpu=True)
+    message = one_line(str(info.value))
+    assert "refusing to unpickle" in message and "--trust" in message and "export.pkl" in message
+    assert not marker.exists()
+    with pytest.raises(HPAError, match="not a loadable fastai learner"):
+        load_predictor(learner, trust=True, cpu=True)  # with consent it is unpickled (and then refused)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "export", "report", "runs"])
+def test_no_command_unpickles_a_planted_runs_latest(make_z2g, tmp_path, monkeypatch, capsys, command):
+    data = make_z2g(n=2, size=16)
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "payload-ran"
+    planted_run(tmp_path / "runs" / "r", marker)
+    (tmp_path / "runs" / "latest").symlink_to("r")
+    args = {"predict": ["--data", data / "train", "--out", tmp_path / "sub.csv"],
+            "evaluate": ["--data", data, "--out", tmp_path / "eval"],
+            "export": ["--onnx", "--out", tmp_path / "model.onnx"],
+            "report": ["runs/latest"], "runs": []}[command]
+    code, out, err = cli_in_process(capsys, command, *args)
+    if command in ("report", "runs"):
+        assert code == 0, err
+    else:
+        assert_cli_error(code, out, err, "export.pkl", "--trust")
+    assert not marker.exists()
+
+
+def test_control_characters_never_reach_the_console(safe_model, tmp_path, capsys):
+    from hpa_fastai.console import console, log, table
+
+    evil = "a\x1b]0;owned\x07b\x1b[2Jc\rd\x9be\u202ef"
+    capsys.readouterr()
+    log(evil)
+    console.print(table(evil, pd.DataFrame({"x": [evil], "y": [1.5]})))
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\r\x9b\u202e") and "owned" in out
+    images = tmp_path / "images"
+    write_png(images / "x\x1b[2J.png", np.zeros((16, 16, 3), np.uint8))
+    code, out, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", images, "--out",
+                                    tmp_path / "labels.csv")
+    assert code == 0, err
+    assert "\x1b" not in out + err and "x\\x1b[2J" in out
+
+
+def test_class_names_with_rich_markup_are_printed_literally(safe_model, make_z2g, tmp_path, capsys):
+    data = make_z2g(n=3, size=16)
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(names=[f"[/]x{i}" for i in range(10)])(run)
+    code, out, err = cli_in_process(capsys, "predict", "--learner", run, "--data", data / "train", "--out",
+                                    tmp_path / "labels.csv")
+    assert code == 0, err
+    assert "[/]x" in out
+    code, out, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert "[/]x9" in out
+
+
+def test_a_bad_image_in_a_worker_process_is_one_short_line(safe_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    for name in ("a", "b"):
+        write_png(images / f"{name}.png", np.zeros((16, 16, 3), np.uint8))
+    (images / "broken.png").write_bytes(RGB_PNG[:40])  # read by a worker, after the first batch
+    code, out, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", images, "--out",
+                                    tmp_path / "labels.csv", "--workers", "2", "--bs", "1")
+    assert_cli_error(code, out, err, "broken.png", "not a readable image")
+    assert len(err) < 400 and "Traceback" not in err and "DataLoader" not in err
+    assert not (tmp_path / "labels.csv").exists()
+
+
+def test_train_csv_is_read_once_and_stops_at_the_first_bad_row(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=2, size=16)
+    rows = "".join(f"missing{i},1\n" for i in range(300_000)).encode()
+    (data / "train.csv").write_bytes(b"Image,Label\n" + rows + b"\xff\xfe,1\n")  # not UTF-8 at the very end
+    code, out, err = cli_in_process(capsys, "--data", data, "--arch", "cnn", "--no-pretrained", "--out",
+                                    tmp_path / "runs")
+    assert_cli_error(code, out, err, "train.csv, line 2", "missing0.png not found")
+
+
+def test_an_over_long_field_names_its_line_and_skip_bad_skips_it(make_z2g):
+    data = make_z2g(n=3, size=16)
+    (data / "train.csv").write_text("Image,Label\nimg0,1\nimg1," + "1 " * 100_000 + "\nimg2,3\n")
+    with pytest.raises(HPAError) as info:
+        read_items(data, detect_format(data))
+    assert "train.csv, line 3" in one_line(str(info.value))
+    skipped = []
+    items = read_items(data, detect_format(data), skip_bad=True, log=skipped.append)
+    assert list(items["id"]) == ["img0", "img2"] and any("line 3" in s for s in skipped)
+
+
+WORKER_COMMANDS = ["train", "cv", "predict", "evaluate", "preprocess"]
+
+
+@pytest.mark.parametrize("command", WORKER_COMMANDS)
+@pytest.mark.parametrize("workers", [str(10**20), "65"])
+def test_workers_above_the_cap_are_refused_before_anything_starts(safe_model, make_z2g, tmp_path, capsys, command,
+                                                                  workers):
+    data = make_z2g(n=4, size=16)
+    train_args = ["--data", data, "--arch", "cnn", "--no-pretrained", "--lr", "1e-3", "--out", tmp_path / "runs"]
+    args = {"train": train_args, "cv": train_args,
+            "predict": ["--learner", safe_model, "--data", data / "train", "--out", tmp_path / "sub.csv"],
+            "evaluate": ["--learner", safe_model, "--data", data, "--out", tmp_path / "eval"],
+            "preprocess": ["--data", data, "--size", "8"]}[command]
+    assert_cli_error(*cli_in_process(capsys, *([] if command == "train" else [command]), *args, "--workers", workers),
+                     "--workers", "64")
+    assert not any((tmp_path / p).exists() for p in ("runs", "sub.csv", "eval")) and not (data / "cache").exists()
+
+
+def test_worker_count_is_bounded_by_cores_and_images():
+    from hpa_fastai.data import MAX_WORKERS, bound_workers
+
+    cores = len(os.sched_getaffinity(0))
+    notes = []
+    assert bound_workers(MAX_WORKERS, 6, default=0, log=notes.append) == min(cores, 6)
+    assert len(notes) == 1 and f"--workers {MAX_WORKERS} lowered to {min(cores, 6)}" in notes[0]
+    assert bound_workers(None, 3, default=8) <= 3 and bound_workers(0, 3, default=8) == 0
+    assert bound_workers(None, 100, default=0) == 0  # the CPU default is unchanged
+
+
+def test_a_giant_arch_over_tiny_weights_is_refused_from_the_header_before_building(safe_model, tmp_path, monkeypatch):
+    import hpa_fastai.models as models
+    from safetensors.torch import save_file
+
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))  # 68 bytes
+    assert (run / "model.safetensors").stat().st_size < 100
+    edit_meta(arch="timm:vit_giant_patch14_224")(run)
+
+    def built(*args, **kwargs):
+        pytest.fail("the model was built before the weights' names and shapes were checked")
+
+    monkeypatch.setattr(models, "create_model", built)
+    with pytest.raises(HPAError) as info:
+        load_predictor(run, cpu=True)
+    message = one_line(str(info.value))
+    assert "model.safetensors" in message and "do not fit timm:vit_giant_patch14_224" in message
+    assert "'0.model.cls_token'" in message  # the first name the model has and the file lacks
+
+
+def test_weights_that_do_not_fit_name_the_first_mismatching_key_and_shapes(safe_model, tmp_path):
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(channels="rgby", mean=[0.5] * 4, std=[0.2] * 4)(run)
+    with pytest.raises(HPAError) as info:
+        load_predictor(run, cpu=True)
+    message = one_line(str(info.value))
+    assert "'0.0.weight'" in message and "(32, 3, 3, 3)" in message and "(32, 4, 3, 3)" in message
+
+
+@pytest.mark.parametrize("cv, part", [
+    ({"runs": ["."], "thresholds": [0.5] * 10}, "'.'"),
+    ({"runs": [], "thresholds": [0.5] * 10}, "no fold runs"),
+    ({"runs": ["../run"], "thresholds": [0.5] * 10}, "'../run'"),
+    ({"runs": "fold0", "thresholds": [0.5] * 10}, "no fold runs"),
+    ({"runs": ["fold0", 3], "thresholds": [0.5] * 10}, "3"),
+    ({"runs": ["fold0"], "thresholds": "x"}, "thresholds"),
+    ({"runs": ["nested"], "thresholds": [0.5] * 10}, "nested"),
+])
+def test_cv_json_names_only_fold_folders_inside_it(safe_model, tmp_path, cv, part):
+    folder = tmp_path / "cv"
+    shutil.copytree(safe_model, folder / "fold0")
+    shutil.copytree(safe_model, tmp_path / "run")
+    (folder / "nested").mkdir()
+    (folder / "nested" / "cv.json").write_text(json.dumps({"runs": [".."], "thresholds": [0.5] * 10}))
+    (folder / "cv.json").write_text(json.dumps(cv))
+    with pytest.raises(HPAError) as info:
+        load_predictor(folder, cpu=True)
+    message = one_line(str(info.value))
+    assert "cv.json" in message and part in message
+
+
+def fake_run(folder: Path, data: Path | str, keys=(), channels="rgb", **files) -> Path:
+    """A run folder written by hand (no training): config, status, metrics, history and validation
+    predictions for ``keys``; ``files`` replace any of them (a dict or frame, or text)."""
+    folder.mkdir(parents=True)
+    n = len(keys)
+    contents = {
+        "config.json": {"data": str(data), "arch": "cnn", "channels": channels, "size": 16, "threshold": 0.5},
+        "status.json": {"status": "finished"},
+        "metrics.json": {},
+        "history.csv": pd.DataFrame({"epoch": [1], "phase": ["train"], "train_loss": [0.7], "valid_loss": [0.6],
+                                     "f1_macro": [0.1], "lr": [1e-3], "seconds": [1.0]}),
+        "valid_predictions.csv": pd.DataFrame({"id": [f"v{i}" for i in range(n)], "key": [str(k) for k in keys],
+                                               "labels": ["1"] * n, "predicted": ["2"] * n,
+                                               "probs": [" ".join(["0.5"] * 10)] * n}),
+        **files}
+    for name, value in contents.items():
+        if isinstance(value, pd.DataFrame):
+            value.to_csv(folder / name, index=False)
+        elif isinstance(value, bytes):
+            (folder / name).write_bytes(value)
+        else:
+            (folder / name).write_text(value if isinstance(value, str) else json.dumps(value))
+    return folder
+
+
+def write_runs_folder(out: Path, arch="[/]evil", **metrics) -> Path:
+    fake_run(out / "20240101-000000-cnn", "data/z2g", **{"metrics.json": {"epochs_run": 2, "best_epoch": 1,
+                                                                           "f1_macro": 0.5, "seconds": 3.0}})
+    odd = {"epochs_run": "many", "best_epoch": [1], "f1_macro": "high", "f1_macro_tuned": None, "seconds": "slow",
+           "threshold": "x", **metrics}
+    fake_run(out / "20240102-000000-odd", "[bold]data[/bold]", **{
+        "config.json": {"data": "[bold]data[/bold]", "arch": arch, "channels": ["x"], "size": "big"},
+        "metrics.json": odd, "status.json": {"status": "[/]"}})
+    return out
+
+
+@pytest.mark.parametrize("sort", ["date", "epochs", "f1", "size", "arch"])
+def test_runs_table_survives_odd_values_in_one_run_folder(tmp_path, capsys, sort):
+    out = write_runs_folder(tmp_path / "runs")
+    code, stdout, err = cli_in_process(capsys, "runs", out, "--sort", sort, "--csv", tmp_path / "runs.csv")
+    assert code == 0, err
+    assert "[/]evil" in stdout and "20240101-000000-cnn" in stdout
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 2
+
+
+# A value that breaks out of HTML text, of an attribute, and of a style or script context.
+XSS = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>'
+HTML_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "b", "nav", "a", "table", "tr", "th",
+             "td", "span", "img", "div", "figure", "figcaption", "br"}
+
+
+class Tags(HTMLParser):
+    """The tags and attribute names of a page."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tags, self.attrs = set(), set()
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        self.attrs.update(name for name, _ in attrs)
+
+
+def hostile_run(folder: Path) -> Path:
+    """A run folder with XSS in every value a page shows, and text where numbers belong."""
+    return fake_run(folder, XSS, **{
+        "config.json": {"data": XSS, "arch": XSS, "channels": XSS, "size": XSS, "lr": XSS, "lr_used": XSS, XSS: XSS},
+        "status.json": {"status": XSS, "seconds": XSS},
+        "metrics.json": {k: XSS for k in ("best_epoch", "epochs_run", "f1_macro", "f1_macro_tuned", "f1_samples",
+                                          "f1_samples_tuned", "threshold", "seconds", "valid_images")}
+        | {"per_class": [{k: XSS for k in ("class", "name", "threshold", "precision", "recall", "f1", "support")}]},
+        "lr_find.json": {"suggestions": {XSS: XSS}},
+        "lr_find.png": RGB_PNG,
+        "model.json": {"names": [XSS]},
+        "history.csv": pd.DataFrame({"epoch": [XSS], "phase": [XSS], "valid_loss": [XSS], "f1_macro": [XSS],
+                                     XSS: [XSS]}),
+        "valid_predictions.csv": pd.DataFrame({"id": [XSS], "key": [XSS], "labels": [XSS], "predicted": [XSS],
+                                               "probs": [XSS]})})
+
+
+def assert_no_markup_from_files(text: str):
+    parsed = Tags(text)
+    assert parsed.tags <= HTML_TAGS, parsed.tags - HTML_TAGS
+    assert not any(a.startswith("on") for a in parsed.attrs), parsed.attrs
+    assert "<script" not in text.lower() and "&lt;script&gt;" in text
+
+
+def test_report_and_comparison_escape_every_value_read_from_the_run_folder(tmp_path, capsys):
+    from hpa_fastai.report import write_comparison, write_report
+
+    first = hostile_run(tmp_path / "<img src=x onerror=alert(3)>")
+    second = hostile_run(tmp_path / "runs2" / "<b onmouseover=alert(4)>")
+    assert_no_markup_from_files(write_report(first).read_text())
+    assert_no_markup_from_files(write_comparison([first, second], tmp_path / "c.html").read_text())
+    code, _, err = cli_in_process(capsys, "report", second)
+    assert code == 0, err
+    assert_no_markup_from_files((second / "report.html").read_text())
+
+
+def test_report_grid_reads_no_fifo(make_z2g, tmp_path):
+    import threading
+
+    from hpa_fastai.report import write_report
+
+    data = make_z2g(n=2, size=16)
+    fifo = data / "train" / "pipe.png"
+    os.mkfifo(fifo)
+    run = fake_run(tmp_path / "run", data, keys=[data / "train" / "img0.png", fifo])
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(path=write_report(run)), daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # blocked opening the FIFO: give it a writer so the thread can end
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        worker.join(10)
+        pytest.fail("report blocked on a FIFO named in valid_predictions.csv")
+    text = done["path"].read_text()
+    assert "pipe.png" in text and "not a regular file" in text and 'class="thumb"' not in text
+
+
+@pytest.mark.parametrize("where", ["outside", "symlink out", "dot-dot", "no data folder recorded"])
+def test_report_grid_embeds_only_images_inside_the_recorded_data_folder(make_z2g, tmp_path, where):
+    from hpa_fastai.report import write_report
+
+    data = make_z2g(n=2, size=16)
+    secret = write_png(tmp_path / "private" / "secret.png", np.full((16, 16, 3), 200, np.uint8))
+    key = {"outside": secret, "symlink out": data / "train" / "link.png",
+           "dot-dot": f"{data}/train/../../private/secret.png",
+           "no data folder recorded": data / "train" / "img0.png"}[where]
+    if where == "symlink out":
+        key.symlink_to(secret)
+    run = fake_run(tmp_path / "run", data, keys=[key])
+    if where == "no data folder recorded":
+        (run / "config.json").write_text(json.dumps({"arch": "cnn", "channels": "rgb"}))
+    text = write_report(run).read_text()
+    assert 'class="thumb"' not in text
+    assert ("no data folder" if where == "no data folder recorded" else "outside the data folder") in text
+
+
+def test_ids_and_class_names_with_dollar_signs_are_plotted_as_text(safe_model, make_z2g, tmp_path, capsys):
+    data = make_z2g(n=3, size=16)
+    ids = ["a$^$0", "b$_$1", "c$x$2"]
+    for i, image_id in enumerate(ids):
+        (data / "train" / f"img{i}.png").rename(data / "train" / f"{image_id}.png")
+    (data / "train.csv").write_text("Image,Label\n" + "".join(f"{image_id},{i}\n" for i, image_id in enumerate(ids)))
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(names=[f"class$^${i}" for i in range(10)])(run)
+    code, _, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "per_class_f1.png").is_file()
+    pytest.importorskip("tensorboard")
+    from hpa_fastai.report import log_tensorboard_summary
+
+    per_class = [{"class": 0, "name": "x$^$", "threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                  "support": 1}]
+    log_tensorboard_summary(run, {"epochs_run": 1, "f1_macro": 0.0, "per_class": per_class},
+                            [{"id": "a$^$0", "image": np.zeros((8, 8, 3), np.uint8), "true": [0], "predicted": [0]}])
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_one_pixel_images_without_size_are_refused_naming_the_flag(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=4, size=1)
+    code, out, err = cli_in_process(capsys, "--data", data, "--arch", "cnn", "--no-pretrained", "--epochs", "1",
+                                    "--bs", "2", "--lr", "1e-3", "--out", tmp_path / "runs")
+    assert_cli_error(code, out, err, "--size", "1x1")
+    statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "runs").glob("*/status.json")]
+    assert "running" not in statuses
+
+
+def test_an_unexpected_error_before_the_first_epoch_marks_the_run_failed(make_z2g, tmp_path, monkeypatch):
+    import hpa_fastai.train as training
+
+    def broken_lr_find(*args, **kwargs):
+        raise ZeroDivisionError("inside a library")
+
+    monkeypatch.setattr(training, "find_lr", broken_lr_find)
+    with pytest.raises(ZeroDivisionError):
+        training.train(TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, epochs=1, bs=2,
+                                   out=str(tmp_path / "runs")))
+    (status,) = (tmp_path / "runs").glob("*/status.json")
+    assert json.loads(status.read_text())["status"] == "failed"
+
+
+def test_run_folders_started_together_never_collide(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpa_fastai.train import make_run_dir
+
+    made = []
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: make_run_dir(tmp_path / "runs", "cnn", name="same"), range(120)))
+    assert len(set(made)) == 120
+    # another process creating the folder between a check and the mkdir
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    assert make_run_dir(tmp_path / "runs", "cnn", name="same").name == "same-121"
+
+
+@pytest.fixture
+def case_folder(safe_model, make_z2g, tmp_path):
+    """A learner run folder, a competition folder with a test split and a folder of images, all copies."""
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    fake_files = fake_run(tmp_path / "scratch", "x")
+    for name in ("config.json", "status.json", "metrics.json", "history.csv"):
+        shutil.copy(fake_files / name, run / name)
+    shutil.rmtree(fake_files)
+    data = make_z2g(n=3, size=16)
+    shutil.copytree(data / "train", data / "test")
+    (data / "submission.csv").write_text("Image,Label\nimg0,0\nimg1,0\n")
+    other = fake_run(tmp_path / "other", data)  # a run folder that the command does not read
+    return {"run": run, "data": data, "images": data / "train", "tmp": tmp_path, "other": other}
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+OVERWRITE_CASES = {
+    "predict over train.csv": (["predict", "--learner", "{run}", "--data", "{data}", "--out", "{data}/train.csv"],
+                               ["--out", "train.csv"]),
+    "predict over the submission template": (["predict", "--learner", "{run}", "--data", "{data}", "--out",
+                                              "{data}/submission.csv"], ["--out", "submission.csv"]),
+    "predict over an image it reads": (["predict", "--learner", "{run}", "--data", "{images}", "--out",
+                                        "{images}/img0.png"], ["--out", "img0.png"]),
+    "predict over the model": (["predict", "--learner", "{run}", "--data", "{images}", "--out", "{run}/model.json"],
+                               ["--out", "model.json"]),
+    "predict over a run file": (["predict", "--learner", "{run}", "--data", "{images}", "--out", "{run}/metrics.json"],
+                                ["--out", "metrics.json"]),
+    "evaluate into the run folder": (["evaluate", "--learner", "{run}", "--data", "{data}", "--out", "{run}"],
+                                     ["--out", "per_class.csv"]),
+    "evaluate into an existing file": (["evaluate", "--learner", "{run}", "--data", "{data}", "--out",
+                                        "{data}/train.csv"], ["--out", "train.csv", "not a folder"]),
+    "report over the run's config": (["report", "{run}", "--out", "{run}/config.json"], ["--out", "config.json"]),
+    "comparison over a run's metrics": (["report", "{run}", "{run}", "--out", "{run}/metrics.json"],
+                                        ["--out", "metrics.json"]),
+    "export over the weights": (["export", "--onnx", "--learner", "{run}", "--out", "{run}/model.safetensors"],
+                                ["--out", "model.safetensors"]),
+    "predict over another run's config": (["predict", "--learner", "{run}", "--data", "{images}", "--out",
+                                           "{other}/config.json"], ["--out", "config.json"]),
+    "report over another run's report": (["report", "{run}", "--out", "{other}/report.html"], ["--out", "report.html"]),
+    "runs table over a run's history": (["runs", "{tmp}", "--csv", "{run}/history.csv"], ["--csv", "history.csv"]),
+    "dedup over train.csv": (["dedup", "--data", "{data}", "--out", "{data}/train.csv"], ["--out", "train.csv"]),
+    "predict --out ''": (["predict", "--learner", "{run}", "--data", "{images}", "--out", ""], ["--out", "empty"]),
+    "evaluate --out ''": (["evaluate", "--learner", "{run}", "--data", "{data}", "--out", ""], ["--out", "empty"]),
+    "report --out ''": (["report", "{run}", "--out", ""], ["--out", "empty"]),
+    "export --out ''": (["export", "--onnx", "--learner", "{run}", "--out", ""], ["--out", "empty"]),
+    "dedup --out ''": (["dedup", "--data", "{data}", "--out", ""], ["--out", "empty"]),
+    "runs --csv ''": (["runs", "{tmp}", "--csv", ""], ["--csv", "empty"]),
+    "train --out ''": (["--data", "{data}", "--arch", "cnn", "--no-pretrained", "--out", ""], ["--out", "empty"]),
+    "synth --out ''": (["synth", "--out", "", "--n-train", "2", "--n-test", "0", "--size", "16"], ["--out", "empty"]),
+}
+
+
+@pytest.mark.parametrize("name", OVERWRITE_CASES)
+def test_no_command_writes_over_its_inputs_or_a_run_folder(case_folder, capsys, monkeypatch, name):
+    args, parts = OVERWRITE_CASES[name]
+    monkeypatch.chdir(case_folder["tmp"])
+    before = snapshot(case_folder["tmp"])
+    assert_cli_error(*cli_in_process(capsys, *[a.format(**case_folder) for a in args]), *parts)
+    assert snapshot(case_folder["tmp"]) == before
+
+
+def test_the_default_outputs_next_to_a_run_are_still_written(case_folder, capsys):
+    run, data = case_folder["run"], case_folder["data"]
+    code, _, err = cli_in_process(capsys, "report", run)
+    assert code == 0, err
+    code, _, err = cli_in_process(capsys, "report", run, "--out", run / "report.html")
+    assert code == 0, err
+    for _ in range(2):  # again over its own earlier output
+        code, _, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data)
+        assert code == 0, err
+    assert (run / "evaluate" / "per_class.csv").is_file()
+    for _ in range(2):  # a new file beside the data, then again over this command's own output
+        code, _, err = cli_in_process(capsys, "predict", "--learner", run, "--data", data, "--out", data / "sub.csv")
+        assert code == 0, err
+
+
+def test_ids_that_a_spreadsheet_would_run_are_prefixed_in_csvs_for_people(safe_model, make_z2g, tmp_path, capsys):
+    images = tmp_path / "images"
+    for name in ("=cmd", "+x", "-y", "@z"):
+        write_png(images / f"{name}.png", np.zeros((16, 16, 3), np.uint8))
+    code, _, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", images, "--out",
+                                  tmp_path / "labels.csv")
+    assert code == 0, err
+    labels = pd.read_csv(tmp_path / "labels.csv", dtype=str)
+    assert sorted(labels["image"]) == ["'+x", "'-y", "'=cmd", "'@z"]
+    # a Kaggle submission keeps its ids verbatim: Kaggle matches them exactly
+    data = make_z2g(n=2, size=16)
+    (data / "test").mkdir()
+    shutil.copy(data / "train" / "img0.png", data / "test" / "=1.png")
+    (data / "submission.csv").write_text("Image,Label\n=1,0\n")
+    code, _, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", data, "--out",
+                                  tmp_path / "sub.csv")
+    assert code == 0, err
+    assert list(pd.read_csv(tmp_path / "sub.csv", dtype=str)["Image"]) == ["=1"]
+    run = shutil.copytree(safe_model, tmp_path / "run")
+    edit_meta(names=["=SUM(1)"] + [f"c{i}" for i in range(9)])(run)
+    code, _, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "eval" / "per_class.csv", dtype=str)["name"][0] == "'=SUM(1)"
+    out = write_runs_folder(tmp_path / "runs", arch="=HYPERLINK(\"http://x\")")
+    code, _, err = cli_in_process(capsys, "runs", out, "--csv", tmp_path / "runs.csv")
+    assert code == 0, err
+    assert "'=HYPERLINK(\"http://x\")" in set(pd.read_csv(tmp_path / "runs.csv", dtype=str)["arch"])
