@@ -85,15 +85,21 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
     def before_fit(self):
         super().before_fit()
         # kept: write() may be called after the fit, when the callback has left the Learner
-        self.path = Path(self.learn.path) / self.learn.model_dir / f"{self.fname}.pth"
+        self.best_file = Path(self.learn.path) / self.learn.model_dir / f"{self.fname}.pth"
 
     def before_validate(self):
+        # the epoch's own pass over the validation set only: other callbacks run batches of their
+        # own (TensorBoard's sample predictions, FetchPreds' get_preds) through the same events
+        self._collecting = self.learn.dl is self.dls.valid
         self._preds, self._targs = [], []
 
     def after_batch(self):
-        if not self.training:
+        if not self.training and getattr(self, "_collecting", False):
             self._preds.append(self.learn.to_detach(self.pred))
             self._targs.append(self.learn.to_detach(self.y))
+
+    def after_validate(self):
+        self._collecting = False
 
     def after_epoch(self):
         if not self._trained:
@@ -117,7 +123,7 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
     def write(self) -> None:
         """``best.pth``, unless it is there already or there are no best weights yet."""
         if self.best_state is not None and not self.on_disk:
-            with atomic_path(self.path, durable=True) as tmp:
+            with atomic_path(self.best_file, durable=True) as tmp:
                 torch.save(self.best_state, tmp)
             self.on_disk = True
 
@@ -134,8 +140,8 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
     def after_fit(self, **kwargs):
         if self.best_state is not None:
             bare_model(self.learn).load_state_dict(self.best_state)
-        elif self.path.is_file():  # the best epoch came before a --resume
-            bare_model(self.learn).load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        elif self.best_file.is_file():  # the best epoch came before a --resume
+            bare_model(self.learn).load_state_dict(torch.load(self.best_file, map_location="cpu", weights_only=True))
         # else: a fit cancelled (NaN, Ctrl-C) before its first epoch ended has no best weights
 
 

@@ -470,7 +470,7 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path:
     plots.curves_plot(run_dir / "curves.png", history)
     save = next(cb for cb in fit_cbs if isinstance(cb, AtomicSaveModel))
     valid_preds = save.best_preds if distributed.world_size() == 1 else None
-    if valid_preds is None:  # the best epoch was before a --resume, or each process saw a share
+    if valid_preds is None or len(valid_preds[0]) != len(learn.dls.valid_ds):  # the best epoch was before a --resume, or each process saw a share
         with distributed.single_process():
             valid_preds = learn.get_preds(dl=learn.dls.valid)
     result = evaluate_valid(learn, prep, run_dir, history, t_start, valid_preds)
