@@ -28,9 +28,10 @@ def main(argv=None) -> dict:
     import torch
 
     from hpa_fastai.config import TrainConfig
-    from hpa_fastai.data import ReadImage
-    from hpa_fastai.preprocess import preprocess
-    from hpa_fastai.train import build_learner, prepare
+    from hpa_fastai.data.pipeline import ReadImage
+    from hpa_fastai.data.cache import preprocess
+    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.run import prepare
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:

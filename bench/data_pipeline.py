@@ -33,7 +33,7 @@ class BareDecode:
         import torch
         from PIL import Image
 
-        from hpa_fastai.formats import key_files
+        from hpa_fastai.data.layouts import key_files
 
         # a tensor, as a loader must hand the pixels on (from workers, through shared memory)
         return torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in key_files(self.keys[i], self.channels)]))
@@ -43,7 +43,7 @@ class ProjectItems:
     """Dataset: the project's item transform alone (decode and resize), without batching or augmentation."""
 
     def __init__(self, keys, size):
-        from hpa_fastai.data import ReadImage
+        from hpa_fastai.data.pipeline import ReadImage
 
         self.keys, self.read = list(keys), ReadImage("rgby", size)
 
@@ -66,9 +66,10 @@ def main(argv=None) -> dict:
     from torch.utils.data import DataLoader
 
     from hpa_fastai.config import TrainConfig
-    from hpa_fastai.formats import CHANNEL_SETS, read_items
-    from hpa_fastai.preprocess import preprocess
-    from hpa_fastai.train import build_learner, prepare
+    from hpa_fastai.data.layouts import CHANNEL_SETS, read_items
+    from hpa_fastai.data.cache import preprocess
+    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.run import prepare
 
     data = C.synth_set("hpa2018", n=args.n, size=512)
     pngs = read_items(data, channels="rgby")

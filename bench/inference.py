@@ -26,11 +26,11 @@ def main(argv=None) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from hpa_fastai._io import write_json
-    from hpa_fastai.formats import read_items
+    from hpa_fastai.atomic import write_json
+    from hpa_fastai.data.layouts import read_items
     from hpa_fastai.models import create_model
-    from hpa_fastai.predict import load_predictor
-    from hpa_fastai.vocab import class_names, vocab_for
+    from hpa_fastai.inference.loading import load_predictor
+    from hpa_fastai.data.vocab import class_names, vocab_for
 
     data = C.synth_set("hpa2018", n=args.n, size=args.size)
     items = read_items(data, channels="rgby")

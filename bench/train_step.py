@@ -26,20 +26,21 @@ def main(argv=None) -> dict:
     from fastai.callback.core import Callback
     from fastai.learner import CastToTensor
 
-    from hpa_fastai.callbacks import NaNGuard
+    from hpa_fastai.training.callbacks import NaNGuard
     from hpa_fastai.config import TrainConfig
-    from hpa_fastai.train import build_learner, prepare
+    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.run import prepare
 
     data = C.synth_set("hpa2018", n=max(3 * args.bs, 64), size=args.size)
     cfg = TrainConfig(data=str(data), arch=args.arch, size=args.size, bs=args.bs, epochs=1, lr="1e-3",
                       pretrained=False, channels="rgby", seed=0, workers=0)
     prep = prepare(cfg)
-    learn, _ = build_learner(prep, run_dir=None, quiet=True)
+    learn, setup = build_learner(prep, run_dir=None, quiet=True)
     cast_in_cbs = any(isinstance(cb, CastToTensor) for cb in learn.cbs)
     made = list(learn.dls.train)
     batches = [made[i % len(made)] for i in range(args.steps)]
     valid = [learn.dls.valid.one_batch()]
-    device = prep.device
+    device = next(learn.model.parameters()).device
     learn.dls = DataLoaders(DataLoader(batches, bs=None, device=device), DataLoader(valid, bs=None, device=device))
 
     seen_types = set()
@@ -116,7 +117,7 @@ def main(argv=None) -> dict:
              f"{'met' if main_ratio >= 0.97 else 'NOT met'} ({main_ratio:.3f})"]
     C.record("Training step overhead: Learner vs plain PyTorch", rows,
              {"arch": args.arch, "size": args.size, "bs": args.bs, "steps": args.steps, "rounds": args.rounds,
-              "channels": "rgby", "device": device.type, "precision": learn.hpa_precision},
+              "channels": "rgby", "device": device.type, "precision": setup.precision},
              notes, record=not args.no_record)
     return {"ratio": main_ratio}
 

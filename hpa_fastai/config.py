@@ -1,18 +1,80 @@
-"""One configuration object per command: the single source of every default and of the CLI's flags.
+"""One configuration object per command: every default, every constraint on it, and the CLI's flags.
 
-Each field's metadata carries its help text; ``cli.py`` turns fields into flags one-to-one and
-the run folder stores the resolved training config as ``config.json``.
+Each field's metadata carries its help text and its constraint (``check``); ``cli/main.py`` turns
+fields into flags one-to-one, ``validate`` applies the constraints (to flags, to a config made
+from Python, to a hand-edited config.json), and the run folder stores the resolved training
+config as ``config.json``. What only the model registry knows (which architectures exist) is
+checked by ``models.check_arch``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import HPAError
 
-def opt(default, help: str, **argparse_kwargs):
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+MIN_SIZE = 8  # fastai's augmentation divides by zero on 1 px images; below 8 px no model sees anything
+MAX_SIZE = 4096  # a larger --size would only exhaust memory (a 100000 px side is 30 GB per image)
+MAX_WORKERS = 64  # more worker processes than this only exhaust memory and process tables
+
+
+def opt(default, help: str, check=None, **argparse_kwargs):
+    """A config field: its default, its ``--help`` text, and ``check(value) -> problem or None``."""
+    return field(default=default, metadata={"help": help, "check": check, **argparse_kwargs})
+
+
+# --- constraints: each returns what is wrong with a value, or None -------------------------------
+
+def at_least(low, unit: str = ""):
+    return lambda v: None if v >= low else f"must be at least {low}{unit} (got {v})"
+
+
+def in_range(low, high, unit: str = ""):
+    def check(v):
+        if v < low:
+            return f"must be at least {low}{unit} (got {v})"
+        if v > high:
+            return f"must be at most {high}{unit} (got {v})"
+        return None
+    return check
+
+
+def strictly_between(low, high):
+    return lambda v: None if low < v < high else f"must be between {low} and {high} (got {v})"
+
+
+def finite_at_least(low):
+    return lambda v: None if math.isfinite(v) and v >= low else f"must be {low} or more (got {v})"
+
+
+def learning_rate(v):
+    if v == "auto":
+        return None
+    try:
+        lr = float(v)
+    except ValueError:
+        return f"must be a number or 'auto' (got {v!r})"
+    return None if lr > 0 and math.isfinite(lr) else f"must be positive (got {v})"
+
+
+def fold_count(v):
+    return None if v == 0 or v >= 2 else f"must be 0 (random split) or at least 2 (got {v})"
+
+
+def not_empty(v):
+    return None if v.strip() else "is empty: give the folder that holds the run folders"
+
+
+def size_check(low=MIN_SIZE):
+    return in_range(low, MAX_SIZE, " pixels")
+
+
+WORKERS = in_range(0, MAX_WORKERS)
+SEED = in_range(0, 2**32 - 1)  # numpy's seed range
 
 
 @dataclass
@@ -23,31 +85,32 @@ class TrainConfig:
                                               "e.g. HPAv18 images: train.csv (Id,Target) + train/{Id}_{stain}.jpg "
                                               "or .png at any resolution", nargs="+")
     arch: str = opt("resnet34", "cnn, resnet18, resnet34, resnet50, or timm:<name> (e.g. timm:convnext_tiny)")
-    epochs: int = opt(10, "training epochs (after the frozen epochs of a pretrained model)")
-    size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256")
-    bs: int = opt(32, "batch size")
-    lr: str = opt("auto", "learning rate: a number, or 'auto' for lr_find's valley suggestion")
-    lr_find_iters: int | None = opt(None, "iterations of the learning-rate finder; default: 100, fewer on a tiny data set")
-    seed: int = opt(42, "random seed: split, initialisation, augmentation order")
-    out: str = opt("runs", "parent folder of the run folders")
+    epochs: int = opt(10, "training epochs (after the frozen epochs of a pretrained model)", at_least(1))
+    size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256", size_check())
+    bs: int = opt(32, "batch size", at_least(1))
+    lr: str = opt("auto", "learning rate: a number, or 'auto' for lr_find's valley suggestion", learning_rate)
+    lr_find_iters: int | None = opt(None, "iterations of the learning-rate finder; default: 100, fewer on a tiny "
+                                          "data set", at_least(1))
+    seed: int = opt(42, "random seed: split, initialisation, augmentation order", SEED)
+    out: str = opt("runs", "parent folder of the run folders", not_empty)
     channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
                         choices=["auto", "rgb", "rgby"])
     pretrained: bool = opt(True, "start from ImageNet weights when they are cached or downloadable")
     weights: str | None = opt(None, "start from this local checkpoint (.pth state dict or safetensors)")
     loss: str = opt("bce", "loss function", choices=["bce", "focal"])
-    focal_gamma: float = opt(2.0, "gamma of the focal loss")
-    valid_pct: float = opt(0.2, "share of images held out for validation (random split)")
-    n_folds: int = opt(0, "multi-label stratified K-fold split: number of folds (0 = random split)")
+    focal_gamma: float = opt(2.0, "gamma of the focal loss", finite_at_least(0))
+    valid_pct: float = opt(0.2, "share of images held out for validation (random split)", strictly_between(0, 1))
+    n_folds: int = opt(0, "multi-label stratified K-fold split: number of folds (0 = random split)", fold_count)
     fold: int = opt(0, "which fold is the validation set when --n-folds is set")
-    patience: int = opt(5, "early stopping: epochs without improvement of --monitor")
+    patience: int = opt(5, "early stopping: epochs without improvement of --monitor", at_least(1))
     monitor: str = opt("f1_macro", "metric for early stopping and best-epoch selection",
                        choices=["f1_macro", "f1_samples", "valid_loss"])
-    threshold: float = opt(0.5, "probability threshold of the F1 metrics during training")
+    threshold: float = opt(0.5, "probability threshold of the F1 metrics during training", strictly_between(0, 1))
     precision: str = opt("auto", "auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU",
                          choices=["auto", "fp32", "fp16", "bf16"])
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images; "
-                                    "default: 0 on CPU, up to 8 on GPU")
-    freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing")
+                                    "default: 0 on CPU, up to 8 on GPU", WORKERS)
+    freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing", finite_at_least(0))
     skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
     keep_checkpoint: bool = opt(False, "keep checkpoint.pth and best.pth once the run has finished and exported "
                                        "(failed, stopped and interrupted runs always keep them for --resume)")
@@ -68,6 +131,15 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def _check_together(self) -> str | None:
+        if self.n_folds and not 0 <= self.fold < self.n_folds:
+            return f"--fold must be in 0..{self.n_folds - 1} (got {self.fold})"
+        return None
+
+
+def _threshold(v):
+    return None if 0 < v < 1 else f"must be between 0 and 1 (got {v})"
+
 
 @dataclass
 class PredictConfig:
@@ -76,11 +148,12 @@ class PredictConfig:
                                              "their probabilities as an ensemble", nargs="+")
     data: str | None = opt(None, "competition folder, folder of images, or one image; default: the bundled sample")
     out: str = opt("submission.csv", "output CSV")
-    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones")
+    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones", _threshold)
     tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
     tta_max: bool = opt(False, "like --tta, but take the maximum over the 8 orientations")
-    bs: int = opt(32, "batch size")
-    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images")
+    bs: int = opt(32, "batch size", at_least(1))
+    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
+                              WORKERS)
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
@@ -89,28 +162,30 @@ class EvaluateConfig:
     learner: str = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model")
     data: str | None = opt(None, "labelled competition folder; default: the bundled sample")
     out: str | None = opt(None, "report folder; default: <run folder>/evaluate")
-    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones")
+    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones", _threshold)
     tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
-    bs: int = opt(32, "batch size")
-    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images")
+    bs: int = opt(32, "batch size", at_least(1))
+    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
+                              WORKERS)
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
 @dataclass
 class SynthConfig:
-    out: str = opt("data/synthetic", "folder to write the data set to")
+    out: str = opt("data/synthetic", "folder to write the data set to", not_empty)
     format: str = opt("z2g", "layout to write", choices=["z2g", "hpa2018"])
-    n_train: int = opt(200, "labelled training images")
-    n_test: int = opt(40, "unlabelled test images")
-    size: int = opt(512, "image side in pixels")
-    seed: int = opt(0, "random seed")
+    n_train: int = opt(200, "labelled training images", at_least(1))
+    n_test: int = opt(40, "unlabelled test images", at_least(0))
+    size: int = opt(512, "image side in pixels", size_check(16))
+    seed: int = opt(0, "random seed", SEED)
     easy: bool = opt(False, "stronger signal and less noise (for quick experiments)")
 
 
 @dataclass
 class RunsConfig:
     dir: str = opt("runs", "folder of run folders", positional=True, nargs="?")
-    sort: str = opt("date", "column to sort by", choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "time", "status", "disk"])
+    sort: str = opt("date", "column to sort by",
+                    choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "time", "status", "disk"])
     csv: str | None = opt(None, "also write the table to this CSV file")
 
 
@@ -130,15 +205,55 @@ class ExportConfig:
 @dataclass
 class PreprocessConfig:
     data: str | None = opt(None, "competition folder to cache; default: the bundled sample")
-    size: int = opt(256, "image side of the cached copy")
+    size: int = opt(256, "image side of the cached copy", size_check())
     channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
                         choices=["auto", "rgb", "rgby"])
     workers: int | None = opt(None, "parallel worker processes, at most 64 and no more than the cores or images; "
-                                    "default: all cores")
+                                    "default: all cores", in_range(1, MAX_WORKERS))
+
+
+HASH_BITS = 64  # dedup's perceptual hash
 
 
 @dataclass
 class DedupConfig:
     data: str | None = opt(None, "competition folder to search; default: the bundled sample")
-    max_distance: int = opt(8, "largest Hamming distance (of 64 bits) between perceptual hashes that counts as a duplicate")
+    max_distance: int = opt(8, "largest Hamming distance (of 64 bits) between perceptual hashes that counts as a "
+                               "duplicate", in_range(0, HASH_BITS, " bits"))
     out: str | None = opt(None, "output CSV; default: duplicates.csv in the data folder")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_problem(value, annotation) -> str | None:
+    allowed = typing.get_args(annotation) or (annotation,)
+    types = tuple(t for t in allowed if t is not type(None))
+    if value is None:
+        ok = type(None) in allowed
+    elif isinstance(value, bool):
+        ok = bool in types
+    else:
+        ok = isinstance(value, types) or (float in types and isinstance(value, int))
+    return None if ok else f"must be {' or '.join(t.__name__ for t in types)} (got {value!r:.80})"
+
+
+def validate(cfg) -> None:
+    """Every constraint of ``cfg``'s fields, in field order; the first problem is an HPAError naming
+    its flag. A hand-edited config.json or the Python API can put any value in a field, so the
+    types are checked first."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        problem = _type_problem(value, hints[f.name])
+        if problem is None and value is not None:
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                problem = f"must be one of {', '.join(f.metadata['choices'])} (got {value!r:.80})"
+            elif f.metadata.get("check") is not None:
+                problem = f.metadata["check"](value)
+        if problem is not None:
+            raise HPAError(f"{flag(f.name)} {problem}")
+    together = getattr(cfg, "_check_together", None)
+    if together is not None and (problem := together()) is not None:
+        raise HPAError(problem)

@@ -1,4 +1,5 @@
-"""Losses and metrics of multi-label classification: F1 as Kaggle scored it, thresholds per class."""
+"""Losses and metrics of multi-label classification: F1 as Kaggle scored it, thresholds per class,
+and the order of the worst mistakes."""
 from __future__ import annotations
 
 import numpy as np
@@ -78,7 +79,8 @@ def decode(probs: np.ndarray, thresholds) -> np.ndarray:
     return preds
 
 
-def summary(probs: np.ndarray, targets: np.ndarray, thresholds) -> dict:
+def f1_scores(probs: np.ndarray, targets: np.ndarray, thresholds) -> dict:
+    """Macro, micro and samples F1 of the labels that pass ``thresholds``."""
     preds = probs >= np.asarray(thresholds)[None, :]
     targets = targets.astype(bool)
     return {avg: float(f1_score(targets, preds, average=avg, zero_division=0))
@@ -91,3 +93,11 @@ def per_class_report(probs: np.ndarray, targets: np.ndarray, thresholds, names) 
                                                  zero_division=0)
     return pd.DataFrame({"class": range(len(names)), "name": names, "threshold": np.asarray(thresholds, float),
                          "precision": p, "recall": r, "f1": f, "support": s})
+
+
+def worst_first(probs: np.ndarray, preds: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Row order with the worst mistakes first: the number of wrong labels (missed or extra), then,
+    among equal counts, how far the probabilities are from the truth (that term stays below 1, so
+    it only breaks ties)."""
+    wrong = (preds != targets).sum(1) + np.abs(probs - targets).sum(1) / (probs.shape[1] + 1)
+    return np.argsort(-wrong, kind="stable")

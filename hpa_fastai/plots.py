@@ -9,7 +9,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ._io import save_figure  # noqa: E402
+from .atomic import save_figure  # noqa: E402
 
 
 def plain_text(text) -> str:

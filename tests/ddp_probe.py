@@ -6,9 +6,9 @@ from pathlib import Path
 
 from fastai.learner import Learner
 
-from hpa_fastai import data as D
+from hpa_fastai.data import pipeline as D
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.train import train
+from hpa_fastai.workflows import train
 
 data_dir, out = sys.argv[1], Path(sys.argv[2])
 seen = out / f"seen_rank{os.environ['RANK']}.txt"

@@ -34,12 +34,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.data import read_image
+from hpa_fastai.data.images import read_image, verify_images
 from hpa_fastai.errors import HPAError
-from hpa_fastai.formats import (CHANNEL_SETS, CHANNELS, FORMATS, check_id, detect_format, key_files, parse_labels,
-                                read_items, scan_images, verify_images)
-from hpa_fastai.predict import load_predictor
-from hpa_fastai.train import build_learner, prepare, validate
+from hpa_fastai.data.layouts import (CHANNEL_SETS, CHANNELS, FORMATS, check_id, detect_format, key_files,
+                                     parse_labels, read_items, scan_images)
+from hpa_fastai.inference.loading import load_predictor
+from hpa_fastai.training.learner import build_learner
+from hpa_fastai.training.run import prepare, validate
 
 from .conftest import write_hpa2018, write_png, write_z2g
 from .helpers import cli_in_process, run_cli
@@ -463,7 +464,7 @@ def write_safe_model(folder: Path, fmt: str = "z2g", channels: str = "rgb", size
     from safetensors.torch import save_file
 
     from hpa_fastai.models import create_model
-    from hpa_fastai.vocab import class_names, vocab_for
+    from hpa_fastai.data.vocab import class_names, vocab_for
 
     folder.mkdir(parents=True, exist_ok=True)
     n_in, n_classes = len(CHANNEL_SETS[channels]), len(vocab_for(fmt))
@@ -928,7 +929,8 @@ def test_workers_above_the_cap_are_refused_before_anything_starts(safe_model, ma
 
 
 def test_worker_count_is_bounded_by_cores_and_images():
-    from hpa_fastai.data import MAX_WORKERS, bound_workers
+    from hpa_fastai.config import MAX_WORKERS
+    from hpa_fastai.data.pipeline import bound_workers
 
     cores = len(os.sched_getaffinity(0))
     notes = []
@@ -1078,7 +1080,7 @@ def assert_no_markup_from_files(text: str):
 
 
 def test_report_and_comparison_escape_every_value_read_from_the_run_folder(tmp_path, capsys):
-    from hpa_fastai.report import write_comparison, write_report
+    from hpa_fastai.reporting import write_comparison, write_report
 
     first = hostile_run(tmp_path / "<img src=x onerror=alert(3)>")
     second = hostile_run(tmp_path / "runs2" / "<b onmouseover=alert(4)>")
@@ -1092,7 +1094,7 @@ def test_report_and_comparison_escape_every_value_read_from_the_run_folder(tmp_p
 def test_report_grid_reads_no_fifo(make_z2g, tmp_path):
     import threading
 
-    from hpa_fastai.report import write_report
+    from hpa_fastai.reporting import write_report
 
     data = make_z2g(n=2, size=16)
     fifo = data / "train" / "pipe.png"
@@ -1115,7 +1117,7 @@ def test_report_grid_reads_no_fifo(make_z2g, tmp_path):
 
 @pytest.mark.parametrize("where", ["outside", "symlink out", "dot-dot", "no data folder recorded"])
 def test_report_grid_embeds_only_images_inside_the_recorded_data_folder(make_z2g, tmp_path, where):
-    from hpa_fastai.report import write_report
+    from hpa_fastai.reporting import write_report
 
     data = make_z2g(n=2, size=16)
     secret = write_png(tmp_path / "private" / "secret.png", np.full((16, 16, 3), 200, np.uint8))
@@ -1144,7 +1146,7 @@ def test_ids_and_class_names_with_dollar_signs_are_plotted_as_text(safe_model, m
     assert code == 0, err
     assert (tmp_path / "eval" / "samples.png").is_file() and (tmp_path / "eval" / "per_class_f1.png").is_file()
     pytest.importorskip("tensorboard")
-    from hpa_fastai.report import log_tensorboard_summary
+    from hpa_fastai.reporting import log_tensorboard_summary
 
     per_class = [{"class": 0, "name": "x$^$", "threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
                   "support": 1}]
@@ -1163,14 +1165,15 @@ def test_one_pixel_images_without_size_are_refused_naming_the_flag(make_z2g, tmp
 
 
 def test_an_unexpected_error_before_the_first_epoch_marks_the_run_failed(make_z2g, tmp_path, monkeypatch):
-    import hpa_fastai.train as training
+    import hpa_fastai.training.schedule as schedule
+    from hpa_fastai.workflows import train
 
     def broken_lr_find(*args, **kwargs):
         raise ZeroDivisionError("inside a library")
 
-    monkeypatch.setattr(training, "find_lr", broken_lr_find)
+    monkeypatch.setattr(schedule, "find_lr", broken_lr_find)
     with pytest.raises(ZeroDivisionError):
-        training.train(TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, epochs=1, bs=2,
+        train(TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, epochs=1, bs=2,
                                    out=str(tmp_path / "runs")))
     (status,) = (tmp_path / "runs").glob("*/status.json")
     assert json.loads(status.read_text())["status"] == "failed"
@@ -1179,7 +1182,7 @@ def test_an_unexpected_error_before_the_first_epoch_marks_the_run_failed(make_z2
 def test_run_folders_started_together_never_collide(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from hpa_fastai.train import make_run_dir
+    from hpa_fastai.rundir import make_run_dir
 
     made = []
     with ThreadPoolExecutor(8) as pool:

@@ -11,12 +11,14 @@ import pytest
 from sklearn.metrics import f1_score
 
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.cv import cv_command
-from hpa_fastai.data import labels_matrix, stratified_valid_idx
+from hpa_fastai.workflows import cross_validate
+from hpa_fastai.data.layouts import labels_matrix
+from hpa_fastai.data.splits import stratified_valid_idx
 from hpa_fastai.errors import HPAError
-from hpa_fastai.formats import read_items
+from hpa_fastai.data.layouts import read_items
 from hpa_fastai.metrics import decode, tune_thresholds
-from hpa_fastai.predict import Ensemble, Predictor, load_predictor
+from hpa_fastai.inference.loading import load_predictor
+from hpa_fastai.inference.predictor import Ensemble, Predictor
 
 from .helpers import cli_in_process, read_json
 
@@ -29,7 +31,7 @@ def cv_run(tmp_path_factory):
 
     data = make_dataset(tmp_path_factory.mktemp("z2g"), "z2g", n_train=36, n_test=5, size=32, seed=3, easy=True)
     out = tmp_path_factory.mktemp("runs")
-    parent = cv_command(TrainConfig(data=str(data), out=str(out), arch="cnn", epochs=1, bs=8, pretrained=False,
+    parent = cross_validate(TrainConfig(data=str(data), out=str(out), arch="cnn", epochs=1, bs=8, pretrained=False,
                                     lr="2e-3", seed=SEED, n_folds=N_FOLDS))
     return data, parent
 

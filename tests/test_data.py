@@ -9,11 +9,14 @@ from fastai.data.transforms import IndexSplitter
 from PIL import Image
 
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.data import ReadImage, channel_stats, make_dls, make_splitter, read_image, stratified_valid_idx
+from hpa_fastai.data.images import channel_stats, read_image
+from hpa_fastai.data.pipeline import ReadImage, make_dls
+from hpa_fastai.data.splits import make_splitter, stratified_valid_idx
 from hpa_fastai.errors import HPAError
-from hpa_fastai.formats import CHANNEL_SETS, key_files, read_items
-from hpa_fastai.train import MAX_AUTO_SIZE, prepare
-from hpa_fastai.vocab import vocab_for
+from hpa_fastai.data.layouts import CHANNEL_SETS, key_files, read_items
+from hpa_fastai.data.training_set import MAX_AUTO_SIZE
+from hpa_fastai.training.run import prepare
+from hpa_fastai.data.vocab import vocab_for
 
 from .conftest import STAIN_VALUES, STAINS
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.data import make_splitter
-from hpa_fastai.dedup import find_duplicates, green_stain, hash_images, near_pairs, phash
+from hpa_fastai.data.splits import make_splitter
+from hpa_fastai.data.dedup import find_duplicates, green_stain, hash_images, near_pairs, phash
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.train import prepare
+from hpa_fastai.training.run import prepare
 
 from .helpers import cli_in_process
 

@@ -10,8 +10,9 @@ from PIL import Image
 
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.errors import HPAError
-from hpa_fastai.formats import check_id, parse_labels, read_csv, read_items
-from hpa_fastai.train import prepare, train
+from hpa_fastai.data.layouts import check_id, parse_labels, read_csv, read_items
+from hpa_fastai.training.run import prepare
+from hpa_fastai.workflows import train
 
 from .conftest import STAINS, write_train_csv
 from .helpers import cli_in_process, read_json

@@ -8,9 +8,10 @@ import pytest
 
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.errors import HPAError
-from hpa_fastai.formats import (CHANNELS, check_id, detect_format, key_files, parse_labels, read_items,
-                                scan_images, verify_images)
-from hpa_fastai.train import prepare
+from hpa_fastai.data.images import verify_images
+from hpa_fastai.data.layouts import (CHANNELS, check_id, detect_format, key_files, parse_labels, read_items,
+                                     scan_images)
+from hpa_fastai.training.run import prepare
 
 from .conftest import write_png
 from .helpers import run_cli

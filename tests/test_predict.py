@@ -11,12 +11,12 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from hpa_fastai import load_predictor
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.data import labels_matrix
+from hpa_fastai.data.layouts import labels_matrix
 from hpa_fastai.errors import HPAError
-from hpa_fastai.formats import read_items
+from hpa_fastai.data.layouts import read_items
 from hpa_fastai.metrics import tune_thresholds
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.train import train
+from hpa_fastai.workflows import train
 
 from .helpers import cli_in_process, read_json, run_cli
 

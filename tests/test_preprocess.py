@@ -11,12 +11,13 @@ from fastai.data.transforms import IndexSplitter
 from PIL import Image
 
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.data import ReadImage, make_dls, read_image
+from hpa_fastai.data.images import read_image
+from hpa_fastai.data.pipeline import ReadImage, make_dls
 from hpa_fastai.errors import HPAError
-from hpa_fastai.formats import CHANNEL_SETS, key_files, read_items
-from hpa_fastai.preprocess import cache_dir, preprocess
-from hpa_fastai.train import prepare
-from hpa_fastai.vocab import vocab_for
+from hpa_fastai.data.layouts import CHANNEL_SETS, key_files, read_items
+from hpa_fastai.data.cache import cache_dir, preprocess
+from hpa_fastai.training.run import prepare
+from hpa_fastai.data.vocab import vocab_for
 
 from .helpers import cli_in_process, read_json
 

@@ -18,7 +18,7 @@ from hpa_fastai import metrics as M
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.errors import HPAError
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.train import train
+from hpa_fastai.workflows import train
 
 from .helpers import REPO, cli_in_process, read_json
 
@@ -157,8 +157,8 @@ def test_onnx_export_matches_pytorch(data, tmp_path, capsys):
     import onnxruntime as ort
 
     from hpa_fastai import load_predictor
-    from hpa_fastai.data import read_image
-    from hpa_fastai.formats import CHANNEL_SETS, read_items
+    from hpa_fastai.data.images import read_image
+    from hpa_fastai.data.layouts import CHANNEL_SETS, read_items
 
     items = read_items(data, split="train").iloc[:4]
     p = load_predictor(run_dir)

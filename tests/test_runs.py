@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.runs import collect_runs
+from hpa_fastai.runs.table import collect_runs
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.train import train
+from hpa_fastai.workflows import train
 
 from .helpers import cli_in_process, read_json
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from hpa_fastai import synth
 from hpa_fastai.errors import HPAError
-from hpa_fastai.vocab import NAMES
+from hpa_fastai.data.vocab import NAMES
 
 HPA_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-11e8-[0-9a-f]{4}-[0-9a-f]{12}$")
 

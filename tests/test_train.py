@@ -17,11 +17,11 @@ import torch
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import f1_score
 
-from hpa_fastai._io import folder_size
+from hpa_fastai.atomic import folder_size
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.metrics import f1_metric
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.train import train
+from hpa_fastai.workflows import train
 
 from .conftest import write_colour_classes
 from .helpers import REPO, cli_in_process, read_json, run_cli
@@ -166,7 +166,8 @@ def test_training_learns_on_easy_synthetic_data(tmp_path):
     history = pd.read_csv(run_dir / "history.csv")
     metrics = read_json(run_dir / "metrics.json")
     # an untrained model's validation macro F1 on the same split
-    from hpa_fastai.train import build_learner, prepare
+    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.run import prepare
 
     learn, _ = build_learner(prepare(TrainConfig.from_json(run_dir / "config.json")), None, quiet=True)
     _, untrained_f1, _ = learn.validate()

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .._io import save_png, write_csv
+from ..atomic import save_png, write_csv
 from ..errors import HPAError
-from ..vocab import NAMES
+from ..data.vocab import NAMES
 from .fields import _Field, _blur
 from .labels import _as_int, _check_fmt, sample_labels
 from .patterns import PATTERNS, _nucleoli_blobs

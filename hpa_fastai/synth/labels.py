@@ -7,7 +7,7 @@ import operator
 import numpy as np
 
 from ..errors import HPAError
-from ..vocab import NAMES
+from ..data.vocab import NAMES
 
 # Label statistics, measured once on the competitions' own train.csv label files
 # (Kaggle "Human Protein Atlas Image Classification" 2018: 31,072 images; "Zero to GANs -

@@ -24,25 +24,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics as M
-from ._io import write_csv, write_json
-from .config import TrainConfig
-from .console import console, log, table
-from .data import labels_matrix
-from .errors import HPAError
-from .predict import CV_FILE
-from .train import make_run_dir, point_latest, prepare, train
+from .. import metrics as M
+from ..atomic import write_csv, write_json
+from ..config import TrainConfig
+from ..console import console, log, table
+from ..data.layouts import labels_matrix
+from ..errors import HPAError
+from ..rundir import CONFIG, CV, LATEST, OOF_PREDICTIONS, VALID_PREDICTIONS, make_run_dir, point_latest
+from .run import prepare
 
 DEFAULT_FOLDS = 5
-OOF_CSV = "oof_predictions.csv"
 
 
-def cv_command(cfg: TrainConfig) -> Path:
-    return cross_validate(cfg)
-
-
-def cross_validate(cfg: TrainConfig) -> Path:
-    """Train every fold, then score and tune thresholds on the out-of-fold predictions; returns the cv folder."""
+def cross_validate(cfg: TrainConfig, train) -> Path:
+    """Train every fold with ``train(cfg, run_name=...)`` (which returns the fold's run folder), then
+    score and tune thresholds on the out-of-fold predictions; returns the cv folder."""
     t_start = time.time()
     if cfg.resume:
         raise HPAError("--resume continues one training run, not a cross-validation; resume the interrupted "
@@ -54,26 +50,26 @@ def cross_validate(cfg: TrainConfig) -> Path:
         what = "near-duplicate groups and single images" if "group" in prep.items.columns else "images"
         raise HPAError(f"--n-folds {cfg.n_folds} is more than the {units} {what} of {prep.data_dir}")
     parent = make_run_dir(prep.cfg.out, f"cv-{prep.cfg.arch}")
-    write_json(parent / "config.json", prep.cfg.to_json())
+    write_json(parent / CONFIG, prep.cfg.to_json())
     log(f"cross-validation folder {parent}: {cfg.n_folds} folds of {len(prep.items)} images")
     runs = []
     for fold in range(cfg.n_folds):
         log(f"fold {fold + 1} of {cfg.n_folds}")
         run_dir = train(dataclasses.replace(prep.cfg, fold=fold, out=str(parent)), run_name=f"fold{fold}")
         runs.append(run_dir.name)
-    (parent / "latest").unlink(missing_ok=True)  # train's link to its newest run; the folds are named
+    (parent / LATEST).unlink(missing_ok=True)  # train's link to its newest run; the folds are named
     result = summarise(parent, runs, len(prep.vocab), prep.cfg.threshold)
-    write_json(parent / CV_FILE, {**result, "seconds": round(time.time() - t_start, 1)})
+    write_json(parent / CV, {**result, "seconds": round(time.time() - t_start, 1)})
     show(result)
     point_latest(parent)
-    log(f"out-of-fold predictions and scores in {parent}; {Path(prep.cfg.out) / 'latest'} now points at it")
+    log(f"out-of-fold predictions and scores in {parent}; {Path(prep.cfg.out) / LATEST} now points at it")
     log(f"predict with the {cfg.n_folds}-model ensemble: python run.py predict --learner {parent}")
     return parent
 
 
 def fold_predictions(run_dir: Path) -> pd.DataFrame:
     """A fold's validation predictions (id, labels, probs), as train.py saved them."""
-    path = run_dir / "valid_predictions.csv"
+    path = run_dir / VALID_PREDICTIONS
     if not path.is_file():
         raise HPAError(f"{path}: not found; the fold's run did not finish")
     return pd.read_csv(path, dtype=str, keep_default_na=False)[["id", "labels", "probs"]]
@@ -91,12 +87,12 @@ def summarise(parent: Path, runs: list[str], n_classes: int, threshold: float) -
     fixed = np.full(n_classes, threshold)
 
     def scores(rows: np.ndarray) -> dict:
-        at, tuned = M.summary(probs[rows], targets[rows], fixed), M.summary(probs[rows], targets[rows], thresholds)
+        at, tuned = M.f1_scores(probs[rows], targets[rows], fixed), M.f1_scores(probs[rows], targets[rows], thresholds)
         return {"images": int(rows.sum()), **{f"f1_{k}": v for k, v in at.items()},
                 **{f"f1_{k}_tuned": v for k, v in tuned.items()}}
 
     fold_of = oof["fold"].to_numpy()
-    write_csv(parent / OOF_CSV, pd.DataFrame({
+    write_csv(parent / OOF_PREDICTIONS, pd.DataFrame({
         "id": oof["id"], "fold": fold_of, "labels": oof["labels"],
         "predicted": [" ".join(map(str, np.flatnonzero(row))) for row in M.decode(probs, thresholds)],
         "probs": oof["probs"]}))

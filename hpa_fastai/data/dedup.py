@@ -18,16 +18,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from ._io import write_csv
-from ._outputs import check_output
-from .config import DedupConfig
-from .errors import HPAError
-from .formats import key_files, read_csv, read_items
+from ..atomic import write_csv
+from ..config import HASH_BITS
+from ..console import log
+from ..errors import HPAError
+from ..outputs import check_output
+from ..paths import resolve_data_dir
+from .layouts import key_files, read_csv, read_items
 
 DUPLICATES_CSV = "duplicates.csv"
 HASH_SIDE = 32  # the stain is reduced to 32 x 32 before the DCT, as in Zauner's pHash
 HASH_FREQS = 8  # the 8 x 8 lowest frequencies give the 64 bits
-HASH_BITS = HASH_FREQS * HASH_FREQS
+assert HASH_BITS == HASH_FREQS * HASH_FREQS  # the config's bound on --max-distance
 
 
 def green_stain(key: str) -> Image.Image:
@@ -120,38 +122,18 @@ def find_duplicates(ids, hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
                          "distance": np.bitwise_count(hashes[rows] ^ first_hash).astype(np.int64)})
 
 
-def _validate(cfg: DedupConfig) -> None:
-    if not 0 <= cfg.max_distance <= HASH_BITS:
-        raise HPAError(f"--max-distance must be between 0 and {HASH_BITS} bits (got {cfg.max_distance})")
-
-
-def dedup_command(cfg: DedupConfig) -> Path:
-    from .console import console, log, table
-    from .train import resolve_data_dir
-
-    _validate(cfg)
-    data_dir = resolve_data_dir(cfg.data)
+def dedup(data=None, max_distance: int = 8, out=None) -> tuple[Path, pd.DataFrame, int]:
+    """Hash every training image of ``data``, write the near-duplicate groups to ``out`` (default:
+    the data folder's duplicates.csv); returns (csv path, its rows, number of images hashed)."""
+    data_dir = resolve_data_dir(data)
     items = read_items(data_dir, split="train", labelled=False)
-    out = check_output(data_dir / DUPLICATES_CSV if cfg.out is None else cfg.out, "--out",
+    out = check_output(data_dir / DUPLICATES_CSV if out is None else out, "--out",
                        [data_dir / "train.csv", *(f for key in items["key"] for f in key_files(key))])
     log(f"hashing the green stain of {len(items)} images in {data_dir}")
     hashes = hash_images(items["key"])
-    dups = find_duplicates(items["id"], hashes, cfg.max_distance)
+    dups = find_duplicates(items["id"], hashes, max_distance)
     write_csv(out, dups)
-    n_groups = dups["group"].nunique()
-    if n_groups:
-        first_ids = lambda s: " ".join(s.iloc[:4]) + (" ..." if len(s) > 4 else "")  # noqa: E731
-        sizes = dups.groupby("group", sort=False).agg(images=("id", "size"), max_distance=("distance", "max"),
-                                                       ids=("id", first_ids))
-        shown = sizes.sort_values("images", ascending=False, kind="stable").head(20).reset_index()
-        console.print(table(f"largest near-duplicate groups (of {n_groups})", shown))
-    log(f"{len(dups)} of {len(items)} images fall in {n_groups} near-duplicate group(s) "
-        f"(Hamming distance <= {cfg.max_distance} of {HASH_BITS} bits); wrote {out}")
-    if out.resolve() == (data_dir / DUPLICATES_CSV).resolve():
-        log("training splits of this folder now keep each group on one side")
-    else:
-        log(f"training reads only {data_dir / DUPLICATES_CSV}; copy the file there to keep the groups together")
-    return out
+    return out, dups, len(items)
 
 
 def duplicate_groups(data_dir, ids, log=None) -> np.ndarray | None:

@@ -1,20 +1,20 @@
-"""fastai callbacks of a training run: early stopping, best weights, per-epoch checkpoints, NaN guard.
+"""The fastai callbacks of a training run: early stopping after the warm-up, the best weights, a
+guard against a NaN loss, and a clean stop on Ctrl-C or SIGTERM.
 
 Each tracker only acts on epochs that trained: a resumed run skips its finished epochs with
-fastai's ``SkipToEpoch``, which still sends ``after_epoch`` for them.
+fastai's ``SkipToEpoch``, which still sends ``after_epoch`` for them. A callback whose state a
+restart needs is ``Stateful``: it gives its state to the checkpoint and takes it back on resume.
 """
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 
-from ._io import atomic_path
+from ..atomic import atomic_path
 
 
 def bare_model(learn):
@@ -22,9 +22,15 @@ def bare_model(learn):
     return getattr(learn.model, "module", learn.model)
 
 
-def train_loader(learn):
-    """The training DataLoader (under several processes, the one that DistributedDL wraps)."""
-    return getattr(learn.dls.train, "dl", learn.dls.train)
+class Stateful:
+    """A callback with state that ``--resume`` restores: ``state_dict()`` gives plain values and
+    tensors under keys of its own; ``load_state_dict(checkpoint)`` reads them back."""
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
 
 
 class _TrainedEpochsOnly:
@@ -35,7 +41,7 @@ class _TrainedEpochsOnly:
         self._trained = True
 
 
-class WarmupEarlyStopping(_TrainedEpochsOnly, EarlyStoppingCallback):
+class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
     """Early stopping that ignores the one-cycle warm-up, when a rising learning rate makes the
     metric worse on purpose. It stops at the start of the next epoch rather than at the end of
     this one, so the checkpoint of the epoch that decided it is written first."""
@@ -63,8 +69,14 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, EarlyStoppingCallback):
         self.wait = 0 if self.new_best else self.wait + 1
         self.stop = self.wait >= self.patience
 
+    def state_dict(self) -> dict:
+        return {"stop_best": float(self.best), "stop_wait": int(self.wait), "stop_stop": bool(self.stop)}
 
-class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait, self.stop = state["stop_best"], state["stop_wait"], state["stop_stop"]
+
+
+class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
     """fastai's SaveModelCallback (the best epoch's weights are the ones the fit ends with), keeping
     the best weights in memory and writing ``best.pth`` only when ``--resume`` could need it: when a
     checkpoint is saved after an epoch that is not the best (``persist``), since otherwise the
@@ -128,14 +140,17 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
             self.on_disk = True
 
     def state_dict(self) -> dict:
-        return {"save_best": float(self.best)}
+        # the checkpoint's weights are the best ones when this epoch is the best: no best.pth then
+        return {"save_best": float(self.best), "best_is_current": self.persist()}
 
-    def load_state_dict(self, state: dict, model_state: dict, best_is_current: bool) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """After a restart: the tracked value, and the best weights: those of the checkpoint, or
-        ``best.pth`` (read when the fit ends)."""
+        ``best.pth`` (read when the fit ends). A checkpoint without ``best_is_current`` comes from
+        a run that wrote best.pth at every new best."""
         self.best = state["save_best"]
-        self.best_state = dict(model_state) if best_is_current else None
-        self.best_epoch, self.on_disk = None, not best_is_current
+        current = state.get("best_is_current", False)
+        self.best_state = dict(state["model"]) if current else None
+        self.best_epoch, self.on_disk = None, not current
 
     def after_fit(self, **kwargs):
         if self.best_state is not None:
@@ -148,117 +163,12 @@ class AtomicSaveModel(_TrainedEpochsOnly, SaveModelCallback):
 class NaNGuard(TerminateOnNaNCallback):
     """fastai's TerminateOnNaNCallback, remembering where the loss went bad so the run can say so."""
 
+    nan = None  # {"loss", "epoch", "batch"} of the first non-finite loss
+
     def after_batch(self):
         if not torch.isfinite(self.loss):
-            self.learn.hpa_nan = {"loss": float(self.loss), "epoch": self.epoch, "batch": self.iter}
+            self.nan = {"loss": float(self.loss), "epoch": self.epoch, "batch": self.iter}
         super().after_batch()
-
-
-def rng_state(learn) -> dict:
-    """Every random stream training draws from, the training DataLoader's own shuffling RNG included."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": train_loader(learn).rng.getstate(),
-            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-            "numpy_gauss": (int(np_state[3]), float(np_state[4]))}
-
-
-def set_rng_state(learn, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    train_loader(learn).rng.setstate(_tuples(state["loader"]))
-    has_gauss, gauss = state["numpy_gauss"]
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         has_gauss, gauss))
-
-
-class Checkpoint(_TrainedEpochsOnly, Callback):
-    """Writes ``checkpoint.pth`` atomically after every trained epoch: model, optimizer, the
-    phase and epoch reached, RNG states, history and the trackers' state: all that
-    ``--resume`` needs to continue the same one-cycle schedule.
-
-    With ``skip_last``, the last epoch of the final phase is not saved: the run exports its model
-    right after it and then removes the checkpoint, so writing it would only cost time (a run
-    killed while exporting resumes from the epoch before)."""
-
-    order = TrackerCallback.order + 5
-
-    def __init__(self, path, phase: str = "train", final_phase: bool = True, skip_last: bool = True):
-        self.path, self.phase, self.final_phase, self.skip_last, self.restore = path, phase, final_phase, skip_last, None
-
-    def _cb(self, cls):
-        found = [c for c in self.learn.cbs if isinstance(c, cls)]
-        return found[0] if found else None
-
-    def before_fit(self):
-        # runs after the trackers' before_fit, which would otherwise reset what was restored
-        if self.restore is None:
-            return
-        state, self.restore = self.restore, None
-        # the train_loss column is a running average over the whole fit: carry it across the restart
-        count, val = state["smooth_loss"]
-        self.learn.recorder.smooth_loss.count, self.learn.recorder.smooth_loss.val = count, torch.tensor(val)
-        if (save := self._cb(AtomicSaveModel)) is not None:
-            # a checkpoint without the flag comes from a run that wrote best.pth at every new best
-            save.load_state_dict(state, state["model"], state.get("best_is_current", False))
-        if (stop := self._cb(WarmupEarlyStopping)) is not None:
-            stop.best, stop.wait, stop.stop = state["stop_best"], state["stop_wait"], state["stop_stop"]
-
-    def after_epoch(self):
-        if not self._trained or (self.skip_last and self.final_phase and self.epoch + 1 == self.n_epoch):
-            return
-        from .console import EpochLogger
-
-        save, stop, logger = self._cb(AtomicSaveModel), self._cb(WarmupEarlyStopping), self._cb(EpochLogger)
-        best_is_current = save.persist() if save else False
-        state = {
-            "best_is_current": best_is_current,
-            "model": bare_model(self.learn).state_dict(),
-            "opt": plain_opt_state(self.learn.opt.state_dict()),
-            "phase": self.phase,
-            "epochs_done": self.epoch + 1,
-            "rng": rng_state(self.learn),
-            "smooth_loss": (int(self.learn.recorder.smooth_loss.count), float(self.learn.recorder.smooth_loss.val)),
-            "history": logger.rows if logger else [],
-            **(save.state_dict() if save else {"save_best": None}),
-            "stop_best": float(stop.best) if stop else None,
-            "stop_wait": int(stop.wait) if stop else 0,
-            "stop_stop": bool(stop.stop) if stop else False,
-        }
-        with atomic_path(self.path, durable=True) as tmp:
-            torch.save(state, tmp)
-
-
-def _plain(obj):
-    """Tensors and plain Python values only: fastcore's ``L`` and numpy scalars become lists and
-    floats, so the checkpoint loads with ``torch.load(weights_only=True)``, which refuses them."""
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "L":
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def plain_opt_state(sd: dict) -> dict:
-    return {"state": _plain(sd["state"]), "hypers": _plain(sd["hypers"])}
-
-
-def load_opt_state(opt, sd: dict) -> None:
-    from fastcore.foundation import L
-
-    opt.load_state_dict({"state": list(sd["state"]), "hypers": L(sd["hypers"])})
-
-
-def _tuples(obj):
-    """random.setstate wants the tuples that the checkpoint stored as lists."""
-    return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
-
-
-def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class StopOnSignal(Callback):
@@ -266,7 +176,7 @@ class StopOnSignal(Callback):
     end of the current batch, or after the epoch's checkpoint when the signal came while saving.
     A second signal stops at once."""
 
-    order = Checkpoint.order + 5
+    order = TrackerCallback.order + 10  # after the epoch's checkpoint (resume.Checkpoint)
 
     def __init__(self):
         self.requested = False

@@ -9,13 +9,13 @@ import contextlib
 import csv
 import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from .errors import HPAError
+from ..errors import HPAError
 from .vocab import vocab_for
 
 CHANNELS = ("red", "green", "blue", "yellow")
@@ -358,16 +358,8 @@ def scan_images(path, channels: str) -> pd.DataFrame:
     return pd.DataFrame({"id": list(keys), "key": list(keys.values())})
 
 
-def verify_images(df: pd.DataFrame, channels: str, deep: bool = False, workers: int = 8) -> dict[str, str]:
-    """Open every image (``deep``: decode it fully); return {item key: message} for the unreadable ones."""
-    from .data import read_image  # late import: data pulls in fastai
-
-    def check(key):
-        try:
-            read_image(key, CHANNEL_SETS[channels], size=None, header_only=not deep)
-            return None
-        except HPAError as e:
-            return str(e)
-
-    with ThreadPoolExecutor(workers) as pool:
-        return {key: msg for key, msg in zip(df["key"], pool.map(check, df["key"])) if msg}
+def labels_matrix(labels: pd.Series, n_classes: int) -> np.ndarray:
+    y = np.zeros((len(labels), n_classes), np.uint8)
+    for i, text in enumerate(labels):
+        y[i, [int(t) for t in text.split()]] = 1
+    return y

@@ -1,4 +1,4 @@
-"""The ``export`` command: a trained model as ONNX, with the input normalisation inside the graph,
+"""A trained model as ONNX, with the input normalisation inside the graph,
 for runtimes without PyTorch or fastai."""
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_path
-from ._outputs import check_output
-from .console import log
-from .errors import HPAError
+from ..atomic import atomic_path
+from ..console import log
 
 
 class NormalisedModel(nn.Module):
@@ -51,28 +49,3 @@ def export_onnx(predictor, out: Path, check: bool = True) -> dict:
             want = model(example).numpy()
         result.update(checked=True, max_abs_diff=float(np.abs(got - want).max()))
     return result
-
-
-def export_command(cfg) -> Path:
-    from .predict import load_predictor
-
-    if not cfg.onnx:
-        raise HPAError("nothing to export: pass --onnx (the run folder already holds export.pkl and "
-                       "model.safetensors + model.json)")
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise HPAError("--onnx needs the onnx package: pip install 'hpa_fastai[onnx]'") from None
-    if cfg.out is not None:
-        check_output(cfg.out, "--out")  # an empty --out, before the model is loaded
-    predictor = load_predictor(cfg.learner, cpu=True)
-    out = check_output(predictor.source / "model.onnx" if cfg.out is None else cfg.out, "--out",
-                       run_dirs=[predictor.source], own={"model.onnx"})
-    result = export_onnx(predictor, out)
-    if result["checked"]:
-        log(f"wrote {out} (onnxruntime vs PyTorch: max abs difference {result['max_abs_diff']:.2e})")
-        if result["max_abs_diff"] > 1e-4:
-            raise HPAError(f"{out}: ONNX output differs from PyTorch by {result['max_abs_diff']:.2e} (> 1e-4)")
-    else:
-        log(f"wrote {out}")
-    return out

@@ -1,4 +1,4 @@
-"""The ``runs`` command: one table of every training run under a folder, read from the run folders' files.
+"""One table of every training run under a folder (the ``runs`` command), read from the run folders' files.
 
 A run folder is a folder with a ``status.json`` (``train`` writes it before anything else), so
 ``lr-find`` folders, other folders and the ``latest`` link are skipped. Each value comes from the
@@ -16,7 +16,6 @@ the same way, which is the honest reading of the evidence.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from datetime import datetime
@@ -24,9 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._io import folder_size, write_csv
-from .console import console, log, table
-from .errors import HPAError
+from ..atomic import folder_size
+from ..errors import HPAError
+from ..rundir import CONFIG, HISTORY, METRICS, STATUS, read_json, run_dirs
 
 STALE_SECONDS = 10 * 60
 COLUMNS = ["run", "date", "data", "arch", "channels", "size", "epochs", "best_epoch", "f1", "f1_tuned",
@@ -38,30 +37,9 @@ SORTS = {"date": ("date", False), "arch": ("arch", False), "size": ("size", Fals
          "disk": ("disk_bytes", True)}
 
 
-def read_json(path: Path) -> dict:
-    """A run file's contents, or {} when it is missing or unreadable (a run being written, or damaged)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "status.json").is_file()
-
-
-def run_dirs(folder) -> list[Path]:
-    """The run folders directly under ``folder`` (``folder`` itself if it is one), without links."""
-    folder = Path(folder)
-    if is_run_dir(folder):
-        return [folder]
-    return sorted(p for p in folder.iterdir() if not p.is_symlink() and is_run_dir(p))
-
-
 def _history(run_dir: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(run_dir / "history.csv")
+        return pd.read_csv(run_dir / HISTORY)
     except (OSError, ValueError):
         return pd.DataFrame()
 
@@ -93,7 +71,7 @@ def run_status(run_dir: Path, status: dict, history: pd.DataFrame, now: float | 
 def run_summary(run_dir) -> dict:
     """One row of the runs table for ``run_dir``; missing values are None."""
     run_dir = Path(run_dir)
-    config, metrics, status = (read_json(run_dir / f) for f in ("config.json", "metrics.json", "status.json"))
+    config, metrics, status = (read_json(run_dir / f) for f in (CONFIG, METRICS, STATUS))
     history = _history(run_dir)
     started = _started(run_dir.resolve(), status)
     epochs = metrics.get("epochs_run", len(history) if len(history) else None)
@@ -207,29 +185,3 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "time", "disk"}
-
-
-def runs_command(cfg) -> pd.DataFrame:
-    from ._outputs import check_output, for_spreadsheet
-
-    folder = Path(cfg.dir)
-    df = collect_runs(folder, cfg.sort)
-    if cfg.csv is not None:
-        check_output(cfg.csv, "--csv", run_dirs=df["path"])
-    if df.empty:
-        why = "the folder does not exist" if not folder.exists() else "no run folders in it"
-        log(f"no runs in {folder} ({why}); train one with: python run.py --out {folder}")
-        return df
-    shown = display_frame(df)
-    t = table(f"{len(df)} run(s) in {folder}, by {cfg.sort}", shown)
-    for column in t.columns:
-        if column.header in NUMERIC:
-            column.justify = "right"
-    thresholds = sorted(set(df["threshold"].dropna()))
-    t.caption = (f"macro F1 on the validation images at threshold {', '.join(f'{x:g}' for x in thresholds) or '0.5'}"
-                 " and with per-class tuned thresholds")
-    console.print(t)
-    if cfg.csv is not None:
-        write_csv(cfg.csv, for_spreadsheet(df))  # values from run files, for a spreadsheet
-        log(f"wrote {cfg.csv}")
-    return df

@@ -13,17 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import HPAError
-
-# What training and cv write into a run folder (see train.py, cv.py and the README's table).
-RUN_FILES = frozenset({
-    "config.json", "status.json", "history.csv", "lr_find.png", "lr_find.json", "curves.png", "metrics.json",
-    "per_class.csv", "per_class_f1.png", "valid_predictions.csv", "report.html", "best.pth", "checkpoint.pth",
-    "model.safetensors", "model.json", "export.pkl", "model.onnx", "tensorboard", "cv.json", "oof_predictions.csv"})
+from .rundir import RUN_FILES, is_cv_dir, is_run_dir
 
 
 def _is_run_folder(folder: Path) -> bool:
-    """A training run (train writes status.json first) or a cross-validation (cv.json)."""
-    return (folder / "status.json").is_file() or (folder / "cv.json").is_file()
+    return is_run_dir(folder) or is_cv_dir(folder)
 
 
 def check_output(out, flag: str, inputs=(), run_dirs=(), own=()) -> Path:

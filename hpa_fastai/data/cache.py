@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, write_json
-from .console import log
-from .data import available_cores, bound_workers, check_workers, read_image
-from .errors import HPAError
-from .formats import CHANNEL_SETS, detect_format, key_files, read_items
+from ..atomic import atomic_path, write_json
+from ..config import MIN_SIZE
+from ..console import log
+from ..errors import HPAError
+from ..paths import resolve_data_dir
+from .images import read_image
+from .layouts import CHANNEL_SETS, detect_format, key_files, read_items
+from .pipeline import available_cores, bound_workers
 
 CACHE_JSON = "cache.json"
 
@@ -62,13 +65,8 @@ def _cache_one(task: tuple) -> str | None:
 
 def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int | None = None) -> Path:
     """Cache the training images of ``data`` at ``size``; returns the cache folder."""
-    from .train import resolve_data_dir  # late import: train imports this module
-
-    if size < 8:
-        raise HPAError(f"--size must be at least 8 pixels (got {size})")
-    check_workers(workers)
-    if workers is not None and workers < 1:
-        raise HPAError(f"--workers must be at least 1 (got {workers})")
+    if size < MIN_SIZE:
+        raise HPAError(f"--size must be at least {MIN_SIZE} pixels (got {size})")
     data_dir = resolve_data_dir(data)
     fmt = detect_format(data_dir)
     channels = fmt.default_channels if channels == "auto" else channels
@@ -139,7 +137,3 @@ def _cached_paths(data_dir: Path, ids, keys, channels: str, size: int) -> list[P
         return None
     log(f"reading {len(paths)} images from the preprocessed cache {folder}")
     return paths
-
-
-def preprocess_command(cfg) -> Path:
-    return preprocess(cfg.data, cfg.size, cfg.channels, cfg.workers)

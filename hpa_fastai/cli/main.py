@@ -1,0 +1,81 @@
+"""Flags generated one-to-one from the config dataclasses, checked by the configs' own constraints;
+training is the default command. Nothing heavy is imported until a command runs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+import warnings
+
+from ..config import validate
+from ..errors import HPAError
+from .commands import COMMANDS
+
+
+def _base_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = {k: v for k, v in f.metadata.items() if k != "check"}
+        help_text = meta.pop("help")
+        tp = _base_type(hints[f.name])
+        default_txt = "" if f.default is None else f" (default: {f.default})"
+        if meta.pop("positional", False):
+            parser.add_argument(f.name, default=f.default, help=help_text + default_txt, **meta)
+        elif tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text + default_txt)
+        else:
+            parser.add_argument(flag, type=tp, default=f.default, help=help_text + default_txt,
+                                metavar=None if "choices" in meta else f.name.upper(), **meta)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before a bad-flag message; keep the project's one-line errors."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    cls, help_text, _ = COMMANDS[command]
+    prog = "run.py" if command == "train" else f"run.py {command}"
+    epilog = None
+    if command == "train":
+        epilog = "other commands (run.py COMMAND --help):\n" + "\n".join(
+            f"  {name:10s} {text}" for name, (_, text, _) in COMMANDS.items() if name != "train")
+    parser = OneLineParser(prog=prog, description=help_text, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, cls)
+    return parser
+
+
+def main(argv=None) -> int:
+    # torch and fastai warn about their own deprecations on import; users can do nothing about them.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="fastai")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    args = build_parser(command).parse_args(argv)  # exits 2 with a message on a bad flag
+    cls, _, run = COMMANDS[command]
+    cfg = cls(**vars(args))
+    try:
+        validate(cfg)  # every value's constraint, before anything is read or built
+        run(cfg)
+    except HPAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

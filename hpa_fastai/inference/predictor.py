@@ -1,0 +1,142 @@
+"""A trained model answering: class probabilities for images (optionally over the 8 dihedral
+orientations), labels decoded with per-class thresholds, and several models as one ensemble."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+
+from .. import metrics as M
+from ..data.layouts import scan_images
+from ..data.pipeline import predict_dl
+from ..errors import HPAError
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square (k in 0..7): optional transpose, then flips."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 1:
+        x = x.flip(-1)
+    if k & 2:
+        x = x.flip(-2)
+    return x
+
+
+class Predictor:
+    """A trained model with what it needs to read images: channels, size, normalisation, vocabulary
+    and per-class thresholds. Build one with ``load_predictor``."""
+
+    def __init__(self, learn: Learner, meta: dict, source: Path, safe: bool):
+        self.learn, self.meta, self.source, self.safe = learn, meta, source, safe
+        self.learn.remove_cbs(self.learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
+        self.learn.model.eval()
+
+    channels = property(lambda self: self.meta["channels"])
+    size = property(lambda self: self.meta["size"])
+    names = property(lambda self: self.meta["names"])
+    format = property(lambda self: self.meta["format"])
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.asarray(self.meta["thresholds"], dtype=float)
+
+    def dataloader(self, items: pd.DataFrame, bs: int = 32, workers: int = 0):
+        """Batches of ``items`` (a frame with a ``key`` column) with the training-time transforms
+        and normalisation: fastai's ``test_dl`` for a pickled learner, the training pipeline's
+        ``predict_dl`` with model.json's size and statistics for the safe export."""
+        items = items[["key"]].reset_index(drop=True)
+        device = next(self.learn.model.parameters()).device
+        if not self.safe:
+            return self.learn.dls.test_dl(items, rm_type_tfms=0, bs=bs, num_workers=workers, device=device)
+        dl = predict_dl(items, self.channels, self.size, self.meta["mean"], self.meta["std"], bs, workers, device)
+        self.learn.dls = DataLoaders(dl, dl)  # get_preds' callbacks look at learn.dls
+        return dl
+
+    def probabilities(self, items: pd.DataFrame, tta: str | None = None, bs: int = 32, workers: int = 0) -> np.ndarray:
+        """Class probabilities, shape (n_images, n_classes). ``tta``: None, 'mean' or 'max' over the
+        8 dihedral orientations (fastai's ``Learner.tta`` averages random augmentations instead)."""
+        dl = self.dataloader(items, bs, workers)
+        if tta is None:
+            with torch.no_grad():
+                return self.learn.get_preds(dl=dl)[0].float().numpy()
+        activation = getattr(self.learn.loss_func, "activation", torch.sigmoid)
+        model, out = self.learn.model.eval(), []
+        with torch.no_grad():
+            for (xb,) in dl:
+                xb = xb.as_subclass(torch.Tensor)
+                ps = torch.stack([activation(model(dihedral(xb, k)).float()) for k in range(8)])
+                out.append((ps.mean(0) if tta == "mean" else ps.max(0).values).cpu())
+        return torch.cat(out).numpy()
+
+    def decode(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        thresholds = self.thresholds if threshold is None else np.full(probs.shape[1], threshold)
+        return M.decode(probs, thresholds)
+
+    def predict_batch(self, paths, threshold: float | None = None, tta: str | None = None, bs: int = 32) -> list[dict]:
+        """Labels, names and probabilities for image files (for RGBY: any one file of each image's
+        four, or the common ``{id}`` prefix)."""
+        items = pd.concat([_items_for_path(p, self.channels) for p in paths], ignore_index=True)
+        probs = self.probabilities(items, tta, bs)
+        preds = self.decode(probs, threshold)
+        return [{"image": image_id, "labels": [int(i) for i in np.flatnonzero(row)],
+                 "names": [self.names[i] for i in np.flatnonzero(row)],
+                 "probabilities": [float(probs[n, i]) for i in np.flatnonzero(row)],
+                 "all_probabilities": probs[n].tolist()}
+                for n, (image_id, row) in enumerate(zip(items["id"], preds))]
+
+    def predict(self, path, threshold: float | None = None, tta: str | None = None) -> dict:
+        return self.predict_batch([path], threshold, tta)[0]
+
+
+def _items_for_path(path, channels: str) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists() and channels == "rgby":
+        matches = sorted(path.parent.glob(f"{path.name}_green.*"))
+        if matches:
+            path = matches[0]
+    if not path.is_file():
+        raise HPAError(f"{path}: image file not found")
+    items = scan_images(path, channels)
+    return items
+
+
+class Ensemble:
+    """Several trained models answering as one: the mean of their probabilities, decoded with one
+    set of per-class thresholds. Same interface as ``Predictor``; the members may differ in
+    architecture and image size but must share format, vocabulary and channels."""
+
+    def __init__(self, members: list, thresholds, source: Path):
+        first = members[0]
+        for member in members[1:]:
+            if (member.format, member.channels) != (first.format, first.channels):
+                raise HPAError(f"--learner {member.source}: trained on {member.format} {member.channels} data, "
+                               f"{first.source} on {first.format} {first.channels}; ensemble members must agree")
+            if list(member.meta["vocab"]) != list(first.meta["vocab"]):
+                raise HPAError(f"--learner {member.source}: its class vocabulary differs from that of "
+                               f"{first.source}; ensemble members must agree")
+        thresholds = np.asarray(thresholds, dtype=float)
+        if thresholds.shape != (len(first.names),):
+            raise HPAError(f"{source}: {thresholds.size} thresholds for {len(first.names)} classes")
+        self.members, self.thresholds, self.source = members, thresholds, Path(source)
+
+    channels = property(lambda self: self.members[0].channels)
+    names = property(lambda self: self.members[0].names)
+    format = property(lambda self: self.members[0].format)
+
+    @property
+    def meta(self) -> dict:
+        raise HPAError(f"{self.source}: an ensemble of {len(self.members)} models has no single model "
+                       f"description; pass one member, e.g. --learner {self.members[0].source}")
+
+    def probabilities(self, items: pd.DataFrame, tta: str | None = None, bs: int = 32, workers: int = 0) -> np.ndarray:
+        return np.mean([m.probabilities(items, tta, bs, workers) for m in self.members], axis=0)
+
+    decode = Predictor.decode
+    predict_batch = Predictor.predict_batch
+    predict = Predictor.predict

@@ -1,0 +1,319 @@
+"""The HTML pages of the run reports: ``report.html`` per run and a page comparing runs.
+
+Each page is one file that can be mailed, archived or opened offline and makes no network request:
+the templates in ``templates/`` carry the stylesheet inline, and every image is a base64 data URI.
+Everything comes from the run folder's files; the validation image grid also reads the training
+images named in ``valid_predictions.csv`` (see ``samples``), and says so on the page when they are gone.
+
+A run folder can come from someone else, so this module only turns its files into plain values
+(strings already formatted, numbers shown only if they are numbers) and the templates are rendered
+with autoescaping: nothing read from a file is ever marked safe.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from PIL import Image
+
+from .. import plots
+from ..atomic import write_text
+from ..errors import HPAError
+from ..rundir import (CONFIG, CURVES, HISTORY, LR_FIND, LR_FIND_PLOT, METRICS, MODEL_JSON, REPORT, check_run_dir,
+                      read_json)
+from ..runs.table import format_seconds, run_summary
+from .samples import valid_samples
+
+CONFIG_COLUMNS = 3
+MAX_LABELS = 6  # labels listed under an image; an untrained model can predict dozens
+
+TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
+                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+
+
+# --- values as the pages show them ------------------------------------------------------------
+
+def num(value, spec: str = "") -> str:
+    """A number read from a run file, formatted with ``spec``; "-" for anything else (text, a list,
+    NaN), so a hand-edited file shows a gap instead of breaking the page."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    try:
+        return format(value, spec) if math.isfinite(value) else "-"
+    except (OverflowError, ValueError):  # a huge JSON integer, or an integer spec for a float
+        return "-"
+
+
+def fmt_value(v) -> str:
+    """A config or metric value as a short string: floats to 4 significant digits, lists inline."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]"
+    if v is None:
+        return "-"
+    return str(v)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def array_png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def png_uri(path: Path) -> str | None:
+    """The PNG file at ``path`` as a data URI; None when there is none."""
+    return data_uri(path.read_bytes()) if path.is_file() else None
+
+
+# --- reading a run ----------------------------------------------------------------------------
+
+def run_label(run_dir: Path) -> str:
+    """The run's name (the link ``latest`` resolved to the folder it points at)."""
+    return run_dir.resolve().name
+
+
+def read_history(run_dir: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(run_dir / HISTORY)
+    except (OSError, ValueError):
+        return pd.DataFrame()
+
+
+def class_names(run_dir: Path, metrics: dict) -> list[str]:
+    per_class = metrics.get("per_class")
+    if per_class and isinstance(per_class, list):
+        return [str(row.get("name", "?")) if isinstance(row, dict) else "?" for row in per_class]
+    names = read_json(run_dir / MODEL_JSON).get("names")
+    if isinstance(names, list) and names:
+        return [str(name) for name in names]
+    from ..data.vocab import NAMES
+
+    return list(NAMES.get(str(read_json(run_dir / MODEL_JSON).get("format", "z2g")), NAMES["z2g"]))
+
+
+def per_class_rows(metrics: dict) -> list[dict]:
+    """metrics.json's per-class rows, each with the keys the pages show (a value that is missing or
+    not of its type is None, and shown as "-")."""
+    rows = metrics.get("per_class")
+    return [{"class": r.get("class"), "name": r.get("name"), **{k: r.get(k) if num(r.get(k)) != "-" else None
+             for k in ("threshold", "precision", "recall", "f1", "support")}}
+            for r in (rows if isinstance(rows, list) else []) if isinstance(r, dict)]
+
+
+# --- one run: the values of each section of report.html ------------------------------------------
+
+def summary_values(summary: dict, metrics: dict) -> dict:
+    if not metrics:
+        return {"has_metrics": False, "status": summary["status"], "epochs": summary["epochs"]}
+    return {"has_metrics": True, "status": summary["status"], "time": format_seconds(summary["time"]),
+            "best_epoch": num(metrics.get("best_epoch")), "epochs_run": num(metrics.get("epochs_run")),
+            "f1_macro": num(metrics.get("f1_macro"), ".4f"), "threshold": num(metrics.get("threshold", 0.5), "g"),
+            "f1_macro_tuned": num(metrics.get("f1_macro_tuned"), ".4f"),
+            "f1_samples": num(metrics.get("f1_samples"), ".4f"),
+            "f1_samples_tuned": num(metrics.get("f1_samples_tuned"), ".4f")}
+
+
+def config_values(config: dict) -> dict:
+    # three setting/value pairs per row: the page opens on results, not on a screen of settings
+    pairs = [[k, fmt_value(v)] for k, v in config.items()]
+    pairs += [["", ""]] * (-len(pairs) % CONFIG_COLUMNS)
+    return {"columns": CONFIG_COLUMNS,
+            "rows": [sum(pairs[i:i + CONFIG_COLUMNS], []) for i in range(0, len(pairs), CONFIG_COLUMNS)]}
+
+
+def lr_find_values(run_dir: Path, config: dict) -> dict:
+    """The finder's plot and suggestions, or (no plot) the learning rate that was given instead."""
+    plot = png_uri(run_dir / LR_FIND_PLOT)
+    suggestions = read_json(run_dir / LR_FIND).get("suggestions", {}) if plot else {}
+    used = config.get("lr_used")
+    return {"plot": plot, "lr": fmt_value(config.get("lr", "?")),
+            "used": num(used, ".3e") if isinstance(used, float) else None,
+            "suggestions": [[name, num(lr, ".3e")] for name, lr in suggestions.items()]
+            if isinstance(suggestions, dict) else []}
+
+
+def curves_values(run_dir: Path, history: pd.DataFrame) -> dict:
+    table = None
+    if len(history):
+        specs = {"lr": "{:.2e}", "seconds": "{:.1f}"}
+        cols = list(history.columns)
+        table = {"columns": cols, "numeric": [i for i, c in enumerate(cols) if c != "phase"],
+                 "rows": [[specs.get(c, "{:.4f}").format(v) if isinstance(v, float) else str(v)
+                           for c, v in zip(cols, r)] for r in history.itertuples(index=False)]}
+    return {"plot": png_uri(run_dir / CURVES), "table": table}
+
+
+def per_class_values(run_dir: Path, metrics: dict) -> dict:
+    rows = []
+    for r in per_class_rows(metrics):
+        bar = max(0.0, min(100.0, 100 * (r["f1"] or 0.0)))  # width in px of the F1 bar
+        rows.append({"class": fmt_value(r["class"]), "name": fmt_value(r["name"]),
+                     "threshold": num(r["threshold"], ".3f"), "precision": num(r["precision"], ".3f"),
+                     "recall": num(r["recall"], ".3f"), "f1": num(r["f1"], ".3f"), "bar": f"{bar:.0f}",
+                     "support": num(r["support"], ".0f"), "absent": r["support"] == 0})
+    return {"rows": rows, "valid_images": fmt_value(metrics.get("valid_images", "?")),
+            "plot": png_uri(run_dir / "per_class_f1.png") if rows else None}
+
+
+def label_spans(indices, other, cls_in: str, cls_out: str, names: list[str], probs=None,
+                most: int = MAX_LABELS) -> dict:
+    """Labels under an image: each with its class (``cls_in`` if also in ``other``) and, with
+    ``probs``, its probability; at most ``most`` of them, and how many more there are."""
+    if probs is not None:  # right ones first, then most probable first: a cut list keeps what matters
+        indices = sorted(indices, key=lambda c: (c not in other, -probs[c]))
+
+    def text(c) -> str:
+        name = names[c] if c < len(names) else c
+        return f"{name} {probs[c]:.2f}" if probs is not None else str(name)
+
+    spans = [{"class": cls_in if c in other else cls_out, "text": text(c)} for c in indices[:most]]
+    return {"spans": spans, "more": f" and {len(indices) - most} more" if len(indices) > most else ""}
+
+
+def samples_values(run_dir: Path, names: list[str], rgby: bool) -> dict:
+    try:
+        samples = valid_samples(run_dir)
+    except HPAError as e:
+        return {"error": str(e), "rgby": rgby, "figures": []}
+    return {"error": None, "rgby": rgby, "figures": [
+        {"id": str(s["id"]), "image": data_uri(array_png(s["image"])), "mistakes": s["mistakes"],
+         "true": label_spans(s["true"], s["predicted"], "ok", "missed", names),
+         "predicted": label_spans(s["predicted"], s["true"], "ok", "wrong", names, s["probs"])}
+        for s in samples]}
+
+
+def report_values(run_dir: Path) -> dict:
+    """What report.html shows, section by section."""
+    config = read_json(run_dir / CONFIG)
+    metrics = read_json(run_dir / METRICS)
+    return {
+        "name": run_label(run_dir),
+        "sub": {**{k: fmt_value(config.get(k, "?")) for k in ("arch", "data", "channels", "size")},
+                "valid_images": fmt_value(metrics.get("valid_images", "?"))},
+        "summary": summary_values(run_summary(run_dir), metrics),
+        "tensorboard": (run_dir / "tensorboard").is_dir(),
+        "config": config_values(config),
+        "lr_find": lr_find_values(run_dir, config),
+        "curves": curves_values(run_dir, read_history(run_dir)),
+        "per_class": per_class_values(run_dir, metrics),
+        "samples": samples_values(run_dir, class_names(run_dir, metrics), config.get("channels") == "rgby"),
+    }
+
+
+def render_report(run_dir: Path) -> str:
+    return TEMPLATES.get_template("report.html").render(report_values(run_dir))
+
+
+def write_report(run_dir, out=None) -> Path:
+    """Write the run's report (default ``run_dir/report.html``); returns its path."""
+    run_dir = check_run_dir(run_dir)
+    return write_text(Path(out) if out else run_dir / REPORT, render_report(run_dir))
+
+
+# --- several runs --------------------------------------------------------------------------------
+
+def unique_labels(run_dirs: list[Path]) -> list[str]:
+    labels = [run_label(d) for d in run_dirs]
+    if len(set(labels)) < len(labels):  # same name in different folders: add the parent
+        labels = [f"{d.resolve().parent.name}/{run_label(d)}" for d in run_dirs]
+    return labels
+
+
+def overlay_plot(histories: dict[str, pd.DataFrame]) -> bytes:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, h in histories.items():
+        if "epoch" not in h:
+            continue
+        # numbers only: a hand-edited history.csv may hold text
+        epoch, label = pd.to_numeric(h["epoch"], errors="coerce"), plots.plain_text(label)
+        if "valid_loss" in h:
+            ax1.plot(epoch, pd.to_numeric(h["valid_loss"], errors="coerce"), marker="o", label=label)
+        if "f1_macro" in h:
+            ax2.plot(epoch, pd.to_numeric(h["f1_macro"], errors="coerce"), marker="o", label=label)
+    ax1.set(xlabel="epoch", ylabel="validation loss", title="validation loss")
+    ax2.set(xlabel="epoch", ylabel="macro F1 (validation)", title="macro F1", ylim=(0, 1))
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def comparison_summary_rows(labels: list[str], summaries: list[dict]) -> list[dict]:
+    best_f1 = max((s["f1_tuned"] for s in summaries if s["f1_tuned"] is not None), default=None)
+    return [{"run": label, **{k: fmt_value(s[k]) for k in ("data", "arch", "channels", "size", "epochs", "best_epoch")},
+             "f1": num(s["f1"], ".4f"), "f1_tuned": num(s["f1_tuned"], ".4f"),
+             "best": best_f1 is not None and s["f1_tuned"] == best_f1, "time": format_seconds(s["time"]),
+             "status": s["status"]} for label, s in zip(labels, summaries)]
+
+
+def comparison_config_values(configs: list[dict]) -> dict:
+    """Every setting of any run, side by side; the rows whose values differ are marked."""
+    rows = []
+    for k in dict.fromkeys(k for c in configs for k in c):
+        values = [fmt_value(c[k]) if k in c else "(absent)" for c in configs]
+        rows.append({"setting": k, "run_values": values, "differs": len(set(values)) > 1})
+    return {"rows": rows, "n_differ": sum(r["differs"] for r in rows)}
+
+
+def comparison_per_class_rows(metrics: list[dict]) -> list[dict]:
+    """One row per class found in any run: each run's F1 and support, or None where the run lacks the
+    class; the best F1 of a class is marked when more than one run has it and it is above 0."""
+    classes: dict[tuple, list] = {}
+    for i, m in enumerate(metrics):
+        for r in per_class_rows(m):
+            classes.setdefault((fmt_value(r["class"]), fmt_value(r["name"])), [None] * len(metrics))[i] = r
+    rows = []
+    for (c, name), per_run in classes.items():
+        f1s = [r["f1"] for r in per_run if r is not None and r["f1"] is not None]
+        top = max(f1s) if f1s else None
+        rows.append({"class": c, "name": name, "runs": [
+            None if r is None else {"f1": num(r["f1"], ".3f"), "support": num(r["support"], ".0f"),
+                                    "best": r["f1"] is not None and r["f1"] == top and len(f1s) > 1 and top > 0}
+            for r in per_run]})
+    return rows
+
+
+def comparison_values(run_dirs: list[Path]) -> dict:
+    """What the comparison page shows, section by section."""
+    labels = unique_labels(run_dirs)
+    return {
+        "labels": labels,
+        "summary": comparison_summary_rows(labels, [run_summary(d) for d in run_dirs]),
+        "config": comparison_config_values([read_json(d / CONFIG) for d in run_dirs]),
+        "curves": data_uri(overlay_plot({lb: read_history(d) for lb, d in zip(labels, run_dirs)})),
+        "per_class": comparison_per_class_rows([read_json(d / METRICS) for d in run_dirs]),
+    }
+
+
+def render_comparison(run_dirs: list[Path]) -> str:
+    return TEMPLATES.get_template("comparison.html").render(comparison_values(run_dirs))
+
+
+def write_comparison(run_dirs, out="comparison.html") -> Path:
+    """Write a page comparing ``run_dirs``; returns its path."""
+    run_dirs = [check_run_dir(d) for d in run_dirs]
+    return write_text(Path(out), render_comparison(run_dirs))

@@ -1,0 +1,141 @@
+"""The run folder: the names of its files, its status, the ``runs/latest`` link, and what counts
+as a run. Every module that reads or writes a run folder takes the names from here.
+
+``train`` writes ``status.json`` before anything else, so a folder with one is a training run;
+``cv`` writes ``cv.json`` into the folder that holds its fold runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+from .atomic import write_json
+from .errors import HPAError
+
+CONFIG = "config.json"
+STATUS = "status.json"
+HISTORY = "history.csv"
+LR_FIND_PLOT = "lr_find.png"
+LR_FIND = "lr_find.json"
+CURVES = "curves.png"
+METRICS = "metrics.json"
+PER_CLASS = "per_class.csv"
+PER_CLASS_PLOT = "per_class_f1.png"
+VALID_PREDICTIONS = "valid_predictions.csv"
+REPORT = "report.html"
+BEST = "best.pth"
+CHECKPOINT = "checkpoint.pth"
+WEIGHTS = "model.safetensors"
+MODEL_JSON = "model.json"
+EXPORT_PKL = "export.pkl"
+ONNX = "model.onnx"
+TENSORBOARD = "tensorboard"
+CV = "cv.json"  # the fold run folders ("runs") and the out-of-fold "thresholds"
+OOF_PREDICTIONS = "oof_predictions.csv"
+EVALUATE = "evaluate"  # evaluate's default output folder inside a run
+LATEST = "latest"
+
+SAFE_EXPORT = (MODEL_JSON, WEIGHTS)
+RESUME_FILES = (CHECKPOINT, BEST)
+# Everything training and cv write into a run folder: no other command may write over these.
+RUN_FILES = frozenset({CONFIG, STATUS, HISTORY, LR_FIND_PLOT, LR_FIND, CURVES, METRICS, PER_CLASS, PER_CLASS_PLOT,
+                       VALID_PREDICTIONS, REPORT, BEST, CHECKPOINT, WEIGHTS, MODEL_JSON, EXPORT_PKL, ONNX,
+                       TENSORBOARD, CV, OOF_PREDICTIONS})
+
+
+def is_run_dir(path) -> bool:
+    """A training run's folder."""
+    path = Path(path)
+    return path.is_dir() and (path / STATUS).is_file()
+
+
+def is_cv_dir(path) -> bool:
+    """A cross-validation's folder (it holds the fold runs)."""
+    path = Path(path)
+    return path.is_dir() and (path / CV).is_file()
+
+
+def check_run_dir(path) -> Path:
+    """``path`` as a training run's folder with a readable config.json, or an HPAError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise HPAError(f"{path}: run folder not found")
+    if not path.is_dir():
+        raise HPAError(f"{path}: not a run folder (a file)")
+    if not is_run_dir(path):
+        raise HPAError(f"{path}: not a run folder (no {STATUS})")
+    try:
+        json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise HPAError(f"{path / CONFIG}: unreadable ({e})") from None
+    return path
+
+
+def run_dirs(folder) -> list[Path]:
+    """The run folders directly under ``folder`` (``folder`` itself if it is one), without links."""
+    folder = Path(folder)
+    if is_run_dir(folder):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if not p.is_symlink() and is_run_dir(p))
+
+
+def read_json(path) -> dict:
+    """A run file's contents, or {} when it is missing or unreadable (a run being written, or damaged)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def write_status(run_dir, status: str, **fields) -> None:
+    """status.json: running, finished, stopped early, interrupted or failed, with what goes with it
+    (``started``, ``finished``, ``seconds``, ``reason``, ``epochs_done``)."""
+    write_json(Path(run_dir) / STATUS, {"status": status, **fields})
+
+
+def make_run_dir(out, arch: str, name: str | None = None) -> Path:
+    """A new run folder under ``out`` (named ``name``, default ``<time>-<arch>``); fails early,
+    before training, if ``out`` is not writable."""
+    out = Path(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = name or f"{stamp}-{arch.replace(':', '-').replace('/', '-')}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        run_dir, n = out / name, 1
+        while True:  # mkdir is the test: two runs started in the same second cannot both get a name
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                if n > 10_000:
+                    raise
+                run_dir = out / f"{name}-{n}"
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise HPAError(f"--out {out}: not writable ({e.strerror or e})") from None
+    return run_dir
+
+
+def point_latest(run_dir: Path) -> None:
+    """``<parent>/latest`` -> ``run_dir``, replaced atomically."""
+    latest = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, latest)
+
+
+def remove_resume_files(run_dir: Path) -> None:
+    """A finished run is exported: what only --resume needs (three times the model's size) goes."""
+    for name in RESUME_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)

@@ -1,0 +1,76 @@
+"""The Learner of a run: DataLoaders from the training set's DataBlock, the model from the
+registry, BCE (or focal) loss, macro and samples F1, the one-line-per-epoch logger, and mixed
+precision where the device supports it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+from fastai.torch_core import set_seed
+
+from .. import metrics as M
+from ..console import log
+from ..data.pipeline import make_dls
+from ..data.splits import make_splitter
+from ..data.training_set import TrainingSet
+from ..errors import HPAError
+from ..models import create_model, splitter
+from ..rundir import HISTORY
+from .progress import EpochLogger
+
+
+@dataclass
+class LearnerSetup:
+    """What building the Learner decided: the precision it trains in and whether ImageNet weights
+    were loaded (offline they may not be)."""
+    precision: str
+    pretrained: bool
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
+                  device: torch.device | None = None) -> tuple[Learner, LearnerSetup]:
+    cfg = ts.cfg
+    device = device or default_device()
+    splitter_fn = make_splitter(ts.items, len(ts.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
+    dls = make_dls(ts.items, ts.vocab, cfg.channels, cfg.size, ts.mean, ts.std, splitter_fn,
+                   bs=cfg.bs, workers=cfg.workers, seed=cfg.seed, device=device)
+    if len(dls.train) == 0:
+        raise HPAError(f"--bs {cfg.bs} is larger than the {len(dls.train_ds)} training images; lower --bs")
+    if len(dls.valid_ds) == 0:  # training would crash after its first epoch, with nothing to score
+        raise HPAError(f"--valid-pct {cfg.valid_pct} leaves none of the {len(ts.items)} images for validation; "
+                       "raise --valid-pct")
+    set_seed(cfg.seed, reproducible=True)
+    model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained,
+                                          cfg.weights, log=log)
+    history = run_dir / HISTORY if run_dir is not None else None
+    learn = Learner(dls, model, loss_func=M.make_loss(cfg.loss, cfg.focal_gamma, cfg.threshold),
+                    opt_func=Adam, metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
+                    splitter=splitter, path=run_dir or Path("."), model_dir=".",
+                    cbs=[EpochLogger(history, quiet=quiet)])
+    learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
+    learn.logger = lambda *_: None
+    return learn, LearnerSetup(set_precision(learn, cfg.precision, device), used_pretrained)
+
+
+def set_precision(learn: Learner, precision: str, device: torch.device) -> str:
+    """Mixed precision on CUDA (``auto``: bf16 where the GPU has it, else fp16); fp32 on CPU.
+    Returns the precision used."""
+    if device.type == "cuda":
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if precision == "fp16":
+            learn.to_fp16()
+        elif precision == "bf16":
+            learn.to_bf16()
+        return precision
+    if precision != "fp32":
+        log(f"note: training on CPU in fp32 (mixed precision needs CUDA; --precision {precision})")
+    return "fp32"

@@ -1,0 +1,160 @@
+"""What ``--resume`` needs: ``checkpoint.pth`` written after every trained epoch (model, optimizer,
+phase and epoch, every random stream, the running loss average and each stateful callback's
+state), read back with ``weights_only=True``, and put back into a new Learner."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.tracker import TrackerCallback
+
+from ..atomic import atomic_path
+from ..errors import HPAError
+from ..rundir import CHECKPOINT, CONFIG
+from .callbacks import Stateful, _TrainedEpochsOnly, bare_model
+
+CHECKPOINT_KEYS = {"model", "opt", "phase", "epochs_done", "rng", "smooth_loss", "history"}
+
+
+def train_loader(learn):
+    """The training DataLoader (under several processes, the one that DistributedDL wraps)."""
+    return getattr(learn.dls.train, "dl", learn.dls.train)
+
+
+def rng_state(learn) -> dict:
+    """Every random stream training draws from, the training DataLoader's own shuffling RNG included."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": train_loader(learn).rng.getstate(),
+            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+            "numpy_gauss": (int(np_state[3]), float(np_state[4]))}
+
+
+def set_rng_state(learn, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    train_loader(learn).rng.setstate(_tuples(state["loader"]))
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         has_gauss, gauss))
+
+
+class Checkpoint(_TrainedEpochsOnly, Callback):
+    """Writes ``checkpoint.pth`` atomically after every trained epoch: model, optimizer, the
+    phase and epoch reached, RNG states, history and the trackers' state: all that
+    ``--resume`` needs to continue the same one-cycle schedule.
+
+    With ``skip_last``, the last epoch of the final phase is not saved: the run exports its model
+    right after it and then removes the checkpoint, so writing it would only cost time (a run
+    killed while exporting resumes from the epoch before)."""
+
+    order = TrackerCallback.order + 5
+
+    def __init__(self, path, phase: str = "train", final_phase: bool = True, skip_last: bool = True):
+        self.path, self.phase, self.final_phase, self.skip_last, self.restore = path, phase, final_phase, skip_last, None
+
+    def _stateful(self) -> list:
+        return [cb for cb in self.learn.cbs if isinstance(cb, Stateful)]
+
+    def before_fit(self):
+        # runs after the trackers' before_fit, which would otherwise reset what was restored
+        if self.restore is None:
+            return
+        state, self.restore = self.restore, None
+        # the train_loss column is a running average over the whole fit: carry it across the restart
+        count, val = state["smooth_loss"]
+        self.learn.recorder.smooth_loss.count, self.learn.recorder.smooth_loss.val = count, torch.tensor(val)
+        for cb in self._stateful():
+            cb.load_state_dict(state)
+
+    def after_epoch(self):
+        if not self._trained or (self.skip_last and self.final_phase and self.epoch + 1 == self.n_epoch):
+            return
+        state = {
+            "model": bare_model(self.learn).state_dict(),
+            "opt": plain_opt_state(self.learn.opt.state_dict()),
+            "phase": self.phase,
+            "epochs_done": self.epoch + 1,
+            "rng": rng_state(self.learn),
+            "smooth_loss": (int(self.learn.recorder.smooth_loss.count), float(self.learn.recorder.smooth_loss.val)),
+        }
+        for cb in self._stateful():
+            state.update(cb.state_dict())
+        with atomic_path(self.path, durable=True) as tmp:
+            torch.save(state, tmp)
+
+
+def _plain(obj):
+    """Tensors and plain Python values only: fastcore's ``L`` and numpy scalars become lists and
+    floats, so the checkpoint loads with ``torch.load(weights_only=True)``, which refuses them."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "L":
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def plain_opt_state(sd: dict) -> dict:
+    return {"state": _plain(sd["state"]), "hypers": _plain(sd["hypers"])}
+
+
+def load_opt_state(opt, sd: dict) -> None:
+    from fastcore.foundation import L
+
+    opt.load_state_dict({"state": list(sd["state"]), "hypers": L(sd["hypers"])})
+
+
+def _tuples(obj):
+    """random.setstate wants the tuples that the checkpoint stored as lists."""
+    return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_resume(run_dir: Path) -> tuple[dict, dict]:
+    """The saved config and the checkpoint of the run in ``run_dir``, both checked."""
+    ckpt_path = run_dir / CHECKPOINT
+    if not (run_dir / CONFIG).is_file():
+        raise HPAError(f"--resume {run_dir}: not a run folder (no config.json)")
+    if not ckpt_path.is_file():
+        raise HPAError(f"--resume {run_dir}: no checkpoint.pth (the run ended before its first epoch); start it again")
+    try:
+        saved = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise HPAError(f"{run_dir / CONFIG}: unreadable run config ({str(e)[:150]})") from None
+    if not isinstance(saved, dict) or not {"lr_used", "pretrained_used"} <= set(saved):
+        raise HPAError(f"{run_dir / CONFIG}: not the config of a run that trained an epoch "
+                       "(no lr_used, pretrained_used); start it again")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except Exception as e:  # torch.load raises many types for a damaged file, some with no message
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:150]
+        raise HPAError(f"{ckpt_path}: unreadable checkpoint ({reason})") from None
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise HPAError(f"{ckpt_path}: not a checkpoint of this project (missing {', '.join(sorted(missing))})")
+    return saved, ckpt
+
+
+def restore(learn, ckpt: dict, checkpoint: Checkpoint) -> int:
+    """Put model, optimizer and RNG back as they were after the checkpoint's epoch; the callbacks'
+    state follows when the fit starts. Returns the epochs done in the checkpoint's phase."""
+    try:
+        learn.model.load_state_dict(ckpt["model"])
+        if learn.opt is None:
+            learn.create_opt()
+        load_opt_state(learn.opt, ckpt["opt"])
+    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
+        raise HPAError(f"checkpoint.pth does not fit this run's model ({str(e).splitlines()[0][:150]})") from None
+    checkpoint.restore = ckpt
+    set_rng_state(learn, ckpt["rng"])
+    return ckpt["epochs_done"]

@@ -1,0 +1,79 @@
+"""Training policies as small functions: fastai's learning-rate finder with its four suggestions,
+the learning rate a run uses, and the one-cycle phases of a run (frozen, then unfrozen, for a
+pretrained model, as fastai's ``fine_tune`` does)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+from fastai.callback.schedule import minimum, slide, steep, valley
+
+from .. import plots
+from ..atomic import write_json
+from ..config import TrainConfig
+from ..console import console, log, table
+from ..errors import HPAError
+from ..rundir import LR_FIND, LR_FIND_PLOT
+from . import distributed
+
+
+SUGGESTIONS = {"valley": valley, "slide": slide, "minimum": minimum, "steep": steep}
+
+
+def find_lr(learn, run_dir: Path, iters: int) -> dict:
+    """Run fastai's LR finder, save the plot with the four suggestions, print them as a table."""
+    with learn.no_logging():
+        learn.lr_find(num_it=iters, show_plot=False, suggest_funcs=None)
+    lrs = [float(x) for x in learn.recorder.lrs]
+    losses = [float(x) for x in learn.recorder.losses]
+    # fastai's suggestion functions, on the slice lr_find itself uses; computed here one by one
+    # because `slide` raises IndexError on short runs (few batches) instead of giving no answer.
+    lo, hi = iters // 10, max(len(lrs) - 5, iters // 10 + 2)
+    t_lrs, t_losses = torch.tensor(lrs[lo:hi]), torch.tensor(losses[lo:hi])
+    finite = torch.isfinite(t_losses)
+    if not finite.all():
+        cut = int((~finite).nonzero()[0])
+        t_lrs, t_losses = t_lrs[:cut], t_losses[:cut]
+    suggestions = {}
+    for name, func in SUGGESTIONS.items():
+        try:
+            suggestions[name] = float(func(t_lrs, t_losses, iters)[0])
+        except (IndexError, RuntimeError, ValueError):
+            suggestions[name] = float("nan")
+    shown = {k: v for k, v in suggestions.items() if math.isfinite(v)}
+    skip = 5 if len(lrs) > 10 else 0
+    plots.lr_find_plot(run_dir / LR_FIND_PLOT, lrs[: len(lrs) - skip], losses[: len(losses) - skip], shown)
+    write_json(run_dir / LR_FIND, {"suggestions": suggestions, "lrs": lrs, "losses": losses})
+    console.print(table("lr_find suggestions", pd.DataFrame(
+        {"method": list(suggestions), "lr": [f"{v:.3e}" for v in suggestions.values()]})))
+    if not (math.isfinite(suggestions["valley"]) and suggestions["valley"] > 0):
+        raise HPAError("lr_find found no usable learning rate (the loss never decreased); pass --lr")
+    return suggestions
+
+
+def auto_lr_find_iters(learn) -> int:
+    """100 iterations (fastai's default) on a real data set; on a tiny one, about five epochs' worth."""
+    return int(min(100, max(20, 5 * len(learn.dls.train))))
+
+
+def phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[tuple[str, int, object]]:
+    """(phase, epochs, learning rate) of each one-cycle fit: a pretrained body first trains
+    frozen, then everything with discriminative rates (as fastai's fine_tune does)."""
+    if pretrained and cfg.freeze_epochs > 0:
+        return [("frozen", cfg.freeze_epochs, lr), ("unfrozen", cfg.epochs, slice(lr / 100, lr / 2))]
+    return [("train", cfg.epochs, lr)]
+
+
+def learning_rate(cfg: TrainConfig, learn, run_dir: Path, saved_config: dict | None) -> float:
+    """The run's learning rate: a resumed run's own, ``--lr``, or lr_find's valley suggestion."""
+    if saved_config is not None:
+        return saved_config["lr_used"]
+    if cfg.lr != "auto":
+        return float(cfg.lr)
+    # rank 0 alone, before the processes are joined; the others wait for its answer
+    lr = distributed.share(find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
+                           if distributed.is_main() else None)
+    log(f"learning rate {lr:.3e} (lr_find valley)")
+    return lr

@@ -1,0 +1,51 @@
+"""What the commands do, end to end, as Python functions: a training run with its report,
+TensorBoard summary and ``latest`` link; a cross-validation of such runs; the learning-rate
+finder alone. The CLI calls these; so can a script or a notebook."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .config import TrainConfig
+from .console import console, log, table
+from .reporting import log_tensorboard_summary, write_report
+from .rundir import LR_FIND_PLOT, point_latest
+from .training import cv
+from .training.run import lr_find_run, train_run
+
+
+def train(cfg: TrainConfig, run_name: str | None = None) -> Path | None:
+    """Train one model as ``cfg`` says (or continue ``cfg.resume``); returns the run folder
+    (``cfg.out/run_name`` if given, else ``cfg.out/<time>-<arch>``), None on the ranks other
+    than 0 of a distributed run."""
+    result = train_run(cfg, run_name)
+    if result is None:
+        return None
+    run_dir, metrics = result.run_dir, result.metrics
+    log(f"report {write_report(run_dir)}")
+    if cfg.log == "tensorboard":
+        log_tensorboard_summary(run_dir, metrics)
+    point_latest(run_dir)
+    threshold = metrics["threshold"]
+    at = "threshold 0.5" if threshold == 0.5 else f"threshold {threshold}"
+    summary = pd.DataFrame([
+        {"": "macro F1", at: metrics["f1_macro"], "tuned thresholds": metrics["f1_macro_tuned"]},
+        {"": "samples F1", at: metrics["f1_samples"], "tuned thresholds": metrics["f1_samples_tuned"]},
+    ])
+    console.print(table(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} ({result.status}), "
+                        f"{metrics['seconds']:.0f}s", summary))
+    log(f"artifacts in {run_dir} (exported model: export.pkl, model.safetensors + model.json)")
+    return run_dir
+
+
+def cross_validate(cfg: TrainConfig) -> Path:
+    """K-fold cross-validation: one ``train`` per fold, then out-of-fold scores and thresholds."""
+    return cv.cross_validate(cfg, train)
+
+
+def lr_find(cfg: TrainConfig) -> Path:
+    """Only the learning-rate finder; returns its folder (lr_find.png, lr_find.json)."""
+    run_dir = lr_find_run(cfg)
+    log(f"plot: {run_dir / LR_FIND_PLOT}")
+    return run_dir

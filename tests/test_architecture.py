@@ -1,0 +1,115 @@
+"""The package's layout holds: imports point one way between the stages, and no module imports
+itself back through others, counting imports inside functions too."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hpa_fastai"
+
+# Stages from the bottom up; a module may import modules of its own rank and of lower ranks, except
+# that training and inference, which share a rank, may not import each other.
+RANKS = {
+    "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "rundir": 0, "outputs": 0, "plots": 0,
+    "data": 1, "synth": 1,
+    "models": 2, "metrics": 2, "modelfile": 2,
+    "training": 3, "inference": 3,
+    "runs": 4,
+    "reporting": 5,
+    "workflows": 6,
+    "cli": 7,
+    "__init__": 8,  # the package's public doors (load_predictor)
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (PACKAGE.parent / rel).with_suffix(".py").is_file() or (PACKAGE.parent / rel / "__init__.py").is_file()
+
+
+def imports_of(path: Path) -> set[str]:
+    """The package's modules that ``path`` imports anywhere in its code (functions included)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("hpa_fastai")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("hpa_fastai"):
+                continue
+            for alias in node.names:  # `from . import plots` imports a module, not a name
+                sub = f"{target}.{alias.name}"
+                found.add(sub if is_module(sub) else target)
+    found.discard(name)
+    return found
+
+
+def stage(name: str) -> str:
+    parts = name.split(".")
+    return "__init__" if len(parts) == 1 else parts[1]
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_every_module_belongs_to_a_stage():
+    unknown = sorted({stage(m) for m in graph()} - set(RANKS))
+    assert not unknown, f"modules outside the known stages: {unknown}; add them to RANKS"
+
+
+def test_imports_point_down_the_stages():
+    wrong = []
+    for module, targets in graph().items():
+        for target in targets:
+            a, b = stage(module), stage(target)
+            if a == b:
+                continue
+            if RANKS[b] > RANKS[a] or (RANKS[b] == RANKS[a] and {a, b} == {"training", "inference"}):
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "imports against the direction core -> data -> models -> training | inference -> runs -> " \
+                      "reporting -> workflows -> cli:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_cycles():
+    g = graph()
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(g.get(node, ())):
+            if nxt not in g:
+                continue
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    # a guard on the guard: a function-level import is what hid the old cycles
+    source = "def f():\n    from ..training import run\n"
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            found.add(node.module)
+    assert found == {"training"}
+    assert "hpa_fastai.training.run" in imports_of(PACKAGE / "workflows.py")
