@@ -2,7 +2,7 @@
 """Entry point: python run.py [COMMAND] [FLAGS]; training is the default command."""
 import sys
 
-from hpa_fastai.cli import main
+from hpa_fastai.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -5,31 +5,46 @@ splitter gives every model discriminative learning rates. ``timm:<name>`` reache
 """
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
+import types
 import warnings
 from pathlib import Path
 
 import torch
 
 
-def _import_timm_lazily() -> None:
-    """fastai.vision.learner imports timm (half a second) for its timm models only; register timm
-    as a lazy module first (the standard library's LazyLoader), so that it loads on first use."""
-    import importlib.util
-    import sys
+class _TimmOnFirstUse(types.ModuleType):
+    """Stands in for ``timm`` until one of its attributes is used, then imports it for real.
 
+    fastai.vision.learner imports timm (0.6 s) at its own import, for its timm models only. The
+    standard library's LazyLoader does not help: torch scans ``sys.modules`` with ``hasattr(module,
+    "__file__")`` while registering operators, which loads a LazyLoader module. This placeholder
+    carries the real module's ``__file__``, ``__spec__`` and ``__path__``, so such scans leave it
+    alone; any other attribute (``timm.create_model``) imports timm and hands the attribute on."""
+
+    def __getattr__(self, name):
+        import importlib
+
+        if sys.modules.get("timm") is self:
+            del sys.modules["timm"]
+        return getattr(importlib.import_module("timm"), name)
+
+
+def _defer_timm() -> None:
     if "timm" in sys.modules:
         return
     spec = importlib.util.find_spec("timm")
-    if spec is None or spec.loader is None:
+    if spec is None:
         return
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["timm"] = module
-    spec.loader.exec_module(module)
+    placeholder = _TimmOnFirstUse("timm")
+    placeholder.__spec__, placeholder.__file__ = spec, spec.origin
+    placeholder.__path__ = list(spec.submodule_search_locations or [])
+    sys.modules["timm"] = placeholder
 
 
-_import_timm_lazily()
+_defer_timm()
 from fastai.vision.learner import _get_first_layer, create_timm_model, create_vision_model, default_split  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import models as tvm  # noqa: E402

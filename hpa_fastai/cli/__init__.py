@@ -1,4 +1,4 @@
 """The command line: ``python run.py [COMMAND] [FLAGS]`` (``hpa-fastai`` once installed)."""
-from .main import main
+from .flags import entry, main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,11 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
     phase and epoch reached, RNG states, history and the trackers' state: all that
     ``--resume`` needs to continue the same one-cycle schedule.
 
+    The state is copied to the CPU at the end of the epoch and written to disk by a background
+    thread while the next epoch trains (serialising and flushing three times the model's size
+    would otherwise hold up training); ``wait()`` returns once the last write is on disk and
+    raises its error, if any, and the fit's end waits for it.
+
     With ``skip_last``, the last epoch of the final phase is not saved: the run exports its model
     right after it and then removes the checkpoint, so writing it would only cost time (a run
     killed while exporting resumes from the epoch before)."""
@@ -55,6 +61,7 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
 
     def __init__(self, path, phase: str = "train", final_phase: bool = True, skip_last: bool = True):
         self.path, self.phase, self.final_phase, self.skip_last, self.restore = path, phase, final_phase, skip_last, None
+        self._writer, self._error = None, None
 
     def _stateful(self) -> list:
         return [cb for cb in self.learn.cbs if isinstance(cb, Stateful)]
@@ -74,7 +81,7 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
         if not self._trained or (self.skip_last and self.final_phase and self.epoch + 1 == self.n_epoch):
             return
         state = {
-            "model": bare_model(self.learn).state_dict(),
+            "model": _plain(bare_model(self.learn).state_dict()),
             "opt": plain_opt_state(self.learn.opt.state_dict()),
             "phase": self.phase,
             "epochs_done": self.epoch + 1,
@@ -83,15 +90,36 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
         }
         for cb in self._stateful():
             state.update(cb.state_dict())
-        with atomic_path(self.path, durable=True) as tmp:
-            torch.save(state, tmp)
+        self.wait()
+        self._writer = threading.Thread(target=self._write, args=(state,), name="checkpoint-writer")
+        self._writer.start()
+
+    def _write(self, state: dict) -> None:
+        try:
+            with atomic_path(self.path, durable=True) as tmp:
+                torch.save(state, tmp)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the last checkpoint is written; raise what writing it raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def after_fit(self):
+        self.wait()
 
 
 def _plain(obj):
     """Tensors and plain Python values only: fastcore's ``L`` and numpy scalars become lists and
-    floats, so the checkpoint loads with ``torch.load(weights_only=True)``, which refuses them."""
+    floats, so the checkpoint loads with ``torch.load(weights_only=True)``, which refuses them.
+    Tensors are copied to the CPU: training goes on changing the originals in place."""
     if isinstance(obj, torch.Tensor):
-        return obj
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) or type(obj).__name__ == "L":

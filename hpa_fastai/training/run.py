@@ -111,6 +111,10 @@ def train_run(cfg: TrainConfig, run_name: str | None = None) -> RunResult | None
         with distributed.context(learn, device):
             fit.run(resumed)
     except BaseException as e:
+        try:  # the last complete epoch's checkpoint, still being written, is what --resume needs
+            fit.checkpoint.wait()
+        except Exception as write_error:
+            log(f"warning: the last checkpoint could not be written ({write_error})")
         _mark_stopped(run_dir, e, len(fit.logger.rows))
         if isinstance(e, KeyboardInterrupt):
             log(f"interrupted after {len(fit.logger.rows)} complete epoch(s); continue with: "
