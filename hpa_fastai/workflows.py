@@ -9,7 +9,6 @@ import pandas as pd
 
 from .config import TrainConfig
 from .console import console, log, table
-from .reporting import log_tensorboard_summary, write_report
 from .rundir import LR_FIND_PLOT, point_latest
 from .training import cv
 from .training.run import lr_find_run, train_run
@@ -22,6 +21,8 @@ def train(cfg: TrainConfig, run_name: str | None = None) -> Path | None:
     result = train_run(cfg, run_name)
     if result is None:
         return None
+    from .reporting import log_tensorboard_summary, write_report  # jinja2: once the run has finished
+
     run_dir, metrics = result.run_dir, result.metrics
     log(f"report {write_report(run_dir)}")
     if cfg.log == "tensorboard":
