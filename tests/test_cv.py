@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
+from hpa_fastai.atomic import folder_size
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.workflows import cross_validate
 from hpa_fastai.data.layouts import labels_matrix
@@ -56,6 +57,10 @@ def test_cv_trains_one_run_per_stratified_fold(cv_run):
         assert (run / "model.json").is_file() and read_json(run / "config.json")["fold"] == k
         valid = stratified_valid_idx(items["labels"], N_CLASSES, N_FOLDS, k, SEED)
         assert set(oof.loc[oof["fold"] == k, "id"]) == set(items["id"].iloc[valid])
+    # lean: each fold keeps its exports, not the files only --resume needs
+    weights = sum((parent / f"fold{k}" / "model.safetensors").stat().st_size for k in range(N_FOLDS))
+    assert not list(parent.rglob("checkpoint.pth")) and not list(parent.rglob("best.pth"))
+    assert folder_size(parent) <= 2.1 * weights, (folder_size(parent), weights)
 
 
 @pytest.mark.slow

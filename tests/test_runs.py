@@ -5,10 +5,12 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from hpa_fastai.atomic import folder_size
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.runs.table import collect_runs
 from hpa_fastai.synth import make_dataset
@@ -96,7 +98,11 @@ def test_cli_prints_the_table_and_exports_csv(runs, tmp_path, capsys):
     table = pd.read_csv(csv)
     assert len(table) == 4
     assert {"date", "data", "arch", "channels", "size", "epochs", "best_epoch", "f1", "f1_tuned", "time",
-            "status"} <= set(table.columns)
+            "status", "disk_bytes"} <= set(table.columns)
+    # the size on disk: what the run folders hold, as the table shows it
+    for row in table.itertuples():
+        assert row.disk_bytes == folder_size(Path(row.path).resolve())
+    assert "disk" in out and (" MB" in out or " KB" in out)
     assert list(table["f1_tuned"].dropna()) == sorted(table["f1_tuned"].dropna(), reverse=True)
 
 
