@@ -1,0 +1,1 @@
+"""What comes out of run folders: the runs table, evaluation on labelled data, ONNX export."""
