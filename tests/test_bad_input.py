@@ -4,11 +4,11 @@ Each case ends either in the project's own error (``HPAError`` in-process; throu
 code 2 and one ``error: ...`` line naming the file, line or flag, no traceback) or, where the
 input is valid after all, in the right items. A flag value that argparse itself refuses (``--bs 0``)
 gets the same single ``error: argument --bs ...`` line. ``tests/test_formats.py`` has the common
-CSV and image cases; this module adds breadth and property-based fuzzing. The last section is the
+CSV and image cases; this module adds breadth and property-based fuzzing. The security section is the
 careful attacker's and careless user's: nothing unpickled without ``--trust``, report pages that
 escape every value from a file, bounded worker counts, CSV fields and model headers, and outputs
-that never write over a command's inputs. The last section is ``download-hpav18``'s: its flags and
-the HPAv18 label CSV, refused before anything is fetched.
+that never write over a command's inputs; after it come ``download-hpav18``'s flags and HPAv18
+label CSVs, refused before anything is fetched.
 
 282 parametrised cases + 22 single-case tests + 6 property-based tests (train.csv text, image bytes,
 ids, label text and config values at 150 examples each, model.json at 60) + 2 subprocess tests.
