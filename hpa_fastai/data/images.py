@@ -92,30 +92,36 @@ def stain_band(im: Image.Image, stain: str) -> Image.Image:
 
 
 def colour_shares(pixels: np.ndarray, stain: str) -> tuple[float, float]:
-    """For (..., 3) RGB pixels: the share of their intensity outside ``stain``'s colour (the norm of
-    what is left after projecting onto the colour, against that plus the stain's value; +0.5 keeps a
-    black image at 0) and the mean spread between their bands against their brightest band."""
-    px = np.asarray(pixels, np.float32).reshape(-1, 3)
-    colour = np.asarray(STAIN_COLOURS[stain], np.float32)
-    unit = colour / np.linalg.norm(colour)
-    off = np.linalg.norm(px - np.outer(px @ unit, unit), axis=1).mean()
-    on = px[:, colour == 1].mean()
-    spread = (px.max(1) - px.min(1)).mean() / (px.max(1).mean() + 0.5)
-    return float(off / (on + off + 0.5)), float(spread)
+    """For (..., 3) RGB pixels: the share of their intensity outside ``stain``'s colour (the length of
+    what is left after projecting each pixel onto the colour, against that plus the stain's value;
+    +0.5 keeps a black image at 0) and the mean spread between their bands against their brightest."""
+    r, g, b = (np.asarray(pixels[..., i], np.float32) for i in range(3))
+    if stain == "yellow":  # the colour (1, 1, 0): what is left is ((r - g) / 2, (g - r) / 2, b)
+        on, off = (r + g) / 2, np.sqrt((r - g) ** 2 / 2 + b * b)
+    else:
+        on, rest = {"red": (r, (g, b)), "green": (g, (r, b)), "blue": (b, (r, g))}[stain]
+        off = np.sqrt(rest[0] ** 2 + rest[1] ** 2)
+    brightest = np.maximum(np.maximum(r, g), b)
+    spread = (brightest - np.minimum(np.minimum(r, g), b)).mean() / (brightest.mean() + 0.5)
+    off = off.mean()
+    return float(off / (on.mean() + off + 0.5)), float(spread)
 
 
 def colour_stain_shares(path: str, stain: str, decoded: Image.Image | None = None) -> tuple[float, float]:
     """``colour_shares`` of the colour image at ``path`` (already ``decoded``, or not), box-reduced
-    to about 128 px. A JPEG is measured on its own reduced decode (PIL's draft mode: a fraction of
-    the work), so the quick check of every image before training and the full decode agree."""
+    to about 128 px. A JPEG is measured on the decode PIL's draft mode gives for 128 px (an eighth
+    of the side of a 2048 px image, at a fraction of the work), whatever the caller decoded, so the
+    quick check of every image before training and the full decode agree; when the caller's decode
+    is that same draft (training at up to 256 px from 2048 px files) it is used rather than redone."""
     try:
         if decoded is not None and decoded.format != "JPEG":
-            small = decoded.reduce(max(1, max(decoded.size) // _CHECK_SIDE))
+            small = decoded
         else:
             with Image.open(path) as im:
                 if im.format == "JPEG":
-                    im.draft("RGB", (_CHECK_SIDE, _CHECK_SIDE))
-                small = im.convert("RGB").reduce(max(1, max(im.size) // _CHECK_SIDE))
+                    im.draft("RGB", (_CHECK_SIDE, _CHECK_SIDE))  # reads no pixels yet
+                small = (decoded if decoded is not None and decoded.size == im.size else im).convert("RGB")
+        small = small.reduce(max(1, max(small.size) // _CHECK_SIDE))
     except _DECODE_ERRORS as e:
         raise HPAError(f"{path}: truncated or corrupt image ({e})") from None
     return colour_shares(np.asarray(small), stain)
