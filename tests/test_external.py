@@ -163,7 +163,7 @@ def test_colour_stains_from_real_pixels_come_back_closest_with_the_atlas_bands(h
     """Real 512 px stains of the Kaggle sample, written as the Atlas's colour JPEGs (quality 75 with
     chroma subsampling, the harsher case), read back: R, G, B and the mean of R and G for yellow
     recover the stain better than any other band or PIL's convert("L"); a stain written in another
-    stain's colour is refused. Margins: bench/colour_stains.py."""
+    stain's colour is refused. Margins: bench/hpav18.py."""
     folder = hpa_real / "kaggle2018" / "rgby_sample" / "train"
     ids = sorted({p.name.rsplit("_", 1)[0] for p in folder.glob("*_green.png")})[:8]
     if not ids:

@@ -68,14 +68,16 @@ def read_stain(path: str, stain: str, size: int | None = None) -> Image.Image:
 
 # How the Human Protein Atlas draws each stain in its colour images: red in the R band, green in
 # G, blue in B, yellow in R and G alike. Writing the real grayscale stains of the Kaggle sample as
-# such JPEGs and reading them back (bench/colour_stains.py), these bands (yellow: the mean of R and
-# G) come closest to the original; PIL's convert("L"), which most 2018 download scripts used,
-# scales blue to 11% and red to 30% of its value.
+# such JPEGs and reading them back (bench/hpav18.py), these bands (yellow: the mean of R and
+# G) come closest to the original of all bands; PIL's convert("L"), which most 2018 download
+# scripts used, scales blue to 11% and red to 30% of its value. The full-resolution luma divided
+# by the colour's weight in it does better where the JPEG subsamples chroma and worse where it
+# does not; with the Atlas's encoder settings unknown here, the bands the 2018 teams used stay.
 STAIN_COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0)}
 # A colour stain file's share of intensity outside its stain's colour, above which it is not that
 # stain. Real stains written as JPEGs (quality 30 to 95, with and without chroma subsampling) stay
-# at or below 0.35 (dim images, where JPEG noise in the empty bands is largest); a stain drawn in
-# another stain's colour is at 0.43 or more (bench/colour_stains.py).
+# at or below 0.34 (dim images, where JPEG noise in the empty bands is largest); a stain drawn in
+# another stain's colour is at 0.42 or more (bench/hpav18.py).
 MAX_OFF_COLOUR = 0.4
 # Below this spread between the bands a colour file is gray (R = G = B: a grayscale image saved as
 # RGB, as OpenCV writes one) and holds the stain in every band. Gray JPEGs measure 0.000.
