@@ -1363,7 +1363,7 @@ def test_download_label_csv(capsys, tmp_path, name):
     assert not (tmp_path / "out").exists()
 
 
-def test_download_never_writes_over_its_label_csv_or_into_a_file(capsys, tmp_path):
+def test_download_never_writes_over_its_label_csv_a_file_or_a_competition_folder(capsys, tmp_path):
     out = tmp_path / "hpav18"
     out.mkdir()
     labels = out / "train.csv"
@@ -1375,3 +1375,8 @@ def test_download_never_writes_over_its_label_csv_or_into_a_file(capsys, tmp_pat
     code, stdout, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out",
                                        tmp_path / "file")
     assert_cli_error(code, stdout, err, "--out", "not a folder")
+    kaggle = write_hpa2018(tmp_path / "hpa2018", n=2)  # the competition's folder is no place for HPAv18
+    before = (kaggle / "train.csv").read_text()
+    code, stdout, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out", kaggle)
+    assert_cli_error(code, stdout, err, "--out", "train.csv that download-hpav18 did not write")
+    assert (kaggle / "train.csv").read_text() == before

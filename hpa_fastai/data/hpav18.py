@@ -357,6 +357,10 @@ def download(cfg: DownloadHPAv18Config) -> DownloadResult:
         check_output(out / name, "--out", inputs=[labels_path])
     if out.exists() and not out.is_dir():
         raise HPAError(f"--out {out}: not a folder")
+    if (out / "train.csv").exists() and not (out / SETTINGS_JSON).exists():
+        # e.g. the competition's own folder: its train.csv would be replaced by HPAv18's
+        raise HPAError(f"--out {out}: holds a train.csv that download-hpav18 did not write (there is no "
+                       f"{SETTINGS_JSON}); choose a new folder, and pass it to training with --extra-data")
     folder = out / "train"
     try:
         folder.mkdir(parents=True, exist_ok=True)
