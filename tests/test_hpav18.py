@@ -176,7 +176,10 @@ def test_download_writes_the_layout_extra_data_reads(atlas, tmp_path, capsys):
 
 def test_size_stores_grayscale_pngs_of_the_stain(atlas, tmp_path):
     labels = write_labels(tmp_path)
+    cut = atlas.path("10580_1610_C1_2", "green")
+    atlas.faults = {cut: ["short"]}  # decoded at a reduced scale, a cut-off file is still caught
     out = download(config(labels, tmp_path / "hpav18", atlas, size=32)).out
+    assert atlas.requests.count(cut) == 2
     for image_id, _ in ROWS:
         for stain in CHANNELS:
             im = Image.open(out / "train" / f"{image_id}_{stain}.png")

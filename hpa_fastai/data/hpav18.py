@@ -256,7 +256,9 @@ class _Fetcher:
             return size
         except requests.RequestException as e:
             raise _Retry(_reason(e)) from None
-        except OSError as e:  # a full disk is not going to get better by retrying
+        except (ConnectionError, TimeoutError) as e:  # a socket error that requests did not wrap
+            raise _Retry(f"{type(e).__name__}: {e}"[:200]) from None
+        except OSError as e:  # writing the file: a full disk is not going to get better by retrying
             raise HPAError(f"cannot write {task.path}: {e.strerror or e}") from None
         finally:
             if part is not None:
@@ -266,7 +268,7 @@ class _Fetcher:
         """Check the downloaded file decodes as its stain; move it, or its resized grayscale PNG, in place."""
         size = self.cfg.size
         try:
-            stain = read_stain(str(part), task.stain, size)  # decodes it whole: a cut-off file fails here
+            stain = read_stain(str(part), task.stain, size)  # all of it (scaled down with --size): a cut-off file fails
         except HPAError as e:
             raise _Retry(str(e).replace(f"{part}: ", "", 1)) from None
         if self.fmt == "jpg":
