@@ -1,9 +1,9 @@
-"""External data (HPAv18 layout: JPEG or PNG stain files at any resolution) trained together with
-the Kaggle set through ``--extra-data``."""
+"""External data (HPAv18 layout: JPEG or PNG stain files at any resolution, grayscale or each stain
+in its colour as the Atlas serves them) trained together with the Kaggle set through
+``--extra-data``, predicted, cached by ``preprocess`` and hashed by ``dedup``."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ from hpa_fastai.config import TrainConfig
 from hpa_fastai.errors import HPAError
 from hpa_fastai.data.cache import cache_dir, preprocess
 from hpa_fastai.data.dedup import hash_images
-from hpa_fastai.data.images import STAIN_COLOURS, read_image, verify_images
+from hpa_fastai.data.images import STAIN_COLOURS, read_image
 from hpa_fastai.data.layouts import CHANNELS, FORMATS, check_id, parse_labels, read_csv, read_items
 from hpa_fastai.training.run import prepare
 from hpa_fastai.workflows import train

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
+from PIL import Image
 
 from ..atomic import atomic_path, save_png, write_csv, write_json
 from ..config import DownloadHPAv18Config, validate
@@ -276,14 +277,8 @@ class _Fetcher:
                 os.replace(part, tmp)
         else:
             if size is not None and stain.size != (size, size):
-                stain = stain.resize((size, size), _resample())
+                stain = stain.resize((size, size), Image.BILINEAR)  # as training resizes (images.read_image)
             save_png(task.path, stain)
-
-
-def _resample():
-    from PIL import Image
-
-    return Image.BILINEAR  # as training resizes (images.read_image)
 
 
 def _reason(e: Exception) -> str:
