@@ -223,6 +223,51 @@ class DedupConfig:
     out: str | None = opt(None, "output CSV; default: duplicates.csv in the data folder")
 
 
+HPA2018_CLASSES = 28  # the HPA 2018 vocabulary (data/vocab.py), which HPAv18 shares
+
+
+def class_ids(v):
+    tokens = v.replace(",", " ").split() if isinstance(v, str) else [str(t) for t in v]
+    bad = next((t for t in tokens if not (t.isascii() and t.isdigit() and int(t) < HPA2018_CLASSES)), None)
+    if not tokens:
+        return "is empty: give class ids, e.g. --classes 8 9 10 15 27"
+    return None if bad is None else f"must be class ids 0..{HPA2018_CLASSES - 1} (got {bad!r:.40})"
+
+
+def http_url(v):
+    ok = v.startswith(("http://", "https://")) and len(v) > 8 and v.isprintable() and " " not in v
+    return None if ok else f"must be an http:// or https:// URL (got {v!r:.80})"
+
+
+@dataclass
+class DownloadHPAv18Config:
+    labels: str = opt(None, "the HPAv18 label CSV (Id,Target), e.g. HPAv18RBGY_wodpl.csv", positional=True)
+    out: str = opt("data/hpav18", "folder to write into: train.csv (for --extra-data) and train/{Id}_{stain}.png "
+                                  "or .jpg", not_empty)
+    size: int | None = opt(None, "resize each stain to SIZE x SIZE pixels while downloading and store it as a "
+                                 "grayscale PNG; default: keep the server's size", size_check())
+    format: str = opt("auto", "png: 8-bit grayscale PNG of the stain; jpg: the server's colour JPEG, byte for byte; "
+                              "auto: png with --size, jpg without", choices=["auto", "png", "jpg"])
+    ids: int | None = opt(None, "fetch only the first IDS images of the label CSV (after --classes)", at_least(1))
+    classes: str | list | None = opt(None, "fetch only images carrying at least one of these classes, e.g. the "
+                                           "rare ones: --classes 8 9 10 15 27", class_ids, nargs="+")
+    base_url: str = opt("http://v18.proteinatlas.org/images/", "the Atlas image server; a stain is "
+                        "BASE_URL/<antibody>/<rest of the id>_<stain>.jpg", http_url)
+    connections: int = opt(8, "parallel downloads, each over one kept-alive connection", in_range(1, 32))
+    retries: int = opt(5, "further tries of a file after a dropped connection, a timeout, an HTTP 429 or 5xx, or a "
+                          "file that does not decode", in_range(0, 20))
+    backoff: float = opt(1.0, "seconds before the first retry of a file, doubled for each further one (with "
+                              "jitter, at most 120)", lambda v: None if 0 <= v <= 120 else
+                         f"must be 0 to 120 seconds (got {v})")
+    timeout: float = opt(60.0, "seconds without data from the server before a try is given up",
+                         lambda v: None if 1 <= v <= 3600 else f"must be 1 to 3600 seconds (got {v})")
+
+    def _check_together(self) -> str | None:
+        if self.format == "jpg" and self.size is not None:
+            return "--format jpg keeps the server's files as they are: it cannot be combined with --size"
+        return None
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

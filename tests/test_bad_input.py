@@ -4,12 +4,13 @@ Each case ends either in the project's own error (``HPAError`` in-process; throu
 code 2 and one ``error: ...`` line naming the file, line or flag, no traceback) or, where the
 input is valid after all, in the right items. A flag value that argparse itself refuses (``--bs 0``)
 gets the same single ``error: argument --bs ...`` line. ``tests/test_formats.py`` has the common
-CSV and image cases; this module adds breadth and property-based fuzzing. The last section is the
+CSV and image cases; this module adds breadth and property-based fuzzing. The security section is the
 careful attacker's and careless user's: nothing unpickled without ``--trust``, report pages that
 escape every value from a file, bounded worker counts, CSV fields and model headers, and outputs
-that never write over a command's inputs.
+that never write over a command's inputs; after it come ``download-hpav18``'s flags and HPAv18
+label CSVs, refused before anything is fetched.
 
-246 parametrised cases + 21 single-case tests + 6 property-based tests (train.csv text, image bytes,
+282 parametrised cases + 22 single-case tests + 6 property-based tests (train.csv text, image bytes,
 ids, label text and config values at 150 examples each, model.json at 60) + 2 subprocess tests.
 """
 from __future__ import annotations
@@ -92,6 +93,7 @@ def png_header(width: int, height: int, depth: int = 8, colour: int = 2) -> byte
 
 RGB_PNG = png_bytes(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
 GRAY_PNG = png_bytes(np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8))
+COLOUR_STAIN = np.random.default_rng(2).integers(30, 256, (8, 8, 1), dtype=np.uint8)  # times a stain's colour
 
 
 # --- label CSVs ---------------------------------------------------------------------------------
@@ -299,6 +301,15 @@ IMAGE_CASES = {
     "decompression bomb header": (lambda: png_header(100_000, 100_000) + chunk(b"IEND", b""), True, "decompression bomb"),
     "text file named .png": (lambda: b"Image,Label\nimg0,1\n", False, "not a readable image"),
     "zero-byte stain": (lambda: b"", False, "not a readable image"),
+    # HPAv18 stain files come as colour JPEGs: the stain in its colour on black
+    "colour stain JPEG (valid)": (lambda: png_bytes(COLOUR_STAIN * np.uint8([0, 0, 1]), fmt="JPEG"), False, (8, 8, 4)),
+    "colour stain PNG (valid)": (lambda: png_bytes(COLOUR_STAIN * np.uint8([0, 0, 1])), False, (8, 8, 4)),
+    "gray saved as RGB (valid)": (lambda: png_bytes(COLOUR_STAIN * np.uint8([1, 1, 1])), False, (8, 8, 4)),
+    "colour stain in another stain's colour": (lambda: png_bytes(COLOUR_STAIN * np.uint8([0, 1, 0])), False,
+                                               "not a blue stain file"),
+    "colour picture as a stain": (lambda: RGB_PNG, False, "not a blue stain file"),
+    "colour stain JPEG cut short": (lambda: png_bytes(COLOUR_STAIN * np.uint8([0, 0, 1]), fmt="JPEG")[:-10], False,
+                                    "truncated or corrupt"),
 }
 
 
@@ -1299,3 +1310,73 @@ def test_ids_that_a_spreadsheet_would_run_are_prefixed_in_csvs_for_people(safe_m
     code, _, err = cli_in_process(capsys, "runs", out, "--csv", tmp_path / "runs.csv")
     assert code == 0, err
     assert "'=HYPERLINK(\"http://x\")" in set(pd.read_csv(tmp_path / "runs.csv", dtype=str)["arch"])
+
+
+# --- download-hpav18: flags and the label CSV ---------------------------------------------------
+
+# nothing listens on port 9 of 127.0.0.1: a case that reached the network would fail differently
+NO_SERVER = "http://127.0.0.1:9/images/"
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--connections", "0"], "--connections"), (["--connections", "1000"], "--connections"),
+    (["--retries", "-1"], "--retries"), (["--retries", "100"], "--retries"), (["--timeout", "0"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"), (["--backoff", "-1"], "--backoff"), (["--backoff", "inf"], "--backoff"),
+    (["--size", "4"], "--size"), (["--size", "100000"], "--size"), (["--ids", "0"], "--ids"),
+    (["--classes", "28"], "--classes"), (["--classes", "rare"], "--classes"), (["--classes", "-1"], "--classes"),
+    (["--base-url", "ftp://example.org/images/"], "--base-url"), (["--base-url", "file:///etc"], "--base-url"),
+    (["--base-url", "http://a b/"], "--base-url"), (["--format", "jpg", "--size", "64"], "--format jpg"),
+    (["--out", " "], "--out"),
+])
+def test_download_flag_refused_before_anything_is_read_or_fetched(capsys, tmp_path, args, flag):
+    code, out, err = cli_in_process(capsys, "download-hpav18", tmp_path / "labels.csv", "--base-url", NO_SERVER,
+                                    "--out", tmp_path / "out", *args)
+    assert_cli_error(code, out, err, flag)
+    assert not (tmp_path / "out").exists()
+
+
+HPAV18_LABEL_CASES = {
+    # name: (content of the label CSV, parts of the message besides the file)
+    "no such file": (None, ["file not found"]),
+    "empty": ("", ["empty"]),
+    "Kaggle z2g columns": ("Image,Label\nimg0,1\n", ["expected columns Id,Target"]),
+    "header only": ("Id,Target\n", ["no rows"]),
+    "id with a folder": ("Id,Target\n10580_1610_C1_1,0\n../10580_1610_C1_2,1\n", ["line 3", "not a plain file name"]),
+    "id without an underscore": ("Id,Target\n10580,0\n", ["line 2", "not an HPAv18 id"]),
+    "id starting with an underscore": ("Id,Target\n_1610_C1_1,0\n", ["line 2", "not an HPAv18 id"]),
+    "label outside the vocabulary": ("Id,Target\n10580_1610_C1_1,28\n", ["line 2", "outside the vocabulary 0..27"]),
+    "duplicated id": ("Id,Target\n10580_1610_C1_1,0\n10580_1610_C1_1,1\n", ["line 3", "duplicated id"]),
+    "too many fields": ("Id,Target\n10580_1610_C1_1,0,3\n", ["line 2", "3 fields"]),
+    "no image with --classes": ("Id,Target\n10580_1610_C1_1,0\n", ["--classes 27", "no image"]),
+}
+
+
+@pytest.mark.parametrize("name", HPAV18_LABEL_CASES)
+def test_download_label_csv(capsys, tmp_path, name):
+    content, parts = HPAV18_LABEL_CASES[name]
+    labels = tmp_path / "HPAv18RBGY_wodpl.csv"
+    if content is not None:
+        labels.write_text(content)
+    code, out, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out",
+                                    tmp_path / "out", "--classes", "27")
+    assert_cli_error(code, out, err, *([] if "--classes" in parts[0] else [labels]), *parts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_never_writes_over_its_label_csv_a_file_or_a_competition_folder(capsys, tmp_path):
+    out = tmp_path / "hpav18"
+    out.mkdir()
+    labels = out / "train.csv"
+    labels.write_text("Id,Target\n10580_1610_C1_1,0\n")
+    code, stdout, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out", out)
+    assert_cli_error(code, stdout, err, "--out", "which this command reads")
+    assert labels.read_text() == "Id,Target\n10580_1610_C1_1,0\n" and sorted(os.listdir(out)) == ["train.csv"]
+    (tmp_path / "file").write_text("x")
+    code, stdout, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out",
+                                       tmp_path / "file")
+    assert_cli_error(code, stdout, err, "--out", "not a folder")
+    kaggle = write_hpa2018(tmp_path / "hpa2018", n=2)  # the competition's folder is no place for HPAv18
+    before = (kaggle / "train.csv").read_text()
+    code, stdout, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out", kaggle)
+    assert_cli_error(code, stdout, err, "--out", "train.csv that download-hpav18 did not write")
+    assert (kaggle / "train.csv").read_text() == before

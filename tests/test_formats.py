@@ -247,8 +247,12 @@ BAD_INPUTS = {
                                      + ["mode is L", "expected 8-bit RGB"]),
     "16-bit where RGB expected": ("z2g", lambda d: replace_image(d, "img1.png", np.zeros((16, 16), np.uint16))
                                   + ["mode is I;16", "expected 8-bit RGB"]),
-    "RGB stain file": ("hpa2018", lambda d: replace_image(d, "id-0001_red.png", np.zeros((16, 16, 3), np.uint8))
-                       + ["mode is RGB", "expected 8-bit grayscale"]),
+    "colour stain file in another stain's colour": (
+        "hpa2018", lambda d: replace_image(d, "id-0001_red.png", np.stack(
+            [np.zeros((16, 16), np.uint8), RNG.integers(50, 256, (16, 16), np.uint8), np.zeros((16, 16), np.uint8)], -1))
+        + ["not a red stain file", "outside the red colour"]),
+    "RGBA stain file": ("hpa2018", lambda d: replace_image(d, "id-0001_red.png", np.zeros((16, 16, 4), np.uint8))
+                        + ["mode is RGBA", "expected 8-bit grayscale or RGB colour"]),
     "16-bit stain file": ("hpa2018", lambda d: replace_image(d, "id-0002_yellow.png",
                                                              np.full((16, 16), 1000, np.uint16))
                           + ["mode is I;16", "expected 8-bit grayscale"]),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import (DedupConfig, EvaluateConfig, ExportConfig, PredictConfig, PreprocessConfig, ReportConfig,
-                      RunsConfig, SynthConfig, TrainConfig)
+from ..config import (DedupConfig, DownloadHPAv18Config, EvaluateConfig, ExportConfig, PredictConfig,
+                      PreprocessConfig, ReportConfig, RunsConfig, SynthConfig, TrainConfig)
 from ..console import console, log, table
 from ..errors import HPAError
 
@@ -193,6 +193,22 @@ def synth(cfg: SynthConfig) -> Path:
     return out
 
 
+def download_hpav18(cfg: DownloadHPAv18Config) -> Path:
+    from ..data.hpav18 import FAILED_CSV, download
+
+    result = download(cfg)
+    for problem, what in ((result.missing, "not on the server (HTTP 404)"), (result.failed, "failed after every retry")):
+        if problem:
+            task, reason = problem[0]
+            log(f"{len(problem)} file(s) {what}, e.g. {task.url}: {reason}")
+    if result.missing or result.failed:
+        log(f"listed in {result.out / FAILED_CSV}; run the same command again to retry them")
+    log(f"fetched {result.fetched} files ({result.bytes / 1e6:.1f} MB) in {result.seconds:.0f} s; "
+        f"{result.complete} complete images in {result.out / 'train.csv'}; train with: "
+        f"python run.py --data <HPA 2018 folder> --extra-data {result.out}")
+    return result.out
+
+
 # name -> (config class, help, the function that runs it)
 COMMANDS = {
     "train": (TrainConfig, "train a model (the default command)", train),
@@ -206,4 +222,6 @@ COMMANDS = {
     "preprocess": (PreprocessConfig, "write a resized copy of a data set that training reads directly", preprocess),
     "dedup": (DedupConfig, "find near-duplicate images by perceptual hash; splits keep each group together", dedup),
     "synth": (SynthConfig, "write a synthetic HPA-like data set in a competition's layout", synth),
+    "download-hpav18": (DownloadHPAv18Config, "fetch the HPAv18 external images from the Atlas, resumable, for "
+                                              "--extra-data", download_hpav18),
 }

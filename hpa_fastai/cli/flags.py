@@ -48,8 +48,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     prog = "run.py" if command == "train" else f"run.py {command}"
     epilog = None
     if command == "train":
+        width = max(map(len, COMMANDS))
         epilog = "other commands (run.py COMMAND --help):\n" + "\n".join(
-            f"  {name:10s} {text}" for name, (_, text, _) in COMMANDS.items() if name != "train")
+            f"  {name:{width}s} {text}" for name, (_, text, _) in COMMANDS.items() if name != "train")
     parser = OneLineParser(prog=prog, description=help_text, epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, cls)

@@ -24,6 +24,7 @@ from ..console import log
 from ..errors import HPAError
 from ..outputs import check_output
 from ..paths import resolve_data_dir
+from .images import read_stain
 from .layouts import key_files, read_csv, read_items
 
 DUPLICATES_CSV = "duplicates.csv"
@@ -33,16 +34,18 @@ assert HASH_BITS == HASH_FREQS * HASH_FREQS  # the config's bound on --max-dista
 
 
 def green_stain(key: str) -> Image.Image:
-    """The green stain of an item as a float image: the ``green`` file of a per-stain item, the G
-    band of an RGB file (also of an HPAv18 stain saved in colour)."""
-    path = key.replace("{channel}", "green")  # not str.format: paths may hold braces
+    """The green stain of an item as a float image: the ``green`` file of a per-stain item (read as
+    training reads it: a colour HPAv18 file gives its G band, after the check that it is a green
+    stain), the G band of an RGB file."""
+    if "{channel}" in key:  # replace, not str.format: paths may hold braces
+        return read_stain(key.replace("{channel}", "green"), "green").convert("F")
     try:
-        im = Image.open(path)
+        im = Image.open(key)
         im.load()
     except FileNotFoundError:
-        raise HPAError(f"{path}: image file not found") from None
+        raise HPAError(f"{key}: image file not found") from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise HPAError(f"{path}: not a readable image ({e})") from None
+        raise HPAError(f"{key}: not a readable image ({e})") from None
     band = im.getchannel("G") if "G" in im.getbands() else im
     return band.convert("F")
 

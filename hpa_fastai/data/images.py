@@ -1,5 +1,6 @@
-"""Decoding images: RGB files, one grayscale file per stain, and the preprocessed cache's arrays;
-checking that images can be read; the statistics of a data set's channels."""
+"""Decoding images: RGB files, one file per stain (grayscale, or the stain in its colour as the
+Atlas serves HPAv18 images), and the preprocessed cache's arrays; checking that images can be
+read; the statistics of a data set's channels."""
 from __future__ import annotations
 
 import os
@@ -16,26 +17,124 @@ from .layouts import CHANNEL_SETS, key_files
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
-def _open(path: str, want_mode: str, header_only: bool):
+def _open(path: str, want_mode: str, stain: str | None = None) -> Image.Image:
+    """The image at ``path``, its header read and its mode checked; nothing decoded yet. A stain
+    file (``stain`` given, ``want_mode`` "L") may also be an RGB image of that stain in its colour,
+    as the Atlas serves them."""
     try:
         im = Image.open(path)
     except FileNotFoundError:
         raise HPAError(f"{path}: image file not found") from None
     except _DECODE_ERRORS as e:
         raise HPAError(f"{path}: not a readable image ({e})") from None
-    if im.mode != want_mode:
-        what = {"L": "8-bit grayscale (one stain per file)", "RGB": "8-bit RGB"}[want_mode]
+    if im.mode != want_mode and not (stain is not None and im.mode == "RGB"):
+        what = {"L": "8-bit grayscale or RGB colour (one stain per file)", "RGB": "8-bit RGB"}[want_mode]
+        im.close()
         raise HPAError(f"{path}: image mode is {im.mode} ({len(im.getbands())} channel(s)), expected {what}")
-    if not header_only:
-        try:
-            im.load()
-        except _DECODE_ERRORS as e:
-            raise HPAError(f"{path}: truncated or corrupt image ({e})") from None
-    elif im.format == "PNG" and not _png_complete(path):
-        # The header check runs over every image before training, the full decode only when the
-        # image is used: a cut-off download would otherwise surface mid-epoch.
-        raise HPAError(f"{path}: truncated image (the PNG has no end chunk)")
     return im
+
+
+def _check_header(path: str, im: Image.Image, stain: str | None) -> None:
+    """The quick check of an opened image before training: the full decode comes only when the
+    image is used, and a cut-off download or a wrong colour file would otherwise stop an epoch."""
+    if im.format == "PNG" and not _png_complete(path):
+        raise HPAError(f"{path}: truncated image (the PNG has no end chunk)")
+    if stain is not None and im.mode == "RGB":
+        _check_colour_stain(path, stain, None)
+
+
+def _decode(path: str, im: Image.Image, stain: str | None, size: int | None = None) -> Image.Image:
+    """Decode an opened image; a colour stain file becomes its stain's band. With ``size``, a JPEG
+    decodes at the smallest of 1/2, 1/4, 1/8 of its side that is still at least ``size`` (PIL's
+    draft mode, a scaled inverse DCT): a 2048 px Atlas JPEG read at 512 px costs a tenth."""
+    if size is not None and im.format == "JPEG":
+        im.draft(im.mode, (size, size))
+    try:
+        im.load()
+    except _DECODE_ERRORS as e:
+        raise HPAError(f"{path}: truncated or corrupt image ({e})") from None
+    if stain is not None and im.mode == "RGB":
+        _check_colour_stain(path, stain, im)
+        return stain_band(im, stain)
+    return im
+
+
+def read_stain(path: str, stain: str, size: int | None = None) -> Image.Image:
+    """One stain file decoded to 8-bit grayscale: a grayscale file as it is, a colour file (HPAv18
+    ``{Id}_{stain}.jpg``) as the band that carries its stain, after checking it is one. ``size``
+    only lets a JPEG decode smaller (see ``_decode``); the caller resizes."""
+    return _decode(path, _open(path, "L", stain), stain, size)
+
+
+# How the Human Protein Atlas draws each stain in its colour images: red in the R band, green in
+# G, blue in B, yellow in R and G alike. Writing the real grayscale stains of the Kaggle sample as
+# such JPEGs and reading them back (bench/hpav18.py), these bands (yellow: the mean of R and
+# G) come closest to the original of all bands; PIL's convert("L"), which most 2018 download
+# scripts used, scales blue to 11% and red to 30% of its value. The full-resolution luma divided
+# by the colour's weight in it does better where the JPEG subsamples chroma and worse where it
+# does not; with the Atlas's encoder settings unknown here, the bands the 2018 teams used stay.
+STAIN_COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0)}
+# A colour stain file's share of intensity outside its stain's colour, above which it is not that
+# stain. Real stains written as JPEGs (quality 30 to 95, with and without chroma subsampling) stay
+# at or below 0.34 (dim images, where JPEG noise in the empty bands is largest); a stain drawn in
+# another stain's colour is at 0.42 or more (bench/hpav18.py).
+MAX_OFF_COLOUR = 0.4
+# Below this spread between the bands a colour file is gray (R = G = B: a grayscale image saved as
+# RGB, as OpenCV writes one) and holds the stain in every band. Gray JPEGs measure 0.000.
+MAX_GRAY_SPREAD = 0.05
+_CHECK_SIDE = 128  # the colour check looks at the image box-reduced to about this side
+
+
+def stain_band(im: Image.Image, stain: str) -> Image.Image:
+    """The stain's intensity in a colour image of it, as an 8-bit grayscale image."""
+    if stain == "yellow":
+        r, g = (np.asarray(im.getchannel(b), np.uint16) for b in "RG")
+        return Image.fromarray(((r + g + 1) // 2).astype(np.uint8))
+    return im.getchannel("RGB"[STAIN_COLOURS[stain].index(1)])
+
+
+def colour_shares(pixels: np.ndarray, stain: str) -> tuple[float, float]:
+    """For (..., 3) RGB pixels: the share of their intensity outside ``stain``'s colour (the length of
+    what is left after projecting each pixel onto the colour, against that plus the stain's value;
+    +0.5 keeps a black image at 0) and the mean spread between their bands against their brightest."""
+    r, g, b = (np.asarray(pixels[..., i], np.float32) for i in range(3))
+    if stain == "yellow":  # the colour (1, 1, 0): what is left is ((r - g) / 2, (g - r) / 2, b)
+        on, off = (r + g) / 2, np.sqrt((r - g) ** 2 / 2 + b * b)
+    else:
+        on, rest = {"red": (r, (g, b)), "green": (g, (r, b)), "blue": (b, (r, g))}[stain]
+        off = np.sqrt(rest[0] ** 2 + rest[1] ** 2)
+    brightest = np.maximum(np.maximum(r, g), b)
+    spread = (brightest - np.minimum(np.minimum(r, g), b)).mean() / (brightest.mean() + 0.5)
+    off = off.mean()
+    return float(off / (on.mean() + off + 0.5)), float(spread)
+
+
+def colour_stain_shares(path: str, stain: str, decoded: Image.Image | None = None) -> tuple[float, float]:
+    """``colour_shares`` of the colour image at ``path`` (already ``decoded``, or not), box-reduced
+    to about 128 px. A JPEG is measured on the decode PIL's draft mode gives for 128 px (an eighth
+    of the side of a 2048 px image, at a fraction of the work), whatever the caller decoded, so the
+    quick check of every image before training and the full decode agree; when the caller's decode
+    is that same draft (training at up to 256 px from 2048 px files) it is used rather than redone."""
+    try:
+        if decoded is not None and decoded.format != "JPEG":
+            small = decoded
+        else:
+            with Image.open(path) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (_CHECK_SIDE, _CHECK_SIDE))  # reads no pixels yet
+                small = (decoded if decoded is not None and decoded.size == im.size else im).convert("RGB")
+        small = small.reduce(max(1, max(small.size) // _CHECK_SIDE))
+    except _DECODE_ERRORS as e:
+        raise HPAError(f"{path}: truncated or corrupt image ({e})") from None
+    return colour_shares(np.asarray(small), stain)
+
+
+def _check_colour_stain(path: str, stain: str, decoded: Image.Image | None) -> None:
+    """Refuse a colour file that does not show ``stain`` in its colour on black (nor is gray)."""
+    off, spread = colour_stain_shares(path, stain, decoded)
+    if off > MAX_OFF_COLOUR and spread > MAX_GRAY_SPREAD:
+        raise HPAError(f"{path}: not a {stain} stain file: a colour image with {off:.0%} of its intensity "
+                       f"outside the {stain} colour (a stain file is grayscale, or {stain} on black)")
 
 
 _PNG_END = b"IEND\xaeB`\x82"  # the end chunk's type and CRC, the last bytes of every complete PNG
@@ -58,28 +157,36 @@ def read_image(key: str, channels=CHANNEL_SETS["rgb"], size: int | None = None,
                header_only: bool = False) -> np.ndarray:
     """Decode one item as a uint8 array (H, W, C) with channels in ``channels`` order, resized to ``size``.
 
-    ``key`` is an image file, a ``{channel}`` template of per-stain files, or a ``.npy`` of the
-    preprocessed cache (see ``preprocess.py``)."""
+    ``key`` is an image file, a ``{channel}`` template of per-stain files (each grayscale, or the
+    stain in its colour), or a ``.npy`` of the preprocessed cache (see ``cache.py``). ``header_only``
+    reads no pixels but a colour stain file's reduced decode, to check its colour."""
     if key.endswith(".npy"):
         return _read_cached(key, channels, size, header_only)
     files = key_files(key, channels)
     if len(files) == 1:
         if len(channels) != 3:
             raise HPAError(f"{key}: a 4-channel (RGBY) model needs one file per stain; this is a single RGB image")
-        ims = [_open(files[0], "RGB", header_only)]
+        stains = [None]
+        ims = [_open(files[0], "RGB")]
     else:
-        ims = [_open(f, "L", header_only) for f in files]
+        stains = list(channels)
+        ims = [_open(f, "L", stain) for f, stain in zip(files, stains)]
         if len({im.size for im in ims}) > 1:
             raise HPAError(f"{files[0]}: the channel files of this image differ in size "
                            f"({', '.join('x'.join(map(str, im.size)) for im in ims)})")
     if header_only:
+        try:
+            for path, im, stain in zip(files, ims, stains):
+                _check_header(path, im, stain)
+        finally:
+            for im in ims:  # only the header was read: the file is still open
+                im.close()
         width, height = ims[0].size
-        for im in ims:  # only the header was read: the file is still open
-            im.close()
         return np.empty((height, width, len(channels)), np.uint8)
-    if size is not None and ims[0].size != (size, size):
-        if len(ims) in _MERGE_MODES:
-            ims = [Image.merge(_MERGE_MODES[len(ims)], ims)]
+    ims = [_decode(path, im, stain, size) for path, im, stain in zip(files, ims, stains)]
+    if size is not None and any(im.size != (size, size) for im in ims):
+        if len(ims) in _MERGE_MODES and len({im.size for im in ims}) == 1:  # JPEG and PNG stains may decode
+            ims = [Image.merge(_MERGE_MODES[len(ims)], ims)]                # to different draft sizes
         ims = [im.resize((size, size), Image.BILINEAR) for im in ims]
     arrays = [np.asarray(im) for im in ims]
     return arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
