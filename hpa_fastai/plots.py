@@ -1,4 +1,5 @@
-"""PNG plots of a run: lr_find, training curves, per-class F1 and a grid of sample images."""
+"""PNG plots of a run: lr_find, training curves, per-class F1, a grid of sample images; class
+activation maps over an image and a chart of its class probabilities."""
 from __future__ import annotations
 
 import matplotlib
@@ -84,4 +85,48 @@ def sample_grid_plot(path, images, titles, cols: int = 4):
         ax.imshow(false_colour(img))
         ax.set_title(plain_text(title), fontsize=7)
     fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def heatmap_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """A class activation map (H, W) in 0..1 over an (H, W, 3) uint8 image, as uint8: the jet colour
+    map, more opaque where the map is stronger, so the stains stay visible where it is weak."""
+    from matplotlib import colormaps
+
+    colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+    weight = alpha * np.clip(heat, 0, 1)[..., None]
+    return np.clip(rgb * (1 - weight) + colours * weight, 0, 255).round().astype(np.uint8)
+
+
+def cam_plot(path, rgb: np.ndarray, overlay: np.ndarray, title: str):
+    """The stains as the model saw them (false colour for RGBY) beside the same image under a class's
+    heatmap."""
+    fig, (ax1, ax2, bar) = plt.subplots(1, 3, figsize=(8, 4.3), width_ratios=[1, 1, 0.05])
+    ax1.imshow(rgb)
+    ax1.set_title("stains", fontsize=9)
+    ax2.imshow(overlay)
+    ax2.set_title("class activation map (Grad-CAM)", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.axis("off")
+    fig.colorbar(plt.cm.ScalarMappable(cmap="jet"), cax=bar, label="activation")
+    fig.suptitle(plain_text(title), fontsize=9)
+    return save_figure(path, fig)
+
+
+def probability_plot(path, probs, names, thresholds, title: str = ""):
+    """Each class's probability as a bar, its threshold as a tick; bars at or over the threshold
+    (the predicted classes) in a strong colour."""
+    probs, thresholds = np.asarray(probs, float), np.asarray(thresholds, float)
+    fig, ax = plt.subplots(figsize=(7, 0.25 * len(probs) + 1.2))
+    labels = [plain_text(f"{c} {n}") for c, n in enumerate(names)]
+    predicted = probs >= thresholds
+    ax.barh(labels, probs, color=np.where(predicted, "C3", "C7"))
+    ax.scatter(thresholds, range(len(probs)), marker="|", s=120, color="k", label="threshold", zorder=3)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(loc="lower right", fontsize=7)
+    if title:
+        ax.set_title(plain_text(title), fontsize=9)
     return save_figure(path, fig)
