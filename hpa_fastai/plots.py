@@ -98,19 +98,35 @@ def heatmap_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np
     return np.clip(rgb * (1 - weight) + colours * weight, 0, 255).round().astype(np.uint8)
 
 
-def cam_plot(path, rgb: np.ndarray, overlay: np.ndarray, title: str):
+CAM_PANEL_SIDE = 256  # the smallest side the stains and the heatmap are shown at
+
+
+def cam_panel(rgb: np.ndarray, overlay: np.ndarray, title: str, side: int = CAM_PANEL_SIDE) -> np.ndarray:
     """The stains as the model saw them (false colour for RGBY) beside the same image under a class's
-    heatmap."""
-    fig, (ax1, ax2, bar) = plt.subplots(1, 3, figsize=(8, 4.3), width_ratios=[1, 1, 0.05])
-    ax1.imshow(rgb)
-    ax1.set_title("stains", fontsize=9)
-    ax2.imshow(overlay)
-    ax2.set_title("class activation map (Grad-CAM)", fontsize=9)
-    for ax in (ax1, ax2):
-        ax.axis("off")
-    fig.colorbar(plt.cm.ScalarMappable(cmap="jet"), cax=bar, label="activation")
-    fig.suptitle(plain_text(title), fontsize=9)
-    return save_figure(path, fig)
+    heatmap, with ``title`` (one or more lines) above and the colour scale below, as one (H, W, 3) uint8 image. Drawn
+    with PIL rather than matplotlib: a folder of test images gets several per image, and a figure
+    costs about 50 times as long."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = rgb.shape[:2]
+    scale = max(1, -(-side // max(h, w)))  # whole-pixel enlargement: small models' inputs stay sharp
+    size = (w * scale, h * scale)
+    pad, font = 8, ImageFont.load_default(size=14)
+    bar_h, text_h, lines = 12, 20, str(title).splitlines() or [""]
+    canvas = Image.new("RGB", (2 * size[0] + 3 * pad, size[1] + (len(lines) + 1) * text_h + bar_h + 3 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * text_h), line, fill="black", font=font)
+    top = pad + len(lines) * text_h
+    for i, image in enumerate((rgb, overlay)):
+        canvas.paste(Image.fromarray(image).resize(size, Image.NEAREST), (pad + i * (size[0] + pad), top))
+    ramp = (colormaps["jet"](np.linspace(0, 1, size[0]))[:, :3] * 255).astype(np.uint8)
+    bar_top = top + size[1] + pad
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h, 0)), (2 * pad + size[0], bar_top))
+    draw.text((pad, bar_top - 2), "stains", fill="black", font=font)
+    draw.text((2 * pad + size[0], bar_top + bar_h + 2), "0  Grad-CAM activation  1", fill="black", font=font)
+    return np.asarray(canvas)
 
 
 def probability_plot(path, probs, names, thresholds, title: str = ""):

@@ -5,13 +5,14 @@ model reads them (channels, size, normalisation; optionally over the 8 dihedral 
 Why fastai's hooks and not the grad-cam package: grad-cam needs opencv-python (a large wheel that
 wants libGL at import time) only to resize and colour the maps, and it leaves the choice of the
 target layer to each caller, per architecture. Every model here is ``nn.Sequential(body, head)``,
-so one rule finds the last feature map for all of them (the last block of the body whose output is
-still an image larger than 1x1); fastai's ``hook_outputs`` keeps that output in the graph and
+so one rule finds the last feature map for all of them (the output of the body's blocks computed
+last that is still an image larger than 1x1); fastai's ``Hooks`` keep those outputs in the graph and
 ``torch.autograd.grad`` gives its gradient. fastai's own gradient hooks (``grad=True``) use torch's
 deprecated module backward hooks, which report the gradient of a module's last operation only.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from fastai.callback.hook import hook_outputs
+from PIL import Image
+from fastai.callback.hook import Hooks
 from torch import nn
 
 from .. import plots
-from ..atomic import write_csv
+from ..atomic import save_png, write_csv
 from ..data.layouts import CHANNEL_SETS, key_files
 from ..errors import HPAError
 from ..outputs import check_output_folder, for_spreadsheet
@@ -33,19 +35,25 @@ EXPLANATIONS_CSV = "explanations.csv"
 
 
 def feature_blocks(model: nn.Module) -> tuple[list[nn.Module], bool]:
-    """The blocks of the model's body whose outputs may hold the last feature map, in order, and
-    whether that map comes channels-last (some timm models, e.g. Swin, give (B, H, W, C))."""
+    """The modules of the model's body whose outputs may hold the last feature map (the body's
+    blocks, or a timm model's top-level modules and the body itself), and whether that map comes
+    channels-last (some timm models, e.g. Swin, give (B, H, W, C))."""
     if not (isinstance(model, nn.Sequential) and len(model) == 2):
         raise HPAError(f"class activation maps need a model built as body + head; this one is "
                        f"{type(model).__name__}")
     body = model[0]
+    if isinstance(body, nn.Sequential):
+        return list(body.children()), False
     timm_model = getattr(body, "model", None)  # fastai's TimmBody wraps the timm model
     channels_last = "NHWC" in str(getattr(timm_model, "output_fmt", "NCHW"))
-    return (list(body.children()) if isinstance(body, nn.Sequential) else [body]), channels_last
+    inner = list(timm_model.children()) if isinstance(timm_model, nn.Module) else []
+    return inner + [body], channels_last
 
 
 def _last_feature_map(outputs, channels_last: bool) -> torch.Tensor:
-    for out in reversed(list(outputs)):
+    """The output computed last that is still an image larger than 1x1 (``outputs``: (call number,
+    output) per hooked module, None for modules that did not run)."""
+    for _, out in sorted((o for o in outputs if o is not None), key=lambda o: o[0], reverse=True):
         if isinstance(out, torch.Tensor) and out.ndim == 4:
             fmap = out.permute(0, 3, 1, 2) if channels_last else out
             if fmap.shape[-1] * fmap.shape[-2] > 1:
@@ -64,7 +72,8 @@ def grad_cam(model: nn.Module, xb: torch.Tensor, classes) -> tuple[torch.Tensor,
     # the input takes part in the graph, so the maps exist even where the weights are frozen
     xb = xb.detach().as_subclass(torch.Tensor).clone().requires_grad_(True)
     maps = []
-    with torch.enable_grad(), hook_outputs(blocks, detach=False) as hooks:
+    calls = itertools.count()  # the order the hooked modules ran in, which their registration need not follow
+    with torch.enable_grad(), Hooks(blocks, lambda m, i, o: (next(calls), o), detach=False) as hooks:
         logits = model(xb)
         fmap = _last_feature_map(hooks.stored, channels_last)
         for j, c in enumerate(classes):
@@ -185,8 +194,10 @@ def write_explanations(pred, explanations: list[Explanation], out, threshold: fl
     for e, f in zip(explanations, files):
         for c, heat, name in zip(e.classes, e.heatmaps, f["overlays"]):
             verdict = "predicted" if c in e.predicted else "not predicted"
-            title = f"{e.id}: {names[c]} (class {c}), p = {e.probs[c]:.2f}, threshold {thresholds[c]:.2f}, {verdict}"
-            plots.cam_plot(folder / name, e.image, plots.heatmap_overlay(e.image, heat), title)
+            if not heat.max() > 0:
+                verdict += "; no region speaks for it"
+            title = f"{e.id}\n{names[c]} (class {c}): p = {e.probs[c]:.2f}, threshold {thresholds[c]:.2f}, {verdict}"
+            save_png(folder / name, Image.fromarray(plots.cam_panel(e.image, plots.heatmap_overlay(e.image, heat), title)))
             rows.append({"image": e.id, "class": c, "name": names[c], "probability": round(float(e.probs[c]), 4),
                          "threshold": round(float(thresholds[c]), 4), "predicted": c in e.predicted, "file": name})
         plots.probability_plot(folder / f["probabilities"], e.probs, names, thresholds, e.id)
