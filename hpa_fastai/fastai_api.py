@@ -87,7 +87,8 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", pretrained: bool = 
     ``timm:<name>``) for the data's stains and classes, BCE (or focal) loss, macro and samples F1 at
     ``threshold``, body/head parameter groups for ``fine_tune``, and mixed precision on CUDA. With
     ImageNet weights the body starts frozen, as fastai's ``vision_learner``. ``kwargs`` go to
-    ``Learner`` (``cbs``, ``wd``, ``path``...)."""
+    ``Learner`` (``cbs``, ``wd``, ``path``...); ``path`` defaults to the current folder rather than
+    the data folder, where ``lr_find`` and ``save`` would otherwise write."""
     ts = dls.training_set if isinstance(dls, HPADataLoaders) else None
     if ts is None:
         raise TypeError("hpa_learner needs the DataLoaders that hpa_dls makes (they carry the vocabulary, "
@@ -97,6 +98,7 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", pretrained: bool = 
                       channels=ts.cfg.channels, size=ts.cfg.size)
     validate(cfg)
     model, used_pretrained = create_model(arch, len(ts.cfg.channels), len(ts.vocab), pretrained, weights, log=log)
+    kwargs.setdefault("path", Path("."))
     learn = Learner(dls, model, loss_func=M.make_loss(loss, focal_gamma, threshold), opt_func=Adam,
                     metrics=[M.f1_metric("macro", threshold), M.f1_metric("samples", threshold)],
                     splitter=splitter, **kwargs)
