@@ -197,6 +197,19 @@ class ExplainConfig:
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
+def host_name(v):
+    return None if v.strip() and v.isprintable() and " " not in v else f"must be a host name or address (got {v!r:.60})"
+
+
+@dataclass
+class ServeConfig:
+    learner: str = opt("runs/latest", "run folder or model.json of one trained model (the safe export; export.pkl "
+                                      "is not unpickled)")
+    host: str = opt("127.0.0.1", "address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every network "
+                                 "it is on", host_name)
+    port: int = opt(7860, "port to listen on", in_range(1, 65535))
+
+
 @dataclass
 class SynthConfig:
     out: str = opt("data/synthetic", "folder to write the data set to", not_empty)

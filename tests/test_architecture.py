@@ -16,6 +16,7 @@ RANKS = {
     "training": 3, "inference": 3,
     "runs": 4,
     "reporting": 5,
+    "serve": 5,  # the web app on a trained model (inference and plots only)
     "workflows": 6,
     "cli": 7,
     "fastai_api": 7,  # the fastai-native door for notebooks and scripts; nothing in the library imports it

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import (DedupConfig, EvaluateConfig, ExplainConfig, ExportConfig, PredictConfig, PreprocessConfig,
-                      ReportConfig, RunsConfig, SynthConfig, TrainConfig)
+                      ReportConfig, RunsConfig, ServeConfig, SynthConfig, TrainConfig)
 from ..console import console, log, table
 from ..errors import HPAError
 
@@ -81,6 +81,12 @@ def explain(cfg: ExplainConfig) -> Path:
     log(f"wrote {len(cams)} heatmap(s) of {cams['image'].nunique()} image(s) to {cfg.out} "
         "(explanations.csv lists them)")
     return Path(cfg.out)
+
+
+def serve(cfg: ServeConfig) -> None:
+    from ..serve.app import serve as serve_app
+
+    serve_app(cfg.learner, cfg.host, cfg.port)
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
@@ -224,6 +230,7 @@ COMMANDS = {
     "lr-find": (TrainConfig, "run only the learning-rate finder and save its plot", lr_find),
     "predict": (PredictConfig, "predict labels: a Kaggle submission, or labels for a folder of images", predict),
     "explain": (ExplainConfig, "class activation maps: where in each image the model saw each class", explain),
+    "serve": (ServeConfig, "a local web app: drop an image, see its labels, probabilities and heatmaps", serve),
     "evaluate": (EvaluateConfig, "score a trained model on a labelled folder: table, CSV and plots", evaluate),
     "export": (ExportConfig, "export a trained model, e.g. to ONNX", export),
     "runs": (RunsConfig, "a table of all runs under runs/", runs),
