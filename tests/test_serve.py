@@ -117,6 +117,18 @@ def test_names_from_a_model_file_cannot_inject_markdown():
     assert md_escape("[x](http://a) <b>*y*</b>") == r"\[x\]\(http://a\) &lt;b&gt;\*y\*&lt;/b&gt;"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio not installed")
+def test_a_port_in_use_is_one_error_line(run, capsys):
+    from .helpers import cli_in_process
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = cli_in_process(capsys, "serve", "--learner", run[0], "--port", port)
+    assert code == 2 and err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen") and "\n" not in err.strip()
+
+
 def test_serve_binds_to_this_machine_only_by_default():
     from hpa_fastai.config import ServeConfig
 

@@ -190,6 +190,10 @@ def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     app.queue(default_concurrency_limit=1)  # one prediction at a time: the model is shared
-    app.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_BYTES, share=False, theme=theme,
-               show_error=True, footer_links=[])
+    try:
+        app.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_BYTES, share=False, theme=theme,
+                   show_error=True, footer_links=[])
+    except OSError as e:  # gradio's "Cannot find empty port", or an address this machine does not have
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". You can")[0]
+        raise HPAError(f"--host {host} --port {port}: cannot listen there ({reason}); choose another --port") from None
 
