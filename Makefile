@@ -7,11 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test bench sample clean-runs
 
+# gradio goes in with --no-deps: it declares pillow<13, this project pins pillow 13 (see the serve extra)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,serve]'
+	$(BIN)/pip install -q --no-deps gradio==6.31.0
 	touch $(STAMP)
 
 run: $(STAMP)

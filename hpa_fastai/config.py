@@ -155,6 +155,8 @@ class PredictConfig:
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
                               WORKERS)
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
+    cam: str | None = opt(None, "also write class activation maps (a heatmap per predicted class and a probability "
+                                "chart per image) into this folder; one model only")
 
 
 @dataclass
@@ -168,6 +170,44 @@ class EvaluateConfig:
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
                               WORKERS)
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
+
+
+def class_ids(v):
+    ids = [v] if isinstance(v, int) else v
+    ok = all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in ids)
+    return None if ok else f"must be class ids, 0 or more (got {v!r:.80})"
+
+
+MAX_CAM_BATCH = 256  # a Grad-CAM batch keeps every activation of the model for the backward passes
+
+
+@dataclass
+class ExplainConfig:
+    images: list = opt(None, "image files; for an RGBY model any one stain file of an image, or the {id} prefix of "
+                             "its four", positional=True, nargs="+")
+    learner: str = opt("runs/latest", "run folder, model.json, or export.pkl of one trained model")
+    out: str = opt("explanations", "folder to write into: per image a heatmap per class ({id}_camNN_{class}.png), "
+                                   "a probability chart ({id}_probabilities.png), and explanations.csv")
+    # int | list: the command line gives a list (nargs); from Python one class may be an int
+    classes: int | list | None = opt(None, "class ids to draw heatmaps for; default: the predicted classes (the most "
+                                           "probable one when none reaches its threshold)", class_ids, nargs="+")
+    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones", _threshold)
+    tta: bool = opt(False, "probabilities and heatmaps averaged over the 8 flips and 90-degree rotations")
+    bs: int = opt(8, f"images per Grad-CAM batch (at most {MAX_CAM_BATCH})", in_range(1, MAX_CAM_BATCH))
+    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
+
+
+def host_name(v):
+    return None if v.strip() and v.isprintable() and " " not in v else f"must be a host name or address (got {v!r:.60})"
+
+
+@dataclass
+class ServeConfig:
+    learner: str = opt("runs/latest", "run folder or model.json of one trained model (the safe export; export.pkl "
+                                      "is not unpickled)")
+    host: str = opt("127.0.0.1", "address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every network "
+                                 "it is on", host_name)
+    port: int = opt(7860, "port to listen on", in_range(1, 65535))
 
 
 @dataclass

@@ -1,9 +1,13 @@
-"""PNG plots of a run: lr_find, training curves, per-class F1 and a grid of sample images."""
+"""PNG plots of a run: lr_find, training curves, per-class F1, a grid of sample images; class
+activation maps over an image and a chart of its class probabilities."""
 from __future__ import annotations
+
+import sys
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # in a notebook, keep its inline backend so that fastai's plots show
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
@@ -84,4 +88,64 @@ def sample_grid_plot(path, images, titles, cols: int = 4):
         ax.imshow(false_colour(img))
         ax.set_title(plain_text(title), fontsize=7)
     fig.tight_layout()
+    return save_figure(path, fig)
+
+
+def heatmap_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """A class activation map (H, W) in 0..1 over an (H, W, 3) uint8 image, as uint8: the jet colour
+    map, more opaque where the map is stronger, so the stains stay visible where it is weak."""
+    from matplotlib import colormaps
+
+    colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
+    weight = alpha * np.clip(heat, 0, 1)[..., None]
+    return np.clip(rgb * (1 - weight) + colours * weight, 0, 255).round().astype(np.uint8)
+
+
+CAM_PANEL_SIDE = 256  # the smallest side the stains and the heatmap are shown at
+
+
+def cam_panel(rgb: np.ndarray, overlay: np.ndarray, title: str, side: int = CAM_PANEL_SIDE) -> np.ndarray:
+    """The stains as the model saw them (false colour for RGBY) beside the same image under a class's
+    heatmap, with ``title`` (one or more lines) above and the colour scale below, as one (H, W, 3) uint8 image. Drawn
+    with PIL rather than matplotlib: a folder of test images gets several per image, and a figure
+    costs about 50 times as long."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = rgb.shape[:2]
+    scale = max(1, -(-side // max(h, w)))  # whole-pixel enlargement: small models' inputs stay sharp
+    size = (w * scale, h * scale)
+    pad, font = 8, ImageFont.load_default(size=14)
+    bar_h, text_h, lines = 12, 20, str(title).splitlines() or [""]
+    canvas = Image.new("RGB", (2 * size[0] + 3 * pad, size[1] + (len(lines) + 1) * text_h + bar_h + 3 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * text_h), line, fill="black", font=font)
+    top = pad + len(lines) * text_h
+    for i, image in enumerate((rgb, overlay)):
+        canvas.paste(Image.fromarray(image).resize(size, Image.NEAREST), (pad + i * (size[0] + pad), top))
+    ramp = (colormaps["jet"](np.linspace(0, 1, size[0]))[:, :3] * 255).astype(np.uint8)
+    bar_top = top + size[1] + pad
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h, 0)), (2 * pad + size[0], bar_top))
+    draw.text((pad, bar_top - 2), "stains", fill="black", font=font)
+    draw.text((2 * pad + size[0], bar_top + bar_h + 2), "0  Grad-CAM activation  1", fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def probability_plot(path, probs, names, thresholds, title: str = ""):
+    """Each class's probability as a bar, its threshold as a tick; bars at or over the threshold
+    (the predicted classes) in a strong colour."""
+    probs, thresholds = np.asarray(probs, float), np.asarray(thresholds, float)
+    fig, ax = plt.subplots(figsize=(7, 0.25 * len(probs) + 1.2))
+    labels = [plain_text(f"{c} {n}") for c, n in enumerate(names)]
+    predicted = probs >= thresholds
+    ax.barh(labels, probs, color=np.where(predicted, "C3", "C7"))
+    ax.scatter(thresholds, range(len(probs)), marker="|", s=120, color="k", label="threshold", zorder=3)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(loc="lower right", fontsize=7)
+    if title:
+        ax.set_title(plain_text(title), fontsize=9)
     return save_figure(path, fig)

@@ -16,8 +16,10 @@ RANKS = {
     "training": 3, "inference": 3,
     "runs": 4,
     "reporting": 5,
+    "serve": 5,  # the web app on a trained model (inference and plots only)
     "workflows": 6,
     "cli": 7,
+    "fastai_api": 7,  # the fastai-native door for notebooks and scripts; nothing in the library imports it
     "__init__": 8,  # the package's public doors (load_predictor)
 }
 
@@ -102,6 +104,11 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_only_the_package_door_imports_the_fastai_api():
+    importers = sorted(m for m, targets in graph().items() if "hpa_fastai.fastai_api" in targets)
+    assert importers == ["hpa_fastai"], importers
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):

@@ -10,7 +10,7 @@ escape every value from a file, bounded worker counts, CSV fields and model head
 that never write over a command's inputs; after it come ``download-hpav18``'s flags and HPAv18
 label CSVs, refused before anything is fetched.
 
-282 parametrised cases + 22 single-case tests + 6 property-based tests (train.csv text, image bytes,
+Parametrised cases, single-case tests and property-based tests (train.csv text, image bytes,
 ids, label text and config values at 150 examples each, model.json at 60) + 2 subprocess tests.
 """
 from __future__ import annotations
@@ -773,6 +773,39 @@ def test_predict_and_evaluate_leave_no_output_after_an_error(safe_model, make_z2
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no temporary or partial files either
 
 
+@pytest.mark.parametrize("args,parts", [
+    (["--classes", "10"], ["--classes 10", "not a class of this model (0..9)"]),
+    (["--classes", "-1"], ["--classes", "must be class ids"]),
+    (["--bs", "100000"], ["--bs", "at most 256"]),
+    (["--threshold", "1.5"], ["--threshold"]),
+    (["{images}/missing.png"], ["missing.png", "not found"]),
+    (["{images}/broken.png"], ["broken.png", "not a readable image"]),
+])
+def test_explain_refuses_bad_input_and_writes_nothing(safe_model, make_z2g, tmp_path, capsys, args, parts):
+    images = make_z2g(n=2, size=16) / "train"
+    (images / "broken.png").write_bytes(RGB_PNG[:40])
+    out = tmp_path / "cams"
+    args = [a.format(images=images) for a in args]
+    flags = [a for a in args if a.startswith("-") or a[0].isdigit()]
+    assert_cli_error(*cli_in_process(capsys, "explain", images / "img0.png", *[a for a in args if a not in flags],
+                                     "--learner", safe_model, "--out", out, *flags), *parts)
+    assert not out.exists()
+
+
+def test_explain_with_an_rgby_model_on_an_rgb_image(rgby_model, make_z2g, tmp_path, capsys):
+    image = make_z2g(n=1, size=16) / "train" / "img0.png"
+    assert_cli_error(*cli_in_process(capsys, "explain", image, "--learner", rgby_model, "--out", tmp_path / "c"),
+                     "img0.png", "RGBY")
+    assert not (tmp_path / "c").exists()
+
+
+def test_predict_cam_refuses_an_ensemble(safe_model, make_z2g, tmp_path, capsys):
+    images = make_z2g(n=2, size=16) / "train"
+    assert_cli_error(*cli_in_process(capsys, "predict", "--learner", safe_model, safe_model, "--data", images,
+                                     "--out", tmp_path / "p.csv", "--cam", tmp_path / "c"), "--cam", "one model")
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "c").exists()
+
+
 def test_rgby_model_on_a_submission_csv_with_a_path_id(rgby_model, make_hpa2018, tmp_path, capsys):
     data = make_hpa2018(n=2, size=16)
     shutil.copytree(data / "train", data / "test")
@@ -1249,6 +1282,13 @@ OVERWRITE_CASES = {
     "runs table over a run's history": (["runs", "{tmp}", "--csv", "{run}/history.csv"], ["--csv", "history.csv"]),
     "dedup over train.csv": (["dedup", "--data", "{data}", "--out", "{data}/train.csv"], ["--out", "train.csv"]),
     "predict --out ''": (["predict", "--learner", "{run}", "--data", "{images}", "--out", ""], ["--out", "empty"]),
+    "predict --cam ''": (["predict", "--learner", "{run}", "--data", "{images}", "--out", "{tmp}/p.csv", "--cam", ""],
+                         ["--cam", "empty"]),
+    "predict --cam into a file": (["predict", "--learner", "{run}", "--data", "{images}", "--out", "{tmp}/p.csv",
+                                   "--cam", "{data}/train.csv"], ["--cam", "not a folder"]),
+    "explain --out ''": (["explain", "{images}/img0.png", "--learner", "{run}", "--out", ""], ["--out", "empty"]),
+    "explain into a file": (["explain", "{images}/img0.png", "--learner", "{run}", "--out", "{data}/train.csv"],
+                            ["--out", "not a folder"]),
     "evaluate --out ''": (["evaluate", "--learner", "{run}", "--data", "{data}", "--out", ""], ["--out", "empty"]),
     "report --out ''": (["report", "{run}", "--out", ""], ["--out", "empty"]),
     "export --out ''": (["export", "--onnx", "--learner", "{run}", "--out", ""], ["--out", "empty"]),

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import (DedupConfig, DownloadHPAv18Config, EvaluateConfig, ExportConfig, PredictConfig,
-                      PreprocessConfig, ReportConfig, RunsConfig, SynthConfig, TrainConfig)
+from ..config import (DedupConfig, DownloadHPAv18Config, EvaluateConfig, ExplainConfig, ExportConfig,
+                      PredictConfig, PreprocessConfig, ReportConfig, RunsConfig, ServeConfig, SynthConfig,
+                      TrainConfig)
 from ..console import console, log, table
 from ..errors import HPAError
 
@@ -38,15 +39,25 @@ def predict(cfg: PredictConfig) -> Path:
     from ..inference.loading import load_predictors
     from ..inference.predictor import Ensemble
     from ..inference.submission import write_predictions
-    from ..outputs import check_output
+    from ..outputs import check_output, check_output_folder
     from ..paths import SAMPLE_DIR
 
     check_output(cfg.out, "--out")  # an empty --out, before a model is loaded
+    if cfg.cam is not None:
+        check_output_folder(cfg.cam, "--cam", [])
     pred = load_predictors(cfg.learner, cfg.trust)
     if isinstance(pred, Ensemble):
+        if cfg.cam is not None:
+            raise HPAError(f"--cam needs one model, not an ensemble of {len(pred.members)}; pass one --learner")
         log(f"ensemble of {len(pred.members)} models ({pred.source}): mean probabilities")
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     written = write_predictions(pred, data, cfg.out, cfg.threshold, _tta(cfg), cfg.bs, cfg.workers)
+    if cfg.cam is not None:
+        from ..inference.cam import explain_data
+
+        cams = explain_data(pred, data, cfg.cam, cfg.threshold, _tta(cfg), min(cfg.bs, 8))
+        log(f"wrote {len(cams)} heatmap(s) of {cams['image'].nunique()} image(s) to {cfg.cam} "
+            "(explanations.csv lists them)")
     if written.submission is not None:
         fmt = written.submission
         log(f"wrote {written.out}: {len(written.table)} rows, {fmt.name} submission "
@@ -56,6 +67,27 @@ def predict(cfg: PredictConfig) -> Path:
             console.print(table("predictions", written.table))
         log(f"wrote {written.out}: {len(written.table)} images")
     return written.out
+
+
+def explain(cfg: ExplainConfig) -> Path:
+    from ..inference.cam import explain_files
+    from ..inference.loading import load_predictor
+    from ..outputs import check_output_folder
+
+    check_output_folder(cfg.out, "--out", [])  # an empty --out or a file there, before a model is loaded
+    pred = load_predictor(cfg.learner, cfg.trust)
+    cams = explain_files(pred, cfg.images, cfg.out, cfg.classes, cfg.threshold, _tta(cfg), cfg.bs)
+    if len(cams) <= 40:
+        console.print(table("class activation maps", cams.drop(columns=["file"])))
+    log(f"wrote {len(cams)} heatmap(s) of {cams['image'].nunique()} image(s) to {cfg.out} "
+        "(explanations.csv lists them)")
+    return Path(cfg.out)
+
+
+def serve(cfg: ServeConfig) -> None:
+    from ..serve.app import serve as serve_app
+
+    serve_app(cfg.learner, cfg.host, cfg.port)
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
@@ -214,6 +246,8 @@ COMMANDS = {
     "train": (TrainConfig, "train a model (the default command)", train),
     "lr-find": (TrainConfig, "run only the learning-rate finder and save its plot", lr_find),
     "predict": (PredictConfig, "predict labels: a Kaggle submission, or labels for a folder of images", predict),
+    "explain": (ExplainConfig, "class activation maps: where in each image the model saw each class", explain),
+    "serve": (ServeConfig, "a local web app: drop an image, see its labels, probabilities and heatmaps", serve),
     "evaluate": (EvaluateConfig, "score a trained model on a labelled folder: table, CSV and plots", evaluate),
     "export": (ExportConfig, "export a trained model, e.g. to ONNX", export),
     "runs": (RunsConfig, "a table of all runs under runs/", runs),

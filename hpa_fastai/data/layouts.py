@@ -214,6 +214,25 @@ def key_files(key: str, channels=CHANNELS) -> list[str]:
     return [key.replace("{channel}", c) for c in channels] if "{channel}" in key else [key]
 
 
+def key_for_path(path, channels: str) -> str:
+    """The item key of an image named by a path: an RGB file, a cached ``.npy`` or a key as it is;
+    for RGBY, any one stain file of an image (``{id}_green.png``) or the common ``{id}`` prefix of
+    its four files (what ``learn.predict`` and ``run.py explain`` accept)."""
+    path = str(path)
+    if channels != "rgby" or "{channel}" in path or path.endswith(".npy"):
+        return path
+    p = Path(path)
+    stem, _, stain = p.stem.rpartition("_")
+    if stem and stain in CHANNELS and p.suffix:
+        return str(p.parent / f"{stem}_{{channel}}{p.suffix}")
+    matches = sorted(p.parent.glob(f"{glob_escape(p.name)}_green.*"))
+    return str(p.parent / f"{p.name}_{{channel}}{matches[0].suffix}") if matches else path
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
 def read_items(data_dir, fmt: Format | None = None, split: str = "train", labelled: bool = True,
                skip_bad: bool = False, channels: str | None = None, log=None) -> pd.DataFrame:
     """Validated items of a competition folder: columns ``id``, ``key`` and (if labelled) ``labels``.

@@ -11,24 +11,45 @@ import torch
 from fastai.data.block import DataBlock, MultiCategoryBlock, TransformBlock
 from fastai.data.core import Datasets, TfmdDL
 from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage
+from fastai.torch_core import TensorImage, show_image
 from fastai.vision.augment import aug_transforms
 
 from ..config import MAX_WORKERS
 from ..errors import HPAError
 from .images import read_image
-from .layouts import CHANNEL_SETS
+from .layouts import CHANNEL_SETS, key_for_path
+
+
+class TensorRGBY(TensorImage):
+    """A four-stain image. fastai shows a TensorImage by handing its channels to matplotlib, which
+    reads a fourth channel as transparency; ``show`` (and so ``show_batch``, ``show_results`` and
+    ``Interpretation.plot_top_losses``) draws it in false colour instead, yellow as red + green, as
+    the Human Protein Atlas does. Transforms keep the type, so batches carry it through."""
+
+    def show(self, ctx=None, **kwargs):
+        return show_image(false_colour_tensor(self), ctx=ctx, **{**self._show_args, **kwargs})
+
+
+def false_colour_tensor(x: torch.Tensor) -> torch.Tensor:
+    """(4, H, W) RGBY as (3, H, W) RGB, on the tensor's own scale (0..1 floats or 0..255 integers)."""
+    x = x.as_subclass(torch.Tensor)
+    top = 255 if not x.is_floating_point() or x.max() > 1 else 1
+    r, g, b, y = x.float()
+    return torch.stack([r + y / 2, g + y / 2, b]).clamp(0, top).to(x.dtype)
 
 
 class ReadImage:
-    """Item transform: item key -> TensorImage (C, H, W) uint8. Module-level so learners pickle."""
+    """Item transform: item key -> TensorImage (C, H, W) uint8 (TensorRGBY for four stains).
+    Module-level so learners pickle. A path that is not a key (one stain file of an HPA image, or
+    its ``{id}`` prefix) is read as its image, so that ``learn.predict(path)`` works."""
 
     def __init__(self, channels: str = "rgb", size: int | None = None):
         self.channels, self.size = channels, size
 
     def __call__(self, key) -> TensorImage:
-        arr = read_image(str(key), CHANNEL_SETS[self.channels], self.size)
-        return TensorImage(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
+        arr = read_image(key_for_path(key, self.channels), CHANNEL_SETS[self.channels], self.size)
+        tensor_type = TensorRGBY if self.channels == "rgby" else TensorImage
+        return tensor_type(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
 
 
 def ImageTensorBlock(channels: str = "rgb", size: int | None = None) -> TransformBlock:

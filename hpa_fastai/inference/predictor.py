@@ -28,6 +28,17 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
+def inverse_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Undo ``dihedral(x, k)``: the flips first, then the transpose (each is its own inverse)."""
+    if k & 2:
+        x = x.flip(-2)
+    if k & 1:
+        x = x.flip(-1)
+    if k & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
 class Predictor:
     """A trained model with what it needs to read images: channels, size, normalisation, vocabulary
     and per-class thresholds. Build one with ``load_predictor``."""
@@ -81,7 +92,7 @@ class Predictor:
     def predict_batch(self, paths, threshold: float | None = None, tta: str | None = None, bs: int = 32) -> list[dict]:
         """Labels, names and probabilities for image files (for RGBY: any one file of each image's
         four, or the common ``{id}`` prefix)."""
-        items = pd.concat([_items_for_path(p, self.channels) for p in paths], ignore_index=True)
+        items = items_for_paths(paths, self.channels)
         probs = self.probabilities(items, tta, bs)
         preds = self.decode(probs, threshold)
         return [{"image": image_id, "labels": [int(i) for i in np.flatnonzero(row)],
@@ -92,6 +103,15 @@ class Predictor:
 
     def predict(self, path, threshold: float | None = None, tta: str | None = None) -> dict:
         return self.predict_batch([path], threshold, tta)[0]
+
+
+def items_for_paths(paths, channels: str) -> pd.DataFrame:
+    """Items (``id``, ``key``) for image files; for RGBY any one stain file of an image, or the
+    common ``{id}`` prefix of its four files."""
+    paths = list(paths)
+    if not paths:
+        raise HPAError("no images given: name one or more image files")
+    return pd.concat([_items_for_path(p, channels) for p in paths], ignore_index=True)
 
 
 def _items_for_path(path, channels: str) -> pd.DataFrame:

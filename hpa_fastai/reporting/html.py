@@ -27,6 +27,7 @@ from ..errors import HPAError
 from ..rundir import (CONFIG, CURVES, HISTORY, LR_FIND, LR_FIND_PLOT, METRICS, MODEL_JSON, REPORT, check_run_dir,
                       read_json)
 from ..runs.table import format_seconds, run_summary
+from .heatmaps import mistake_heatmaps
 from .samples import valid_samples
 
 CONFIG_COLUMNS = 3
@@ -193,12 +194,16 @@ def samples_values(run_dir: Path, names: list[str], rgby: bool) -> dict:
     try:
         samples = valid_samples(run_dir)
     except HPAError as e:
-        return {"error": str(e), "rgby": rgby, "figures": []}
-    return {"error": None, "rgby": rgby, "figures": [
+        return {"error": str(e), "rgby": rgby, "figures": [], "heatmap_note": None}
+    heat, note = mistake_heatmaps(run_dir, samples)
+    return {"error": None, "rgby": rgby, "heatmap_note": note, "figures": [
         {"id": str(s["id"]), "image": data_uri(array_png(s["image"])), "mistakes": s["mistakes"],
          "true": label_spans(s["true"], s["predicted"], "ok", "missed", names),
-         "predicted": label_spans(s["predicted"], s["true"], "ok", "wrong", names, s["probs"])}
-        for s in samples]}
+         "predicted": label_spans(s["predicted"], s["true"], "ok", "wrong", names, s["probs"]),
+         "heatmap": None if h is None else {
+             "image": data_uri(array_png(h["image"])), "how": h["how"], "prob": num(h["prob"], ".2f"),
+             "name": names[h["class"]] if h["class"] < len(names) else str(h["class"])}}
+        for s, h in zip(samples, heat)]}
 
 
 def report_values(run_dir: Path) -> dict:

@@ -30,8 +30,8 @@ def read_valid_predictions(run_dir: Path) -> pd.DataFrame:
 
 
 def valid_samples(run_dir, n: int = N_SAMPLES, size: int = THUMBNAIL) -> list[dict]:
-    """The ``n`` validation images the model got most wrong, worst first: each a dict with id, an RGB
-    thumbnail (false colour for RGBY), the true and predicted class indices and the probabilities.
+    """The ``n`` validation images the model got most wrong, worst first: each a dict with id, item
+    key (its files checked as ``check_image_files`` does), an RGB thumbnail (false colour for RGBY), the true and predicted class indices and the probabilities.
 
     "Most wrong" counts the labels the prediction gets wrong (missed or extra), then, among equal
     counts, how far the probabilities are from the truth; with fewer mistakes than ``n`` the grid
@@ -65,7 +65,7 @@ def valid_samples(run_dir, n: int = N_SAMPLES, size: int = THUMBNAIL) -> list[di
     samples = []
     for i in order:
         rgb = plots.false_colour(read_image(keys.iloc[i], channels, size=size))
-        samples.append({"id": ids.iloc[i], "image": rgb, "true": np.flatnonzero(targets[i]).tolist(),
+        samples.append({"id": ids.iloc[i], "key": keys.iloc[i], "image": rgb, "true": np.flatnonzero(targets[i]).tolist(),
                         "predicted": np.flatnonzero(preds[i]).tolist(), "probs": probs[i],
                         "mistakes": int((preds[i] != targets[i]).sum())})
     return samples

@@ -1,0 +1,176 @@
+"""The fastai-native door: ``DataLoaders`` and a ``Learner`` for either competition layout, on which
+fastai's own tools work as fastai users expect (``show_batch``, ``lr_find``, ``fine_tune`` and
+``fit_one_cycle``, ``show_results``, ``predict``, ``export``, ``Interpretation``), and the steps fastai
+has no word for: per-class thresholds, the safe export, heatmaps and a Kaggle submission.
+
+    from hpa_fastai import hpa_dls, hpa_learner
+    dls = hpa_dls("data/hpa2018", size=256, bs=32)
+    learn = hpa_learner(dls, "resnet34")
+    learn.fine_tune(5, 1e-3)
+
+The data and the model are the ones ``run.py`` trains (same checks, DataBlock, statistics, model
+registry, loss and metrics); ``run.py`` adds the run folder around them. Library code never imports
+this module, and ``import hpa_fastai`` loads it only when one of its names is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+
+from . import metrics as M
+from . import modelfile
+from .config import TrainConfig
+from .console import log
+from .data.pipeline import make_dls
+from .data.splits import make_splitter
+from .inference.cam import explain, write_explanations
+from .inference.predictor import items_for_paths
+from .inference.submission import write_predictions
+from .models import create_model, splitter
+from .paths import SAMPLE_DIR
+from .training.export import model_meta
+from .training.learner import default_device, set_precision
+from .training.run import prepare, validate
+
+
+class HPADataLoaders(DataLoaders):
+    """fastai ``DataLoaders`` of an HPA data set (as fastai's ``ImageDataLoaders`` are of image
+    folders) that also carry what a model of them must know: the checked training set (format,
+    vocabulary, class names, channels, size, normalisation). Build them with ``hpa_dls``."""
+
+    def __init__(self, *loaders, training_set=None, **kwargs):
+        super().__init__(*loaders, **kwargs)
+        self.training_set = training_set
+
+    def new_empty(self):
+        # what Learner.export pickles: the transforms without the items, and the description kept
+        empty = super().new_empty()
+        empty.training_set = None
+        return empty
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.training_set.names)
+
+    @classmethod
+    def from_folder(cls, data=None, channels: str = "auto", size: int | None = None, bs: int = 32,
+                    valid_pct: float = 0.2, n_folds: int = 0, fold: int = 0, seed: int = 42,
+                    workers: int | None = None, extra_data=None, skip_bad: bool = False, augment: bool = True,
+                    device=None) -> "HPADataLoaders":
+        """``data`` (a competition folder; default the bundled sample) checked and split as
+        ``run.py`` does: the same flags, constraints, error messages and DataBlock."""
+        cfg = TrainConfig(data=None if data is None else str(data), channels=channels, size=size, bs=bs,
+                          valid_pct=valid_pct, n_folds=n_folds, fold=fold, seed=seed, workers=workers,
+                          extra_data=extra_data, skip_bad=skip_bad)
+        ts = prepare(cfg)
+        cfg = ts.cfg
+        split = make_splitter(ts.items, len(ts.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
+        dls = make_dls(ts.items, ts.vocab, cfg.channels, cfg.size, ts.mean, ts.std, split, bs=cfg.bs,
+                       workers=cfg.workers, seed=cfg.seed, device=device or default_device(), augment=augment)
+        return cls(*dls.loaders, path=ts.data_dir, device=dls.device, training_set=ts)
+
+
+def hpa_dls(data=None, **kwargs) -> HPADataLoaders:
+    """``HPADataLoaders.from_folder``: DataLoaders of a competition folder in either layout."""
+    return HPADataLoaders.from_folder(data, **kwargs)
+
+
+def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", pretrained: bool = True, loss: str = "bce",
+                focal_gamma: float = 2.0, threshold: float = 0.5, weights=None, precision: str = "auto",
+                **kwargs) -> Learner:
+    """A fastai ``Learner`` for ``dls``: a registered architecture (``cnn``, ``resnet18/34/50``,
+    ``timm:<name>``) for the data's stains and classes, BCE (or focal) loss, macro and samples F1 at
+    ``threshold``, body/head parameter groups for ``fine_tune``, and mixed precision on CUDA. With
+    ImageNet weights the body starts frozen, as fastai's ``vision_learner``. ``kwargs`` go to
+    ``Learner`` (``cbs``, ``wd``, ``path``...); ``path`` defaults to the current folder rather than
+    the data folder, where ``lr_find`` and ``save`` would otherwise write."""
+    ts = dls.training_set if isinstance(dls, HPADataLoaders) else None
+    if ts is None:
+        raise TypeError("hpa_learner needs the DataLoaders that hpa_dls makes (they carry the vocabulary, "
+                        "channels and normalisation the model is built for)")
+    cfg = TrainConfig(data=str(ts.data_dir), arch=arch, pretrained=pretrained, loss=loss, focal_gamma=focal_gamma,
+                      threshold=threshold, weights=None if weights is None else str(weights), precision=precision,
+                      channels=ts.cfg.channels, size=ts.cfg.size)
+    validate(cfg)
+    model, used_pretrained = create_model(arch, len(ts.cfg.channels), len(ts.vocab), pretrained, weights, log=log)
+    kwargs.setdefault("path", Path("."))
+    learn = Learner(dls, model, loss_func=M.make_loss(loss, focal_gamma, threshold), opt_func=Adam,
+                    metrics=[M.f1_metric("macro", threshold), M.f1_metric("samples", threshold)],
+                    splitter=splitter, **kwargs)
+    # model.json's description travels in the learner (and in learn.export's pickle) as a callback
+    meta = model_meta(dataclasses.replace(ts, cfg=cfg), [threshold] * len(ts.vocab))
+    learn.add_cb(modelfile.ModelDescription(meta))
+    if used_pretrained:
+        learn.freeze()
+    set_precision(learn, precision, dls.device if dls.device is not None else default_device())
+    return learn
+
+
+def description(learn: Learner) -> dict:
+    meta = modelfile.description_of(learn)
+    if meta is None:
+        raise TypeError("this Learner was not made by hpa_learner (it has no model description)")
+    return meta
+
+
+def tune_thresholds(learn: Learner, dl=None) -> pd.DataFrame:
+    """Per-class thresholds that maximise each class's F1 on the validation set (or ``dl``), kept in
+    the learner's description for ``export`` and ``export_safe``; returns the per-class table
+    (threshold, precision, recall, F1, support)."""
+    meta = description(learn)
+    probs, targets = learn.get_preds(dl=dl if dl is not None else learn.dls.valid)
+    probs, targets = probs.float().numpy(), targets.numpy().astype(bool)
+    thresholds = M.tune_thresholds(probs, targets, default=0.5)
+    meta["thresholds"] = [float(t) for t in thresholds]
+    return M.per_class_report(probs, targets, thresholds, meta["names"])
+
+
+def export_safe(learn: Learner, folder) -> Path:
+    """The safe export (``model.safetensors`` + ``model.json``) into ``folder``: what ``load_predictor``,
+    ``run.py predict``, ``explain`` and ``serve`` load without unpickling anything."""
+    folder = Path(folder)
+    modelfile.save(learn.model.state_dict(), description(learn), folder)
+    return folder / "model.json"
+
+
+def show_heatmaps(predictor, images, classes=None, threshold: float | None = None, tta: str | None = None,
+                  out=None):
+    """Grad-CAM heatmaps of image files (for RGBY any one stain file, or the ``{id}`` prefix) with a
+    ``load_predictor`` model: per image the stains and one overlay per predicted class (or per class
+    in ``classes``) in a matplotlib figure; with ``out``, also the files ``run.py explain`` writes.
+    Returns the explanations."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    images = [images] if isinstance(images, (str, Path)) else list(images)
+    explanations = explain(predictor, items_for_paths(images, predictor.channels), classes, threshold, tta)
+    for e in explanations:
+        fig, axes = plt.subplots(1, len(e.classes) + 1, figsize=(3 * (len(e.classes) + 1), 3.3), squeeze=False)
+        axes[0, 0].imshow(e.image)
+        axes[0, 0].set_title(plots.plain_text(e.id), fontsize=8)
+        for ax, c, heat in zip(axes[0, 1:], e.classes, e.heatmaps):
+            ax.imshow(plots.heatmap_overlay(e.image, heat))
+            ax.set_title(plots.plain_text(f"{predictor.names[c]} {e.probs[c]:.2f}"), fontsize=8)
+        for ax in axes.flat:
+            ax.axis("off")
+        fig.tight_layout()
+    if out is not None:
+        write_explanations(predictor, explanations, out, threshold)
+    return explanations
+
+
+def submission(predictor, data=None, out="submission.csv", threshold: float | None = None,
+               tta: str | None = None) -> pd.DataFrame:
+    """A Kaggle submission for a competition folder (default the bundled sample), or labels for a
+    folder of images, written to ``out`` as ``run.py predict`` writes it; returns the table."""
+    return write_predictions(predictor, Path(data) if data is not None else SAMPLE_DIR, out, threshold, tta).table
+
+
+__all__ = ["HPADataLoaders", "hpa_dls", "hpa_learner", "tune_thresholds", "export_safe", "show_heatmaps",
+           "submission"]
