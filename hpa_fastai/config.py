@@ -158,8 +158,8 @@ class PredictConfig:
     bs: int = opt(32, "batch size", at_least(1))
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
                               WORKERS)
-    precision: str = opt("auto", "auto: the precision the model trained in (fp16 models run fp32 on CPU); "
-                                 "or fp32, bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
+    precision: str = opt("auto", "auto: on CUDA the precision the model trained in, fp32 on CPU; or fp32, "
+                                 "bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
@@ -173,8 +173,8 @@ class EvaluateConfig:
     bs: int = opt(32, "batch size", at_least(1))
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
                               WORKERS)
-    precision: str = opt("auto", "auto: the precision the model trained in (fp16 models run fp32 on CPU); "
-                                 "or fp32, bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
+    precision: str = opt("auto", "auto: on CUDA the precision the model trained in, fp32 on CPU; or fp32, "
+                                 "bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 

@@ -4,7 +4,7 @@
 
 fastai's ``MixedPrecision`` always asks for CUDA autocast, which does nothing on a CPU; the
 subclass here autocasts on the device the model is on. The precision a model trained in is
-recorded in model.json, and prediction runs in it too.
+recorded in model.json, and prediction on a GPU runs in it too.
 """
 from __future__ import annotations
 
@@ -48,16 +48,17 @@ def training_precision(requested: str, device: torch.device) -> str:
 
 
 def inference_precision(trained: str, requested: str, device: torch.device) -> str:
-    """The precision a model predicts in: ``auto`` is the one it trained in (model.json's
-    ``precision``), except that a model trained in fp16 predicts in fp32 off CUDA, and in bf16 or
-    fp32 where the GPU lacks it; an explicit fp32, bf16 or fp16 is checked as for training."""
+    """The precision a model predicts in: ``auto`` is, on CUDA, the one it trained in (model.json's
+    ``precision``; fp16 where the GPU has no bf16), and fp32 on CPU, as for training: most CPUs
+    have no bfloat16 arithmetic and emulate it far slower than float32. An explicit fp32, bf16 or
+    fp16 is checked as for training."""
     if requested != "auto":
         return training_precision(requested, device)
-    if trained == "fp16" and device.type != "cuda":
+    if device.type != "cuda" or trained not in DTYPES:
         return "fp32"
-    if trained == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if trained == "bf16" and not torch.cuda.is_bf16_supported():
         return "fp16"
-    return trained if trained in PRECISIONS else "fp32"
+    return trained
 
 
 class DeviceMixedPrecision(MixedPrecision):

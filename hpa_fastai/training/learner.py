@@ -64,6 +64,9 @@ def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
     learn.logger = lambda *_: None
     precision = D.training_precision(cfg.precision, device)
     D.set_precision(learn, precision)
+    if precision == "bf16" and device.type == "cpu" and not quiet:
+        log("note: bf16 on a CPU is fast only with bfloat16 instructions (AMX, AVX512-BF16); other CPUs emulate "
+            "it, many times slower than fp32")
     channels_last = D.use_channels_last(cfg.memory_format, device)
     if channels_last:
         D.set_channels_last(learn)
