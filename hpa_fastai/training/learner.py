@@ -55,9 +55,11 @@ def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
     set_seed(cfg.seed, reproducible=True)
     model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained,
                                           cfg.weights, log=log)
+    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
     history = run_dir / HISTORY if run_dir is not None else None
     learn = Learner(dls, model, loss_func=M.make_loss(cfg.loss, cfg.focal_gamma, cfg.threshold),
-                    opt_func=partial(adamw, fused=device.type == "cuda"), metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
+                    opt_func=partial(adamw, fused=device.type == "cuda"),
+                    metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
                     splitter=splitter, path=run_dir or Path("."), model_dir=".",
                     cbs=[EpochLogger(history, quiet=quiet)])
     learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
