@@ -14,7 +14,6 @@ import io
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import _common as C
@@ -100,7 +99,7 @@ def main(argv=None) -> dict:
     size_rows = []
     per_pixel_png = None
     for size in SIZES:
-        nbytes, seconds = [], []
+        nbytes = []
         for i in sample:
             for stain in CHANNELS:
                 im = Image.fromarray(gray[(i, stain)]).resize((size, size), Image.BILINEAR)

@@ -39,7 +39,7 @@ def summary(results: dict, failed: list) -> list[dict]:
               "measured": get("inference", "ratio")},
              {"benchmark": "memory: peak RSS of training, MiB", "target": "", "measured": get("memory", "train_mib", ".0f")},
              {"benchmark": "memory: peak RSS of predict, MiB", "target": "", "measured": get("memory", "predict_mib", ".0f")},
-             {"benchmark": "GPU", "target": "", "measured": "not measured: no GPU on this machine"}]
+             {"benchmark": "GPU", "target": "", "measured": "not measured here: run bench/gpu.py on a GPU"}]
     return rows
 
 

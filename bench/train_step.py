@@ -1,5 +1,5 @@
 """Training step overhead: the project's Learner (as ``build_learner`` makes it, callbacks and all)
-against a plain PyTorch loop, both on the same in-memory batches, model, Adam and fp32.
+against a plain PyTorch loop, both on the same in-memory batches, model, AdamW settings and fp32.
 
 Data loading is taken out of both sides: the Learner gets the batches its own DataLoader made,
 replayed from a list; the plain loop gets the same tensors as plain ``torch.Tensor``.
@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
         return run
 
     model = learn.model
-    # fastai's Adam (mom 0.9, sqr_mom 0.99, eps 1e-5, decoupled weight decay 0.01) in torch's terms
+    # what a user writes: torch's AdamW with its default implementation, set up as fastai's Adam
+    # (mom 0.9, sqr_mom 0.99, eps 1e-5, decoupled weight decay 0.01)
     torch_adam = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)
     plain_batches = [(x.as_subclass(torch.Tensor).to(device), y.as_subclass(torch.Tensor).float().to(device))
                      for x, y in batches]
@@ -85,7 +86,7 @@ def main(argv=None) -> dict:
             return time.perf_counter() - t0
         return run
 
-    learn.fit_one_cycle(1, 1e-3)  # creates fastai's optimizer, which the decomposition side reuses
+    learn.fit_one_cycle(1, 1e-3)  # creates the Learner's optimizer, which the decomposition side reuses
     hook_seen = set()
     seen_types.clear()
     fastai_run = fastai_side(learn)
@@ -101,7 +102,7 @@ def main(argv=None) -> dict:
     sides = {
         "Learner (build_learner)": fastai_run,
         "plain loop, torch AdamW": plain_side(torch_adam.step, lambda: torch_adam.zero_grad()),
-        "plain loop, fastai Adam": plain_side(lambda: learn.opt.step(), lambda: learn.opt.zero_grad()),
+        "plain loop, the Learner's optimizer": plain_side(lambda: learn.opt.step(), lambda: learn.opt.zero_grad()),
         "Learner without CastToTensor": fastai_side(no_cast),
     }
     times = C.interleaved(sides, args.rounds)

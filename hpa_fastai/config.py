@@ -106,8 +106,12 @@ class TrainConfig:
     monitor: str = opt("f1_macro", "metric for early stopping and best-epoch selection",
                        choices=["f1_macro", "f1_samples", "valid_loss"])
     threshold: float = opt(0.5, "probability threshold of the F1 metrics during training", strictly_between(0, 1))
-    precision: str = opt("auto", "auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU",
-                         choices=["auto", "fp32", "fp16", "bf16"])
+    precision: str = opt("auto", "auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU; bf16 also "
+                                 "runs on CPU, fp16 only on CUDA", choices=["auto", "fp32", "fp16", "bf16"])
+    memory_format: str = opt("auto", "layout of weights and batches; auto: channels-last on CUDA, contiguous on CPU",
+                             choices=["auto", "channels-last", "contiguous"])
+    compile: bool = opt(False, "wrap the model in torch.compile (minutes of compiling first, then faster steps "
+                               "on a GPU); the exports hold the plain model's weights")
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images; "
                                     "default: 0 on CPU, up to 8 on GPU", WORKERS)
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing", finite_at_least(0))
@@ -154,6 +158,8 @@ class PredictConfig:
     bs: int = opt(32, "batch size", at_least(1))
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
                               WORKERS)
+    precision: str = opt("auto", "auto: on CUDA the precision the model trained in, fp32 on CPU; or fp32, "
+                                 "bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
     cam: str | None = opt(None, "also write class activation maps (a heatmap per predicted class and a probability "
                                 "chart per image) into this folder; one model only")
@@ -169,6 +175,8 @@ class EvaluateConfig:
     bs: int = opt(32, "batch size", at_least(1))
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
                               WORKERS)
+    precision: str = opt("auto", "auto: on CUDA the precision the model trained in, fp32 on CPU; or fp32, "
+                                 "bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
     trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 

@@ -16,6 +16,7 @@ from .atomic import atomic_path, write_json
 from .config import MAX_SIZE
 from .data.layouts import CHANNEL_SETS, FORMATS
 from .data.vocab import vocab_for
+from .device import PRECISIONS
 from .errors import HPAError
 from .rundir import MODEL_JSON, WEIGHTS
 
@@ -182,6 +183,7 @@ def check_meta(meta, json_path: Path) -> None:
         ("std", numbers(meta["std"], n_in, lambda s: 1e-3 <= s <= 1), f"a list of {n_in} numbers in 0.001..1"),
         ("loss", meta.get("loss", "bce") in ("bce", "focal"), "bce or focal"),
         ("focal_gamma", number(meta.get("focal_gamma", 2.0)), "a number"),
+        ("precision", meta.get("precision", "fp32") in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ]
     for key, ok, want in checks:
         if not ok:

@@ -194,5 +194,8 @@ def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True, weig
 
 
 def splitter(model: nn.Module):
-    """Body and head parameter groups for discriminative learning rates."""
-    return default_split(model)
+    """Body and head parameter groups for discriminative learning rates (of the model inside a
+    ``torch.compile`` wrapper, which cannot be indexed)."""
+    from .device import uncompiled
+
+    return default_split(uncompiled(model))

@@ -13,6 +13,7 @@ RANKS = {
     "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "rundir": 0, "outputs": 0, "plots": 0,
     "data": 1, "synth": 1,
     "models": 2, "metrics": 2, "modelfile": 2,
+    "device": 2,
     "training": 3, "inference": 3,
     "runs": 4,
     "reporting": 5,

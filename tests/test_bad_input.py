@@ -686,6 +686,9 @@ RESUME_CASES = {
     "checkpoint a list": (lambda c: c, [1, 2], ["checkpoint.pth", "not a checkpoint"]),
     "checkpoint without its phase": (lambda c: c, {k: v for k, v in FULL_CHECKPOINT.items() if k != "phase"},
                                      ["checkpoint.pth", "missing phase"]),
+    # the optimizer state of fastai's Adam, which earlier versions trained with
+    "checkpoint from fastai's Adam": (lambda c: c, {**FULL_CHECKPOINT, "opt": {"state": [], "hypers": [{"lr": 1e-3}]}},
+                                      ["checkpoint.pth", "earlier version", "start the run again"]),
 }
 
 
@@ -724,6 +727,8 @@ def test_flag_refused_by_the_parser(capsys, args, parts):
     (["--focal-gamma", "nan"], "--focal-gamma"), (["--size", "100000"], "--size"), (["--workers", "-1"], "--workers"),
     (["--weights", "/no/such.pth"], "--weights"), (["lr-find", "--lr", "inf"], "--lr"),
     (["cv", "--n-folds", "1"], "--n-folds"),
+    pytest.param(["--precision", "fp16"], "--precision fp16 needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")),
 ])
 def test_flag_refused_before_any_data_is_read(capsys, tmp_path, args, flag):
     code, out, err = cli_in_process(capsys, *args, "--data", tmp_path / "nowhere", "--arch", "cnn", "--no-pretrained",
@@ -750,6 +755,9 @@ def test_batch_size_larger_than_the_data_set_marks_the_run_failed(make_z2g, tmp_
     ("predict", ["--data", "{bad_csv}"], ["submission.csv, line 3", "'../img0'"]),
     ("evaluate", ["--threshold", "2"], ["--threshold"]), ("evaluate", ["--out", "{blocker}/eval"], ["cannot write"]),
     ("evaluate", ["--data", "{bad_csv}"], ["train.csv, line 2", "outside the vocabulary"]),
+    *[pytest.param(command, ["--precision", "fp16"], ["--precision fp16 needs a CUDA GPU"],
+                   marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA"))
+      for command in ("predict", "evaluate")],
 ])
 def test_predict_and_evaluate_leave_no_output_after_an_error(safe_model, make_z2g, tmp_path, capsys, command, args,
                                                              parts):

@@ -35,6 +35,11 @@ def _tta(cfg) -> str | None:
     return "max" if getattr(cfg, "tta_max", False) else "mean" if cfg.tta else None
 
 
+def _log_precision(precision: str, requested: str) -> None:
+    if precision != "fp32" and requested == "auto":
+        log(f"predicting in {precision} mixed precision, as the model trained (--precision fp32 for full precision)")
+
+
 def predict(cfg: PredictConfig) -> Path:
     from ..inference.loading import load_predictors
     from ..inference.predictor import Ensemble
@@ -50,6 +55,7 @@ def predict(cfg: PredictConfig) -> Path:
         if cfg.cam is not None:
             raise HPAError(f"--cam needs one model, not an ensemble of {len(pred.members)}; pass one --learner")
         log(f"ensemble of {len(pred.members)} models ({pred.source}): mean probabilities")
+    _log_precision(pred.set_precision(cfg.precision), cfg.precision)
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     written = write_predictions(pred, data, cfg.out, cfg.threshold, _tta(cfg), cfg.bs, cfg.workers)
     if cfg.cam is not None:
@@ -99,6 +105,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     if cfg.out is not None:
         check_output(cfg.out, "--out")  # an empty --out, before a model is loaded
     pred = load_predictor(cfg.learner, cfg.trust)
+    _log_precision(pred.set_precision(cfg.precision), cfg.precision)
     data = Path(cfg.data) if cfg.data else SAMPLE_DIR
     result = evaluate_model(pred, data, cfg.out, cfg.threshold, _tta(cfg), cfg.bs, cfg.workers)
     report = result["report"]

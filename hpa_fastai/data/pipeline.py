@@ -10,8 +10,9 @@ import pandas as pd
 import torch
 from fastai.data.block import DataBlock, MultiCategoryBlock, TransformBlock
 from fastai.data.core import Datasets, TfmdDL
+from fastai.data.load import _loaders
 from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage, show_image
+from fastai.torch_core import TensorImage, show_image, to_device
 from fastai.vision.augment import aug_transforms
 
 from ..config import MAX_WORKERS
@@ -50,6 +51,31 @@ class ReadImage:
         arr = read_image(key_for_path(key, self.channels), CHANNEL_SETS[self.channels], self.size)
         tensor_type = TensorRGBY if self.channels == "rgby" else TensorImage
         return tensor_type(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))))
+
+
+class NonBlockingDL(TfmdDL):
+    """fastai's ``TfmdDL``, except that a batch in pinned memory is copied to the GPU with
+    ``non_blocking=True``.
+
+    fastai's ``DataLoader.__iter__`` copies with a blocking ``.to(device)``: the GPU starts the copy
+    only after the kernels already queued (the previous step's), and the host waits for it instead
+    of queueing the batch's augmentation behind it. This is that ``__iter__`` (fastai 2.8.12) with
+    that one argument changed; it is the one place that relies on fastai's private names
+    (``_loaders``, the index list ``__idxs`` that each worker reads)."""
+
+    def __iter__(self):
+        self.randomize()
+        self.before_iter()
+        self._DataLoader__idxs = self.get_idxs()  # in the main process, before workers start
+        for b in _loaders[self.fake_l.num_workers == 0](self.fake_l):
+            if self.pin_memory and type(b) == list:  # pinning turns tuples into lists
+                b = tuple(b)
+            if self.device is not None:
+                b = to_device(b, self.device, non_blocking=self.pin_memory)
+            yield self.after_batch(b)
+        self.after_iter()
+        if hasattr(self, "it"):
+            del self.it
 
 
 def ImageTensorBlock(channels: str = "rgb", size: int | None = None) -> TransformBlock:
@@ -126,8 +152,14 @@ def predict_dl(items: pd.DataFrame, channels: str, size: int, mean, std, bs: int
     exported as weights plus model.json predicts on (a pickled learner has its own ``test_dl``)."""
     block = ImageTensorBlock(channels, size)
     dsets = Datasets(items[["key"]].reset_index(drop=True), tfms=[[ColReader("key"), *block.type_tfms]])
-    return TfmdDL(dsets, bs=bs, num_workers=workers, device=device, shuffle=False, drop_last=False,
-                  after_batch=[*block.batch_tfms, Normalize.from_stats(mean, std)])
+    return NonBlockingDL(dsets, bs=bs, num_workers=workers, device=device, shuffle=False, drop_last=False,
+                         pin_memory=_pin(device), after_batch=[*block.batch_tfms, Normalize.from_stats(mean, std)])
+
+
+def _pin(device) -> bool:
+    """Pinned (page-locked) host memory for batches bound for a GPU (fastai's default device, when
+    none is given), so that they are copied asynchronously."""
+    return torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
 
 
 def make_dls(df: pd.DataFrame, vocab, channels: str, size: int, mean, std, splitter, bs: int,
@@ -136,5 +168,5 @@ def make_dls(df: pd.DataFrame, vocab, channels: str, size: int, mean, std, split
     if seed is not None:
         from fastai.torch_core import set_seed
         set_seed(seed, reproducible=True)
-    return dblock.dataloaders(df, bs=bs, num_workers=workers, device=device,
-                              pin_memory=torch.cuda.is_available())
+    return dblock.dataloaders(df, bs=bs, num_workers=workers, device=device, pin_memory=_pin(device),
+                              dl_type=NonBlockingDL)

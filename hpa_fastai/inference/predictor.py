@@ -1,5 +1,6 @@
 """A trained model answering: class probabilities for images (optionally over the 8 dihedral
-orientations), labels decoded with per-class thresholds, and several models as one ensemble."""
+orientations, batched), in the precision the model trained in, labels decoded with per-class
+thresholds, and several models as one ensemble."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 
+from .. import device as D
 from .. import metrics as M
 from ..data.layouts import scan_images
 from ..data.pipeline import predict_dl
@@ -47,6 +49,20 @@ class Predictor:
         self.learn, self.meta, self.source, self.safe = learn, meta, source, safe
         self.learn.remove_cbs(self.learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
         self.learn.model.eval()
+        self.device = D.model_device(self.learn.model)
+        # TTA's views per forward pass; None: all 8 views of a batch on a GPU (lowered when it runs
+        # out of memory), one orientation of a batch on a CPU
+        self.views_per_pass = None
+        D.set_channels_last(self.learn, self.device.type == "cuda")
+        D.tune_backend(self.device)
+        self.set_precision("auto")
+
+    def set_precision(self, requested: str = "auto") -> str:
+        """Predict in ``requested`` (``auto``: the precision the model trained in, see
+        ``device.inference_precision``); returns the precision used."""
+        self.precision = D.inference_precision(self.meta.get("precision", "fp32"), requested, self.device)
+        D.set_precision(self.learn, self.precision)
+        return self.precision
 
     channels = property(lambda self: self.meta["channels"])
     size = property(lambda self: self.meta["size"])
@@ -76,14 +92,36 @@ class Predictor:
         if tta is None:
             with torch.no_grad():
                 return self.learn.get_preds(dl=dl)[0].float().numpy()
+        # On a GPU all 8 views of a batch go through at once. A CPU gains nothing from larger
+        # passes, and running out of memory there ends the process rather than raising an error:
+        # one orientation of a batch per pass, --bs images, as without TTA.
+        per_pass = None if self.device.type == "cuda" else bs
         activation = getattr(self.learn.loss_func, "activation", torch.sigmoid)
         model, out = self.learn.model.eval(), []
         with torch.no_grad():
             for (xb,) in dl:
                 xb = xb.as_subclass(torch.Tensor)
-                ps = torch.stack([activation(model(dihedral(xb, k)).float()) for k in range(8)])
+                views = torch.cat([dihedral(xb, k) for k in range(8)])  # view k of image i at k * len(xb) + i
+                ps = activation(self._forward(model, views, per_pass).float()).view(8, len(xb), -1)
                 out.append((ps.mean(0) if tta == "mean" else ps.max(0).values).cpu())
         return torch.cat(out).numpy()
+
+    def _forward(self, model, views: torch.Tensor, per_pass: int | None = None) -> torch.Tensor:
+        """The model's outputs for ``views`` in the predictor's precision, in as few forward passes
+        as memory allows: ``per_pass`` views at a time (None: all at once), then half as many each
+        time the GPU runs out of memory (remembered in ``views_per_pass`` for the next batches)."""
+        if self.device.type == "cuda":
+            views = D.to_channels_last(views)
+        while True:
+            n = min(self.views_per_pass or per_pass or len(views), len(views))
+            try:
+                with D.autocast(self.precision, self.device):
+                    return torch.cat([model(chunk) for chunk in views.split(n)])
+            except torch.cuda.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self.views_per_pass = n // 2
+            torch.cuda.empty_cache()  # outside the handler, whose traceback still holds the failed pass's tensors
 
     def decode(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         thresholds = self.thresholds if threshold is None else np.full(probs.shape[1], threshold)
@@ -156,6 +194,10 @@ class Ensemble:
 
     def probabilities(self, items: pd.DataFrame, tta: str | None = None, bs: int = 32, workers: int = 0) -> np.ndarray:
         return np.mean([m.probabilities(items, tta, bs, workers) for m in self.members], axis=0)
+
+    def set_precision(self, requested: str = "auto") -> str:
+        """Each member predicts in ``requested`` (``auto``: the precision it trained in)."""
+        return ", ".join(sorted({m.set_precision(requested) for m in self.members}))
 
     decode = Predictor.decode
     predict_batch = Predictor.predict_batch

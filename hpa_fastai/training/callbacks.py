@@ -15,11 +15,13 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 
 from ..atomic import atomic_path
+from ..device import uncompiled
 
 
 def bare_model(learn):
-    """The model without the DistributedDataParallel wrapper, so saved weights load anywhere."""
-    return getattr(learn.model, "module", learn.model)
+    """The model without the DistributedDataParallel and ``torch.compile`` wrappers, so saved
+    weights have the plain parameter names and load anywhere."""
+    return uncompiled(getattr(learn.model, "module", learn.model))
 
 
 class Stateful:

@@ -1,17 +1,19 @@
 """The Learner of a run: DataLoaders from the training set's DataBlock, the model from the
-registry, BCE (or focal) loss, macro and samples F1, the one-line-per-epoch logger, and mixed
-precision where the device supports it."""
+registry, torch's AdamW (``optimizer``), BCE (or focal) loss, macro and samples F1, the
+one-line-per-epoch logger, and what the device offers: mixed precision, channels-last, cuDNN's
+autotuner, ``torch.compile`` (``device``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
-from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 
+from .. import device as D
 from .. import metrics as M
 from ..console import log
 from ..data.pipeline import make_dls
@@ -20,15 +22,18 @@ from ..data.training_set import TrainingSet
 from ..errors import HPAError
 from ..models import create_model, splitter
 from ..rundir import HISTORY
+from .optimizer import adamw
 from .progress import EpochLogger
 
 
 @dataclass
 class LearnerSetup:
-    """What building the Learner decided: the precision it trains in and whether ImageNet weights
-    were loaded (offline they may not be)."""
+    """What building the Learner decided: the precision it trains in, whether ImageNet weights
+    were loaded (offline they may not be), the memory format and whether the model is compiled."""
     precision: str
     pretrained: bool
+    channels_last: bool = False
+    compiled: bool = False
 
 
 def default_device() -> torch.device:
@@ -50,27 +55,24 @@ def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
     set_seed(cfg.seed, reproducible=True)
     model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained,
                                           cfg.weights, log=log)
+    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
     history = run_dir / HISTORY if run_dir is not None else None
     learn = Learner(dls, model, loss_func=M.make_loss(cfg.loss, cfg.focal_gamma, cfg.threshold),
-                    opt_func=Adam, metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
+                    opt_func=partial(adamw, fused=device.type == "cuda"),
+                    metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
                     splitter=splitter, path=run_dir or Path("."), model_dir=".",
                     cbs=[EpochLogger(history, quiet=quiet)])
     learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
     learn.logger = lambda *_: None
-    return learn, LearnerSetup(set_precision(learn, cfg.precision, device), used_pretrained)
-
-
-def set_precision(learn: Learner, precision: str, device: torch.device) -> str:
-    """Mixed precision on CUDA (``auto``: bf16 where the GPU has it, else fp16); fp32 on CPU.
-    Returns the precision used."""
-    if device.type == "cuda":
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if precision == "fp16":
-            learn.to_fp16()
-        elif precision == "bf16":
-            learn.to_bf16()
-        return precision
-    if precision != "fp32":
-        log(f"note: training on CPU in fp32 (mixed precision needs CUDA; --precision {precision})")
-    return "fp32"
+    precision = D.training_precision(cfg.precision, device)
+    D.set_precision(learn, precision)
+    if precision == "bf16" and device.type == "cpu" and not quiet:
+        log("note: bf16 on a CPU is fast only with bfloat16 instructions (AMX, AVX512-BF16); other CPUs emulate "
+            "it, many times slower than fp32")
+    channels_last = D.use_channels_last(cfg.memory_format, device)
+    if channels_last:
+        D.set_channels_last(learn)
+    D.tune_backend(device)  # after set_seed, which turns cuDNN's autotuner off
+    if cfg.compile:
+        learn.model = D.compile_model(learn.model)
+    return learn, LearnerSetup(precision, used_pretrained, channels_last, cfg.compile)

@@ -1,6 +1,7 @@
 """What ``--resume`` needs: ``checkpoint.pth`` written after every trained epoch (model, optimizer,
-phase and epoch, every random stream, the running loss average and each stateful callback's
-state), read back with ``weights_only=True``, and put back into a new Learner."""
+phase and epoch, every random stream (the CUDA generators too, where there are any), the running
+loss average and each stateful callback's state), read back with ``weights_only=True``, and put
+back into a new Learner."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
 
 from ..atomic import atomic_path
+from ..console import log
 from ..errors import HPAError
 from ..rundir import CHECKPOINT, CONFIG
 from .callbacks import Stateful, _TrainedEpochsOnly, bare_model
@@ -27,11 +29,13 @@ def train_loader(learn):
 
 
 def rng_state(learn) -> dict:
-    """Every random stream training draws from, the training DataLoader's own shuffling RNG included."""
+    """Every random stream training draws from, the training DataLoader's own shuffling RNG included,
+    and on a GPU each CUDA device's generator (augmentation on the batch and dropout draw from it)."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": train_loader(learn).rng.getstate(),
             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-            "numpy_gauss": (int(np_state[3]), float(np_state[4]))}
+            "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []}
 
 
 def set_rng_state(learn, state: dict) -> None:
@@ -41,6 +45,22 @@ def set_rng_state(learn, state: dict) -> None:
     has_gauss, gauss = state["numpy_gauss"]
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          has_gauss, gauss))
+    _set_cuda_rng_state(state.get("cuda") or [])  # none in a CPU run's checkpoint, or in an earlier version's
+
+
+def _set_cuda_rng_state(states: list) -> None:
+    if not states:
+        return
+    if not torch.cuda.is_available():
+        log("note: the checkpoint holds the CUDA generators' state of a GPU run; on this CPU it is not needed, "
+            "and augmentation draws from the CPU's generator instead")
+        return
+    if len(states) != torch.cuda.device_count():
+        log(f"note: the checkpoint holds {len(states)} CUDA generator(s) and this machine has "
+            f"{torch.cuda.device_count()} GPU(s); they are not restored, so random augmentation differs from the "
+            "uninterrupted run")
+        return
+    torch.cuda.set_rng_state_all(states)
 
 
 class Checkpoint(_TrainedEpochsOnly, Callback):
@@ -130,13 +150,17 @@ def _plain(obj):
 
 
 def plain_opt_state(sd: dict) -> dict:
-    return {"state": _plain(sd["state"]), "hypers": _plain(sd["hypers"])}
+    """torch's optimizer state dict: the per-parameter state as CPU tensors, the param groups'
+    numbers and flags as plain Python values (fastai's scheduler sets numpy floats), ``betas``
+    still a tuple, as torch's AdamW keeps it."""
+    def plain_group(group: dict) -> dict:
+        return {k: tuple(_plain(v)) if isinstance(v, tuple) else _plain(v) for k, v in group.items()}
+
+    return {"state": _plain(sd["state"]), "param_groups": [plain_group(g) for g in sd["param_groups"]]}
 
 
 def load_opt_state(opt, sd: dict) -> None:
-    from fastcore.foundation import L
-
-    opt.load_state_dict({"state": list(sd["state"]), "hypers": L(sd["hypers"])})
+    opt.load_state_dict({"state": dict(sd["state"]), "param_groups": [dict(g) for g in sd["param_groups"]]})
 
 
 def _tuples(obj):
@@ -170,6 +194,11 @@ def read_resume(run_dir: Path) -> tuple[dict, dict]:
     missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing:
         raise HPAError(f"{ckpt_path}: not a checkpoint of this project (missing {', '.join(sorted(missing))})")
+    opt = ckpt["opt"]
+    if isinstance(opt, dict) and "hypers" in opt:
+        raise HPAError(f"{ckpt_path}: written by an earlier version, whose optimizer (fastai's Adam) kept its state "
+                       "in another form; this version trains with torch's AdamW and cannot continue it: start the "
+                       "run again")
     return saved, ckpt
 
 
@@ -177,11 +206,11 @@ def restore(learn, ckpt: dict, checkpoint: Checkpoint) -> int:
     """Put model, optimizer and RNG back as they were after the checkpoint's epoch; the callbacks'
     state follows when the fit starts. Returns the epochs done in the checkpoint's phase."""
     try:
-        learn.model.load_state_dict(ckpt["model"])
+        bare_model(learn).load_state_dict(ckpt["model"])
         if learn.opt is None:
             learn.create_opt()
         load_opt_state(learn.opt, ckpt["opt"])
-    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
+    except (RuntimeError, AssertionError, KeyError, ValueError, TypeError) as e:
         raise HPAError(f"checkpoint.pth does not fit this run's model ({str(e).splitlines()[0][:150]})") from None
     checkpoint.restore = ckpt
     set_rng_state(learn, ckpt["rng"])

@@ -25,6 +25,7 @@ from ..atomic import write_json
 from ..config import TrainConfig
 from ..console import console, log
 from ..data.training_set import TrainingSet, load_training_set
+from ..device import training_precision
 from ..errors import HPAError
 from ..models import check_arch
 from ..rundir import CHECKPOINT, CONFIG, CURVES, TENSORBOARD, make_run_dir, now, remove_resume_files, write_status
@@ -40,8 +41,9 @@ from .schedule import find_lr, learning_rate, phases
 
 def validate(cfg: TrainConfig) -> None:
     """The config's own constraints, then what the environment must offer: a known architecture,
-    the ``--weights`` file, the TensorBoard package for ``--log tensorboard``."""
+    the ``--weights`` file, the TensorBoard package for ``--log tensorboard``, a GPU for fp16."""
     config_checks.validate(cfg)
+    training_precision(cfg.precision, default_device())
     try:
         check_arch(cfg.arch)
     except ValueError as e:
@@ -96,7 +98,8 @@ def train_run(cfg: TrainConfig, run_name: str | None = None) -> RunResult | None
         pretrained = resumed.config["pretrained_used"] if resumed else setup.pretrained
         log(f"model {cfg.arch} ({'ImageNet weights' if pretrained else cfg.weights or 'random init'}), "
             f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
-            f"device {device.type}, precision {setup.precision}")
+            f"device {device.type}, precision {setup.precision}"
+            f"{', channels-last' if setup.channels_last else ''}{', compiled' if setup.compiled else ''}")
         lr = learning_rate(cfg, learn, run_dir, resumed.config if resumed else None)
     except BaseException as e:  # --bs too large, --weights that do not fit, a library error: never left "running"
         _mark_stopped(run_dir, e, 0)
@@ -126,7 +129,7 @@ def train_run(cfg: TrainConfig, run_name: str | None = None) -> RunResult | None
             shutil.rmtree(run_dir, ignore_errors=True)
     if not main:
         return None
-    return _finish(fit, ts, run_dir, pretrained, t_start)
+    return _finish(fit, ts, run_dir, pretrained, setup.precision, t_start)
 
 
 def _start(cfg: TrainConfig, run_name: str | None):
@@ -194,7 +197,7 @@ class _Fit:
                                f"{self.run_dir / CHECKPOINT}. Lower --lr (now {self.lr:.3g}) or check the data")
 
 
-def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, t_start: float) -> RunResult:
+def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, precision: str, t_start: float) -> RunResult:
     """Score the best epoch, export it, mark the run finished, drop what only --resume needs."""
     learn, cfg = fit.learn, ts.cfg
     history = pd.DataFrame(fit.logger.rows)
@@ -206,7 +209,7 @@ def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, t_start
             valid_preds = learn.get_preds(dl=learn.dls.valid)
     result = evaluate_valid(ts, learn.dls.valid.items, valid_preds, history, run_dir, pretrained, t_start)
     learn.remove_cb(fit.logger)
-    export_model(learn, model_meta(ts, result["thresholds"]), run_dir)
+    export_model(learn, model_meta(ts, result["thresholds"], precision), run_dir)
     status = "stopped early" if result["stopped_early"] else "finished"
     write_status(run_dir, status, finished=now(), seconds=round(time.time() - t_start, 1))
     if cfg.keep_checkpoint:
