@@ -45,6 +45,7 @@ VARIANTS = [  # name, precision, memory format, compile
     ("bf16 + channels-last", "bf16", "channels-last", False),
     ("bf16 + channels-last + compile", "bf16", "channels-last", True),
 ]
+PARTS = ("training", "data", "e2e", "compile")
 DEFAULT_VARIANT = "bf16 + channels-last"  # what --precision auto and --memory-format auto give on a GPU
 
 
@@ -368,6 +369,9 @@ def main(argv=None) -> dict:
                    help="seconds a compile row needs (compiling resnet34 takes about a minute); skipped when "
                         "fewer are left")
     p.add_argument("--no-compile", action="store_true", help="leave out the compile rows")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="what to measure (default: all): the training rows without compile, the DataLoader rows, "
+                        "the end-to-end commands, the compile rows")
     p.set_defaults(rounds=3)
     args = C.parse(p, argv)
     t_start = time.perf_counter()
@@ -397,39 +401,44 @@ def main(argv=None) -> dict:
         write_json(json_path, out)
 
     data = synthetic_set(Path(args.data_root), s["n_train"], s["n_test"], s["data_size"], s["parts"])
-    plain_variants = [v for v in VARIANTS if not v[3]]
-    compile_variants = [] if args.no_compile else [v for v in VARIANTS if v[3]]
+    parts = set(args.parts)
+    plain_variants = [v for v in VARIANTS if not v[3]] if "training" in parts else []
+    compile_variants = [] if args.no_compile or "compile" not in parts else [v for v in VARIANTS if v[3]]
     stats = None
     print("1. training", flush=True)
     for size in s["sizes"]:
-        rows, stats = training_rows(s, data, size, plain_variants, device, args, stats)
-        out["training"] += rows
-        save()
+        if plain_variants:
+            rows, stats = training_rows(s, data, size, plain_variants, device, args, stats)
+            out["training"] += rows
+            save()
 
     model_rate = next((r["Learner images/s"] for r in out["training"]
                        if r["size"] == s["loader_size"] and r["variant"] == DEFAULT_VARIANT), None)
-    print("2. data", flush=True)
-    out["data"] += loader_rows(s, data, f"PNG {s['data_size']}px", device, model_rate, stats)
-    save()
-    work = Path(tempfile.mkdtemp(prefix="gpu-e2e-"))
-    try:
-        print("3. end to end", flush=True)
-        out["end_to_end"] = end_to_end_rows(s, data, work, args.smoke)
+    if "data" in parts:
+        print("2. data", flush=True)
+        out["data"] += loader_rows(s, data, f"PNG {s['data_size']}px", device, model_rate, stats)
         save()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if "e2e" in parts:
+        work = Path(tempfile.mkdtemp(prefix="gpu-e2e-"))
+        try:
+            print("3. end to end", flush=True)
+            out["end_to_end"] = end_to_end_rows(s, data, work, args.smoke)
+            save()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
-    from hpa_fastai.data.cache import cache_dir, preprocess
+    if "data" in parts:
+        from hpa_fastai.data.cache import cache_dir, preprocess
 
-    t0 = time.perf_counter()
-    preprocess(data, s["loader_size"], "rgby", None)
-    out["notes"].append(f"preprocess of {s['n_train']} images at {s['loader_size']}px: "
-                        f"{time.perf_counter() - t0:.1f}s (all cores)")
-    try:
-        out["data"] += loader_rows(s, data, f"preprocess cache {s['loader_size']}px", device, model_rate, stats)
-    finally:
-        shutil.rmtree(cache_dir(data, "rgby", s["loader_size"]), ignore_errors=True)  # the next run measures PNGs
-    save()
+        t0 = time.perf_counter()
+        preprocess(data, s["loader_size"], "rgby", None)
+        out["notes"].append(f"preprocess of {s['n_train']} images at {s['loader_size']}px: "
+                            f"{time.perf_counter() - t0:.1f}s (all cores)")
+        try:
+            out["data"] += loader_rows(s, data, f"preprocess cache {s['loader_size']}px", device, model_rate, stats)
+        finally:
+            shutil.rmtree(cache_dir(data, "rgby", s["loader_size"]), ignore_errors=True)  # the next run measures PNGs
+        save()
 
     for size in s["sizes"]:
         for variant in compile_variants:
@@ -448,19 +457,22 @@ def main(argv=None) -> dict:
     params = {"arch": s["arch"], "device": device.type, "rounds": s["rounds"], "steps": s["steps"],
               "smoke": args.smoke, "TF32 matmul": torch.backends.cuda.matmul.allow_tf32,
               "TF32 cuDNN": torch.backends.cudnn.allow_tf32}
-    C.record(f"GPU training images/s on {gpu}: Learner vs plain PyTorch AMP loop", out["training"], params,
-             ["batches held on the device (augmented and normalised once); warm-up s: the first fit and plain "
-              "pass (cuDNN autotuning, compiling); peak GiB: torch.cuda.max_memory_allocated"], record=record)
-    C.record(f"GPU data loading on {gpu}: does the DataLoader keep up with the model?", out["data"],
-             {"size": s["loader_size"], "bs": s["loader_bs"], "model": f"{s['arch']} {DEFAULT_VARIANT} (Learner)"},
-             ["loader images/s: after the first round of batches (each worker decodes whole batches), "
-              "augmentation and normalisation on the device included; GPU busy share: loader / model images/s",
-              "fastai starts the worker processes afresh every epoch: first round s is paid once per epoch",
-              *out["notes"]], record=record)
-    C.record(f"GPU end to end on {gpu}: synthetic HPA 2018 at {s['e2e_size']}px", out["end_to_end"],
-             {"train images": s["n_train"], "test images": s["n_test"], "size": s["e2e_size"], "bs": s["e2e_bs"],
-              "epochs": 2, "precision": "bf16"},
-             [f"whole run: {time.perf_counter() - t_start:.0f}s"], record=record)
+    if out["training"]:
+        C.record(f"GPU training images/s on {gpu}: Learner vs plain PyTorch AMP loop", out["training"], params,
+                 ["batches held on the device (augmented and normalised once); warm-up s: the first fit and plain "
+                  "pass (cuDNN autotuning, compiling); peak GiB: torch.cuda.max_memory_allocated"], record=record)
+    if out["data"]:
+        C.record(f"GPU data loading on {gpu}: does the DataLoader keep up with the model?", out["data"],
+                 {"size": s["loader_size"], "bs": s["loader_bs"], "model": f"{s['arch']} {DEFAULT_VARIANT} (Learner)"},
+                 ["loader images/s: after the first round of batches (each worker decodes whole batches), "
+                  "augmentation and normalisation on the device included; GPU busy share: loader / model images/s",
+                  "fastai starts the worker processes afresh every epoch: first round s is paid once per epoch",
+                  *out["notes"]], record=record)
+    if out["end_to_end"]:
+        C.record(f"GPU end to end on {gpu}: synthetic HPA 2018 at {s['e2e_size']}px", out["end_to_end"],
+                 {"train images": s["n_train"], "test images": s["n_test"], "size": s["e2e_size"], "bs": s["e2e_bs"],
+                  "epochs": 2, "precision": "bf16"},
+                 [f"whole run: {time.perf_counter() - t_start:.0f}s"], record=record)
     save()
     print(f"wrote {json_path} ({out['seconds']:.0f}s)", flush=True)
     failed = [r["command"] for r in out["end_to_end"] if r["exit code"] != 0]

@@ -113,7 +113,7 @@ class TrainConfig:
     compile: bool = opt(False, "wrap the model in torch.compile (minutes of compiling first, then faster steps "
                                "on a GPU); the exports hold the plain model's weights")
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images; "
-                                    "default: 0 on CPU, up to 8 on GPU", WORKERS)
+                                    "default: 0 on CPU, one per core on GPU", WORKERS)
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing", finite_at_least(0))
     skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
     keep_checkpoint: bool = opt(False, "keep checkpoint.pth and best.pth once the run has finished and exported "
