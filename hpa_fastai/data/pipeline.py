@@ -110,10 +110,21 @@ def predict_dl(items: pd.DataFrame, channels: str, size: int, mean, std, bs: int
 
 
 def make_dls(df: pd.DataFrame, vocab, channels: str, size: int, mean, std, splitter, bs: int,
-             workers: int = 0, seed: int | None = None, device=None, augment: bool = True):
+             workers: int = 0, seed: int | None = None, device=None, augment: bool = True,
+             oversample_cap: float | None = None):
+    """The training and validation DataLoaders; with ``oversample_cap``, the training images are
+    drawn with ``sampling.oversampling_weights`` (weights from the training split's own labels)."""
     dblock = make_datablock(vocab, channels, size, mean, std, splitter, augment)
     if seed is not None:
         from fastai.torch_core import set_seed
         set_seed(seed, reproducible=True)
-    return dblock.dataloaders(df, bs=bs, num_workers=workers, device=device,
-                              pin_memory=torch.cuda.is_available())
+    kwargs = dict(bs=bs, num_workers=workers, device=device, pin_memory=torch.cuda.is_available())
+    if oversample_cap is None:
+        return dblock.dataloaders(df, **kwargs)
+    import fastai.callback.data  # noqa: F401  (adds Datasets.weighted_dataloaders)
+
+    from .sampling import oversampling_weights
+
+    dsets = dblock.datasets(df)
+    weights = oversampling_weights(df["labels"].iloc[dsets.splits[0]], len(vocab), oversample_cap)
+    return dsets.weighted_dataloaders(weights, after_item=dblock.item_tfms, after_batch=dblock.batch_tfms, **kwargs)
