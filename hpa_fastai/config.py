@@ -205,7 +205,7 @@ class SynthConfig:
 class RunsConfig:
     dir: str = opt("runs", "folder of run folders", positional=True, nargs="?")
     sort: str = opt("date", "column to sort by",
-                    choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "time", "status", "disk"])
+                    choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "f1_oos", "time", "status", "disk"])
     csv: str | None = opt(None, "also write the table to this CSV file")
 
 
