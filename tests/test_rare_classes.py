@@ -65,6 +65,24 @@ def test_oversampled_epochs_draw_rare_images_more_often_same_length_same_seed_sa
     assert list(dls.valid.get_idxs()) == list(range(len(dls.valid_ds)))  # validation is never resampled
 
 
+def test_under_two_processes_each_rank_trains_its_own_share_of_the_oversampled_draws(make_z2g, monkeypatch):
+    pytest.importorskip("accelerate")
+    from fastai.distributed import DistributedDL
+
+    data = make_z2g(n=64, size=16, labels=["9" if i % 16 == 0 else "0" for i in range(64)])
+    _, dls = _oversampled_loader(data, cap=20.0)
+    # one process plays both ranks: rank 0's draw is what the broadcast would hand to every rank
+    monkeypatch.setattr(DistributedDL, "_broadcast", lambda self, t, rank: list(t))
+    state = np.random.get_state()
+    full = dls.train.get_idxs()
+    shares = []
+    for rank in (0, 1):
+        np.random.set_state(state)  # every rank draws, as fastai has them do; rank 0's draw is used
+        shares.append(DistributedDL(dls.train, rank=rank, world_size=2).get_idxs())
+    assert shares[0] + shares[1] == full[:len(shares[0]) + len(shares[1])]
+    assert len(shares[0]) == len(shares[1]) == (len(full) + 1) // 2
+
+
 # --- the asymmetric loss ------------------------------------------------------------------------
 
 def asl_reference(logits: np.ndarray, targets: np.ndarray, gamma_neg: float, gamma_pos: float, clip: float) -> float:
