@@ -32,6 +32,7 @@ import _common as C
 VARIANTS = {
     "bce": {},  # today's defaults
     "bce+oversample": {"oversample": True},
+    "bce+oversample-cap3": {"oversample": True, "oversample_cap": 3.0},
     "asl": {"loss": "asl"},
     "asl+oversample": {"loss": "asl", "oversample": True},
     "focal": {"loss": "focal"},
