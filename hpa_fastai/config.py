@@ -97,8 +97,22 @@ class TrainConfig:
                         choices=["auto", "rgb", "rgby"])
     pretrained: bool = opt(True, "start from ImageNet weights when they are cached or downloadable")
     weights: str | None = opt(None, "start from this local checkpoint (.pth state dict or safetensors)")
-    loss: str = opt("bce", "loss function", choices=["bce", "focal"])
+    loss: str = opt("bce", "loss function: bce, focal, or asl (the asymmetric loss, for imbalanced multi-label data)",
+                    choices=["bce", "focal", "asl"])
     focal_gamma: float = opt(2.0, "gamma of the focal loss", finite_at_least(0))
+    asl_gamma_neg: float = opt(4.0, "asymmetric loss: focusing exponent of the negative labels (easy negatives "
+                                    "count less)", finite_at_least(0))
+    asl_gamma_pos: float = opt(0.0, "asymmetric loss: focusing exponent of the positive labels", finite_at_least(0))
+    asl_clip: float = opt(0.05, "asymmetric loss: probability margin below which a negative label costs nothing",
+                          in_range(0, 0.5))
+    oversample: bool = opt(False, "draw training images more often the rarer their rarest label is (same number "
+                                  "of images per epoch)")
+    oversample_cap: float = opt(10.0, "oversampling: the most an image is drawn more often than one whose labels "
+                                      "are all of the most common class", in_range(1, 1000))
+    progressive_size: int | None = opt(None, "progressive resizing: train the first --progressive-epochs epochs at "
+                                             "this smaller side, the rest at --size", size_check())
+    progressive_epochs: int | None = opt(None, "progressive resizing: epochs at --progressive-size; default: half "
+                                               "of --epochs", at_least(1))
     valid_pct: float = opt(0.2, "share of images held out for validation (random split)", strictly_between(0, 1))
     n_folds: int = opt(0, "multi-label stratified K-fold split: number of folds (0 = random split)", fold_count)
     fold: int = opt(0, "which fold is the validation set when --n-folds is set")
@@ -138,6 +152,12 @@ class TrainConfig:
     def _check_together(self) -> str | None:
         if self.n_folds and not 0 <= self.fold < self.n_folds:
             return f"--fold must be in 0..{self.n_folds - 1} (got {self.fold})"
+        if self.progressive_size is not None and self.size is not None and self.progressive_size >= self.size:
+            return f"--progressive-size must be smaller than --size (got {self.progressive_size} and {self.size})"
+        if self.progressive_epochs is not None and self.progressive_size is None:
+            return "--progressive-epochs needs --progressive-size"
+        if self.progressive_epochs is not None and self.progressive_epochs >= self.epochs:
+            return f"--progressive-epochs must be fewer than --epochs (got {self.progressive_epochs} of {self.epochs})"
         return None
 
 
@@ -233,7 +253,7 @@ class SynthConfig:
 class RunsConfig:
     dir: str = opt("runs", "folder of run folders", positional=True, nargs="?")
     sort: str = opt("date", "column to sort by",
-                    choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "time", "status", "disk"])
+                    choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "f1_oos", "time", "status", "disk"])
     csv: str | None = opt(None, "also write the table to this CSV file")
 
 

@@ -9,6 +9,7 @@ from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import skm_to_fastai
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 from torch import nn
+from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 
@@ -37,9 +38,50 @@ class BinaryFocalLoss(nn.Module):
         return x > self.thresh
 
 
-def make_loss(name: str, gamma: float = 2.0, thresh: float = 0.5):
+class AsymmetricLoss(nn.Module):
+    """The asymmetric loss (ASL) of Ridnik et al., "Asymmetric Loss For Multi-Label Classification"
+    (ICCV 2021), for multi-label data where almost every label of an image is negative:
+
+        L = -[ y (1 - p)^gamma_pos log(p) + (1 - y) p_m^gamma_neg log(1 - p_m) ],  p_m = max(p - clip, 0)
+
+    Easy negatives are down-weighted (``gamma_neg``) and those below ``clip`` discarded, so the
+    few positives of a rare class are not drowned by the negatives of every other image. The
+    authors' code sums over the batch; this takes the mean over images and classes, as BCE does,
+    so losses and learning rates stay on BCE's scale (Adam's steps do not depend on the scale).
+    With gamma_neg = gamma_pos = clip = 0 it is BCE."""
+
+    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, thresh: float = 0.5):
+        super().__init__()
+        self.gamma_neg, self.gamma_pos, self.clip, self.thresh = gamma_neg, gamma_pos, clip, thresh
+
+    def forward(self, inp, targ):
+        x, y = inp.float(), targ.float()
+        p = torch.sigmoid(x)
+        log_p = F.logsigmoid(x)  # log(p) and log(1 - p) without the overflow of log(sigmoid(x))
+        if self.clip > 0:
+            p_neg = (p - self.clip).clamp(min=0)
+            log_not_p = torch.log((1 - p_neg).clamp(min=1e-8))
+        else:
+            p_neg, log_not_p = p, F.logsigmoid(-x)
+        loss = y * log_p * (1 - p) ** self.gamma_pos + (1 - y) * log_not_p * p_neg ** self.gamma_neg
+        return -loss.mean()
+
+    def activation(self, x):
+        return torch.sigmoid(x)
+
+    def decodes(self, x):
+        return x > self.thresh
+
+
+LOSSES = ("bce", "focal", "asl")
+
+
+def make_loss(name: str, gamma: float = 2.0, thresh: float = 0.5, asl_gamma_neg: float = 4.0,
+              asl_gamma_pos: float = 0.0, asl_clip: float = 0.05):
     if name == "focal":
         return BinaryFocalLoss(gamma, thresh)
+    if name == "asl":
+        return AsymmetricLoss(asl_gamma_neg, asl_gamma_pos, asl_clip, thresh)
     return BCEWithLogitsLossFlat(thresh=thresh)
 
 
@@ -85,6 +127,33 @@ def f1_scores(probs: np.ndarray, targets: np.ndarray, thresholds) -> dict:
     targets = targets.astype(bool)
     return {avg: float(f1_score(targets, preds, average=avg, zero_division=0))
             for avg in ("macro", "micro", "samples")}
+
+
+def split_halves(targets: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two halves of the rows, each class's positives dealt as evenly as the labels allow
+    (multi-label iterative stratification), so that a rare class has positives on both sides."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    kfold = MultilabelStratifiedKFold(n_splits=2, shuffle=True, random_state=seed)
+    first, second = next(kfold.split(np.zeros(len(targets)), targets.astype(int)))
+    return second, first
+
+
+def out_of_sample_f1(probs: np.ndarray, targets: np.ndarray, default: float = 0.5, seed: int = 0,
+                     min_positives: int = 3) -> dict | None:
+    """F1 with tuned thresholds, measured on images the thresholds were not tuned on: tuned on one
+    half of the rows and scored on the other, then the reverse, the two scores averaged. The
+    in-sample tuned score (thresholds tuned and scored on the same rows) is optimistic, most of all
+    for rare classes, whose few positives the thresholds fit. None for fewer than 4 rows."""
+    if len(targets) < 4:
+        return None
+    targets = targets.astype(bool)
+    halves = split_halves(targets, seed)
+    scores = []
+    for tune, score in (halves, halves[::-1]):
+        thresholds = tune_thresholds(probs[tune], targets[tune], default, min_positives)
+        scores.append(f1_scores(probs[score], targets[score], thresholds))
+    return {avg: float(np.mean([s[avg] for s in scores])) for avg in scores[0]}
 
 
 def per_class_report(probs: np.ndarray, targets: np.ndarray, thresholds, names) -> pd.DataFrame:

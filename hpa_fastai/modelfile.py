@@ -181,7 +181,7 @@ def check_meta(meta, json_path: Path) -> None:
         # training measures them on images scaled to 0..1, and keeps the std at 0.001 or more
         ("mean", numbers(meta["mean"], n_in, lambda m: 0 <= m <= 1), f"a list of {n_in} numbers in 0..1"),
         ("std", numbers(meta["std"], n_in, lambda s: 1e-3 <= s <= 1), f"a list of {n_in} numbers in 0.001..1"),
-        ("loss", meta.get("loss", "bce") in ("bce", "focal"), "bce or focal"),
+        ("loss", meta.get("loss", "bce") in ("bce", "focal", "asl"), "bce, focal or asl"),
         ("focal_gamma", number(meta.get("focal_gamma", 2.0)), "a number"),
         ("precision", meta.get("precision", "fp32") in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ]

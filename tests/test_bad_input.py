@@ -411,6 +411,12 @@ CONFIG_CASES = [
     ({"arch": "resnet1000"}, "--arch"), ({"arch": None}, "--arch"), ({"channels": "rgbx"}, "--channels"),
     ({"loss": "hinge"}, "--loss"), ({"monitor": "accuracy"}, "--monitor"), ({"precision": "fp8"}, "--precision"),
     ({"log": "wandb"}, "--log"), ({"weights": "/no/such/weights.pth"}, "--weights"),
+    ({"loss": "asl", "asl_gamma_neg": math.nan}, "--asl-gamma-neg"), ({"asl_gamma_pos": -1.0}, "--asl-gamma-pos"),
+    ({"asl_clip": 0.7}, "--asl-clip"), ({"asl_clip": -0.1}, "--asl-clip"),
+    ({"oversample": True, "oversample_cap": 0.5}, "--oversample-cap"), ({"oversample_cap": math.inf}, "--oversample-cap"),
+    ({"progressive_size": 4}, "--progressive-size"), ({"size": 64, "progressive_size": 64}, "--progressive-size"),
+    ({"progressive_epochs": 2}, "--progressive-epochs"),
+    ({"progressive_size": 16, "progressive_epochs": 10, "epochs": 10}, "--progressive-epochs"),
 ]
 
 
@@ -431,6 +437,13 @@ def test_config_value_too_large_for_the_data(make_z2g, overrides, message):
     prep = prepare(TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, **overrides))
     with pytest.raises(HPAError, match=message):
         build_learner(prep, None, quiet=True)
+
+
+def test_progressive_size_not_below_the_automatic_size_is_refused_before_training(make_z2g, tmp_path, capsys):
+    code, out, err = cli_in_process(capsys, "--data", make_z2g(n=8, size=16), "--arch", "cnn", "--no-pretrained",
+                                    "--progressive-size", "16", "--out", tmp_path / "runs")
+    assert_cli_error(code, out, err, "--progressive-size 16 must be smaller than the image size 16")
+    assert not (tmp_path / "runs").exists()
 
 
 ANY_VALUE = (st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5)

@@ -162,7 +162,8 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
             column.justify = "right"
     thresholds = sorted(set(df["threshold"].dropna()))
     t.caption = (f"macro F1 on the validation images at threshold {', '.join(f'{x:g}' for x in thresholds) or '0.5'}"
-                 " and with per-class tuned thresholds")
+                 " and with per-class tuned thresholds: tuned on the same images (in-sample, optimistic) and"
+                 " split-half (tuned on one half, scored on the other, both ways: out-of-sample)")
     console.print(t)
     if cfg.csv is not None:
         write_csv(cfg.csv, for_spreadsheet(df))  # values from run files, for a spreadsheet

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.data import WeightedDL
 from fastai.data.block import DataBlock, MultiCategoryBlock, TransformBlock
 from fastai.data.core import Datasets, TfmdDL
 from fastai.data.load import _loaders
@@ -76,6 +77,11 @@ class NonBlockingDL(TfmdDL):
         self.after_iter()
         if hasattr(self, "it"):
             del self.it
+
+
+class NonBlockingWeightedDL(NonBlockingDL, WeightedDL):
+    """fastai's ``WeightedDL`` (the training loader draws an epoch of indices with replacement, one
+    weight per image; validation keeps its order) with ``NonBlockingDL``'s copies to the GPU."""
 
 
 def ImageTensorBlock(channels: str = "rgb", size: int | None = None) -> TransformBlock:
@@ -166,10 +172,22 @@ def _pin(device) -> bool:
 
 
 def make_dls(df: pd.DataFrame, vocab, channels: str, size: int, mean, std, splitter, bs: int,
-             workers: int = 0, seed: int | None = None, device=None, augment: bool = True):
+             workers: int = 0, seed: int | None = None, device=None, augment: bool = True,
+             oversample_cap: float | None = None):
+    """The training and validation DataLoaders; with ``oversample_cap``, the training images are
+    drawn with ``sampling.oversampling_weights`` (weights from the training split's own labels)."""
     dblock = make_datablock(vocab, channels, size, mean, std, splitter, augment)
     if seed is not None:
         from fastai.torch_core import set_seed
         set_seed(seed, reproducible=True)
-    return dblock.dataloaders(df, bs=bs, num_workers=workers, device=device, pin_memory=_pin(device),
-                              dl_type=NonBlockingDL)
+    kwargs = dict(bs=bs, num_workers=workers, device=device, pin_memory=_pin(device))
+    if oversample_cap is None:
+        return dblock.dataloaders(df, dl_type=NonBlockingDL, **kwargs)
+    from .sampling import oversampling_weights
+
+    dsets = dblock.datasets(df)
+    weights = oversampling_weights(df["labels"].iloc[dsets.splits[0]], len(vocab), oversample_cap)
+    # fastai's Datasets.weighted_dataloaders, spelled out: it fixes the loader class to WeightedDL,
+    # and the training loader must also be the non-blocking one
+    return dsets.dataloaders(dl_type=NonBlockingWeightedDL, dl_kwargs=({"wgts": weights}, *[{}] * (dsets.n_subsets - 1)),
+                             after_item=dblock.item_tfms, after_batch=dblock.batch_tfms, **kwargs)

@@ -69,6 +69,9 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
     if size < MIN_SIZE:  # the automatic size: --size itself was checked by validate()
         raise HPAError(f"{data_dir}: the images are {size}x{size} pixels (image {items['id'].iloc[0]!r}), below the "
                        f"minimum of {MIN_SIZE}; pass --size {MIN_SIZE} or more to enlarge them")
+    if cfg.progressive_size is not None and cfg.progressive_size >= size:  # --size was automatic
+        raise HPAError(f"--progressive-size {cfg.progressive_size} must be smaller than the image size {size}; "
+                       "lower it or pass a larger --size")
     items = cached_items(items, channels, size)  # `run.py preprocess` copies, where they exist
     workers = bound_workers(cfg.workers, len(items), default_workers(cuda), log)
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)

@@ -129,8 +129,19 @@ def summary_values(summary: dict, metrics: dict) -> dict:
             "best_epoch": num(metrics.get("best_epoch")), "epochs_run": num(metrics.get("epochs_run")),
             "f1_macro": num(metrics.get("f1_macro"), ".4f"), "threshold": num(metrics.get("threshold", 0.5), "g"),
             "f1_macro_tuned": num(metrics.get("f1_macro_tuned"), ".4f"),
+            # absent from run folders written before the split-half estimate existed: shown as "-"
+            "f1_macro_tuned_oos": num(metrics.get("f1_macro_tuned_oos"), ".4f"),
             "f1_samples": num(metrics.get("f1_samples"), ".4f"),
             "f1_samples_tuned": num(metrics.get("f1_samples_tuned"), ".4f")}
+
+
+def training_values(config: dict) -> dict:
+    """The loss, oversampling and progressive resizing of a run, for the line under its title
+    (run folders written before these options existed trained with BCE, neither of the others)."""
+    progressive = config.get("progressive_size")
+    return {"loss": fmt_value(config.get("loss", "bce")),
+            "oversample": fmt_value(config.get("oversample_cap", "?")) if config.get("oversample") is True else None,
+            "progressive": fmt_value(progressive) if progressive is not None else None}
 
 
 def config_values(config: dict) -> dict:
@@ -213,7 +224,7 @@ def report_values(run_dir: Path) -> dict:
     return {
         "name": run_label(run_dir),
         "sub": {**{k: fmt_value(config.get(k, "?")) for k in ("arch", "data", "channels", "size")},
-                "valid_images": fmt_value(metrics.get("valid_images", "?"))},
+                "valid_images": fmt_value(metrics.get("valid_images", "?")), **training_values(config)},
         "summary": summary_values(run_summary(run_dir), metrics),
         "tensorboard": (run_dir / "tensorboard").is_dir(),
         "config": config_values(config),
@@ -270,7 +281,7 @@ def overlay_plot(histories: dict[str, pd.DataFrame]) -> bytes:
 def comparison_summary_rows(labels: list[str], summaries: list[dict]) -> list[dict]:
     best_f1 = max((s["f1_tuned"] for s in summaries if s["f1_tuned"] is not None), default=None)
     return [{"run": label, **{k: fmt_value(s[k]) for k in ("data", "arch", "channels", "size", "epochs", "best_epoch")},
-             "f1": num(s["f1"], ".4f"), "f1_tuned": num(s["f1_tuned"], ".4f"),
+             "f1": num(s["f1"], ".4f"), "f1_tuned": num(s["f1_tuned"], ".4f"), "f1_oos": num(s.get("f1_oos"), ".4f"),
              "best": best_f1 is not None and s["f1_tuned"] == best_f1, "time": format_seconds(s["time"]),
              "status": s["status"]} for label, s in zip(labels, summaries)]
 

@@ -33,7 +33,8 @@ def log_tensorboard_summary(run_dir, metrics: dict | None = None, samples: list[
     step = int(epochs) if num(epochs, "d") != "-" else 0
     names = class_names(run_dir, metrics)
     with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
-        for key in ("f1_macro", "f1_micro", "f1_samples", "f1_macro_tuned", "f1_micro_tuned", "f1_samples_tuned"):
+        for key in ("f1_macro", "f1_micro", "f1_samples", "f1_macro_tuned", "f1_micro_tuned", "f1_samples_tuned",
+                    "f1_macro_tuned_oos", "f1_micro_tuned_oos", "f1_samples_tuned_oos"):
             if num(metrics.get(key)) != "-":
                 writer.add_scalar(f"final/{key}", metrics[key], step)
         rows = ["| class | name | threshold | precision | recall | F1 | support |", "|---|---|---|---|---|---|---|"]

@@ -3,7 +3,8 @@
 A run folder is a folder with a ``status.json`` (``train`` writes it before anything else), so
 ``lr-find`` folders, other folders and the ``latest`` link are skipped. Each value comes from the
 run's own files: ``config.json`` (data, arch, channels, size), ``metrics.json`` (epochs run, best
-epoch, macro F1 at the run's ``--threshold`` and with tuned per-class thresholds, seconds) and
+epoch, macro F1 at the run's ``--threshold`` and with tuned per-class thresholds, in-sample and
+split-half out-of-sample, seconds) and
 ``status.json``; ``history.csv`` gives the epochs of a run that has no metrics yet.
 
 Status is what ``status.json`` says (finished, stopped early, interrupted, failed), except for a
@@ -29,11 +30,11 @@ from ..rundir import CONFIG, HISTORY, METRICS, STATUS, read_json, run_dirs
 
 STALE_SECONDS = 10 * 60
 COLUMNS = ["run", "date", "data", "arch", "channels", "size", "epochs", "best_epoch", "f1", "f1_tuned",
-           "time", "status", "disk_bytes"]
+           "f1_oos", "time", "status", "disk_bytes"]
 # --sort key -> (column, descending): scores best first, the rest in natural order (dates oldest
 # first, so the newest run sits next to the prompt)
 SORTS = {"date": ("date", False), "arch": ("arch", False), "size": ("size", False), "epochs": ("epochs", True),
-         "f1": ("f1", True), "f1_tuned": ("f1_tuned", True), "time": ("time", False), "status": ("status", False),
+         "f1": ("f1", True), "f1_tuned": ("f1_tuned", True), "f1_oos": ("f1_oos", True), "time": ("time", False), "status": ("status", False),
          "disk": ("disk_bytes", True)}
 
 
@@ -87,6 +88,7 @@ def run_summary(run_dir) -> dict:
         "best_epoch": metrics.get("best_epoch"),
         "f1": metrics.get("f1_macro"),
         "f1_tuned": metrics.get("f1_macro_tuned"),
+        "f1_oos": metrics.get("f1_macro_tuned_oos"),  # absent from runs made before it existed
         "time": seconds,
         "status": run_status(run_dir, status, history),
         "disk_bytes": folder_size(run_dir.resolve()),
@@ -98,7 +100,7 @@ def run_summary(run_dir) -> dict:
 # What each value of a row must be; the run files are JSON anyone can edit, so a value of another
 # type (text where a number belongs, a list) is shown as missing rather than breaking the table.
 ROW_TYPES = {"data": str, "arch": str, "channels": str, "size": int, "epochs": int, "best_epoch": int,
-             "f1": float, "f1_tuned": float, "time": float, "threshold": float, "status": str}
+             "f1": float, "f1_tuned": float, "f1_oos": float, "time": float, "threshold": float, "status": str}
 
 
 def _typed(row: dict) -> dict:
@@ -126,7 +128,7 @@ def collect_runs(folder="runs", sort: str = "date") -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS + ["threshold", "path"])
     for col in ("size", "epochs", "best_epoch", "disk_bytes"):
         df[col] = df[col].astype("Int64")
-    for col in ("f1", "f1_tuned", "time", "threshold"):
+    for col in ("f1", "f1_tuned", "f1_oos", "time", "threshold"):
         df[col] = df[col].astype(float)
     column, descending = SORTS[sort]
     # the folder name breaks ties, so equal keys keep the order of their dates
@@ -178,10 +180,11 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
         "best": df["best_epoch"].map(text),
         "macro F1": df["f1"].map(lambda v: text(v, "{:.4f}")),
         "tuned": df["f1_tuned"].map(lambda v: text(v, "{:.4f}")),
+        "tuned, split-half": df["f1_oos"].map(lambda v: text(v, "{:.4f}")),
         "time": df["time"].map(format_seconds),
         "status": df["status"],
         "disk": df["disk_bytes"].map(format_bytes),
     })
 
 
-NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "time", "disk"}
+NUMERIC = {"size", "epochs", "best", "macro F1", "tuned", "tuned, split-half", "time", "disk"}

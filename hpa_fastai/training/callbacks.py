@@ -1,5 +1,5 @@
-"""The fastai callbacks of a training run: early stopping after the warm-up, the best weights, a
-guard against a NaN loss, and a clean stop on Ctrl-C or SIGTERM.
+"""The fastai callbacks of a training run: early stopping after the warm-up, the best weights,
+progressive resizing, a guard against a NaN loss, and a clean stop on Ctrl-C or SIGTERM.
 
 Each tracker only acts on epochs that trained: a resumed run skips its finished epochs with
 fastai's ``SkipToEpoch``, which still sends ``after_epoch`` for them. A callback whose state a
@@ -45,12 +45,13 @@ class _TrainedEpochsOnly:
 
 class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
     """Early stopping that ignores the one-cycle warm-up, when a rising learning rate makes the
-    metric worse on purpose. It stops at the start of the next epoch rather than at the end of
+    metric worse on purpose, and the first ``min_epochs`` epochs of a fit (those of progressive
+    resizing's smaller size). It stops at the start of the next epoch rather than at the end of
     this one, so the checkpoint of the epoch that decided it is written first."""
 
-    def __init__(self, warmup_pct: float = 0.25, **kwargs):
+    def __init__(self, warmup_pct: float = 0.25, min_epochs: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.warmup_pct, self.stop = warmup_pct, False
+        self.warmup_pct, self.min_epochs, self.stop = warmup_pct, min_epochs, False
 
     def before_fit(self):
         super().before_fit()
@@ -65,7 +66,7 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
         if not self._trained:
             return
         TrackerCallback.after_epoch(self)
-        if self.epoch + 1 <= math.ceil(self.warmup_pct * self.n_epoch):
+        if self.epoch + 1 <= max(math.ceil(self.warmup_pct * self.n_epoch), self.min_epochs):
             self.wait = 0
             return
         self.wait = 0 if self.new_best else self.wait + 1
@@ -160,6 +161,38 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
         elif self.best_file.is_file():  # the best epoch came before a --resume
             bare_model(self.learn).load_state_dict(torch.load(self.best_file, map_location="cpu", weights_only=True))
         # else: a fit cancelled (NaN, Ctrl-C) before its first epoch ended has no best weights
+
+
+class ProgressiveResize(Callback):
+    """Progressive resizing: the first ``small_epochs`` epochs of a fit train on images of side
+    ``small``, the others at the run's size. The training batches are resampled to ``small`` by
+    fastai's own batch augmentation (its affine transform's output ``size``, fastai's "presizing"),
+    so one DataLoader, with one random stream and one sampler, serves both sizes. Validation stays
+    at the run's size, so every epoch's score, the best epoch and the tuned thresholds belong to
+    the size the exported model predicts at. The size is a function of the epoch alone: a resumed
+    run needs no state for it."""
+
+    def __init__(self, small: int, small_epochs: int = 0):
+        self.small, self.small_epochs = small, small_epochs
+
+    def _augmentation(self):
+        from fastai.vision.augment import AffineCoordTfm
+
+        train = getattr(self.dls.train, "dl", self.dls.train)  # under several processes, DistributedDL's
+        found = [t for t in train.after_batch.fs if isinstance(t, AffineCoordTfm)]
+        if not found:
+            raise RuntimeError("progressive resizing needs the training batches' affine augmentation")
+        return found[0]
+
+    def before_train(self):
+        self._augmentation().size = self.small if self.epoch < self.small_epochs else None
+
+    def before_validate(self):
+        # fastai runs the same affine transform (with an identity matrix) on validation batches too
+        self._augmentation().size = None
+
+    def after_fit(self):
+        self._augmentation().size = None
 
 
 class NaNGuard(TerminateOnNaNCallback):

@@ -1,5 +1,6 @@
 """The end of a run: its best epoch's validation predictions scored, per-class thresholds tuned on
-them, and everything the report and ``runs`` read written to the run folder."""
+them, the tuned scores measured both on the same images (in-sample) and split-half (out-of-sample),
+and everything the report and ``runs`` read written to the run folder."""
 from __future__ import annotations
 
 import time
@@ -19,13 +20,17 @@ from ..rundir import METRICS, PER_CLASS, PER_CLASS_PLOT, VALID_PREDICTIONS
 def evaluate_valid(ts: TrainingSet, valid_items: pd.DataFrame, valid_preds, history: pd.DataFrame, run_dir: Path,
                    pretrained: bool, t_start: float) -> dict:
     """metrics.json, per_class.csv and its plot, valid_predictions.csv: the best epoch's validation
-    predictions scored at ``--threshold`` and at per-class thresholds tuned on them."""
+    predictions scored at ``--threshold`` and at per-class thresholds tuned on them; ``*_tuned`` is
+    scored on the images the thresholds were tuned on, ``*_tuned_oos`` with thresholds tuned on one
+    half of them and scored on the other, both ways, averaged."""
     probs, targs = valid_preds
     probs, targs = probs.float().numpy(), targs.numpy().astype(bool)
     cfg = ts.cfg
     thresholds = M.tune_thresholds(probs, targs, default=cfg.threshold)
     at_default = M.f1_scores(probs, targs, np.full(len(ts.vocab), cfg.threshold))
     tuned = M.f1_scores(probs, targs, thresholds)
+    # the tuned scores above are measured on the images the thresholds were fitted to
+    oos = M.out_of_sample_f1(probs, targs, default=cfg.threshold, seed=cfg.seed) or {}
     report = M.per_class_report(probs, targs, thresholds, ts.names)
     mon = cfg.monitor
     best_idx = int(history[mon].idxmax() if cfg.monitor_higher_is_better else history[mon].idxmin())
@@ -38,6 +43,7 @@ def evaluate_valid(ts: TrainingSet, valid_items: pd.DataFrame, valid_preds, hist
         "valid_images": int(len(targs)),
         "f1_macro": at_default["macro"], "f1_micro": at_default["micro"], "f1_samples": at_default["samples"],
         "f1_macro_tuned": tuned["macro"], "f1_micro_tuned": tuned["micro"], "f1_samples_tuned": tuned["samples"],
+        **{f"f1_{avg}_tuned_oos": value for avg, value in oos.items()},
         "threshold": cfg.threshold,
         "seconds": round(time.time() - t_start, 1),
         "per_class": report.to_dict("records"),

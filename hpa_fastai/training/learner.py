@@ -1,7 +1,7 @@
-"""The Learner of a run: DataLoaders from the training set's DataBlock, the model from the
-registry, torch's AdamW (``optimizer``), BCE (or focal) loss, macro and samples F1, the
-one-line-per-epoch logger, and what the device offers: mixed precision, channels-last, cuDNN's
-autotuner, ``torch.compile`` (``device``)."""
+"""The Learner of a run: DataLoaders from the training set's DataBlock (rare classes oversampled
+with ``--oversample``), the model from the registry, torch's AdamW (``optimizer``), the loss (BCE,
+focal or asymmetric), macro and samples F1, the one-line-per-epoch logger, and what the device
+offers: mixed precision, channels-last, cuDNN's autotuner, ``torch.compile`` (``device``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,7 +46,8 @@ def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
     device = device or default_device()
     splitter_fn = make_splitter(ts.items, len(ts.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
     dls = make_dls(ts.items, ts.vocab, cfg.channels, cfg.size, ts.mean, ts.std, splitter_fn,
-                   bs=cfg.bs, workers=cfg.workers, seed=cfg.seed, device=device)
+                   bs=cfg.bs, workers=cfg.workers, seed=cfg.seed, device=device,
+                   oversample_cap=cfg.oversample_cap if cfg.oversample else None)
     if len(dls.train) == 0:
         raise HPAError(f"--bs {cfg.bs} is larger than the {len(dls.train_ds)} training images; lower --bs")
     if len(dls.valid_ds) == 0:  # training would crash after its first epoch, with nothing to score
@@ -57,8 +58,8 @@ def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
                                           cfg.weights, log=log)
     model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
     history = run_dir / HISTORY if run_dir is not None else None
-    learn = Learner(dls, model, loss_func=M.make_loss(cfg.loss, cfg.focal_gamma, cfg.threshold),
-                    opt_func=partial(adamw, fused=device.type == "cuda"),
+    loss = M.make_loss(cfg.loss, cfg.focal_gamma, cfg.threshold, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip)
+    learn = Learner(dls, model, loss_func=loss, opt_func=partial(adamw, fused=device.type == "cuda"),
                     metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
                     splitter=splitter, path=run_dir or Path("."), model_dir=".",
                     cbs=[EpochLogger(history, quiet=quiet)])

@@ -30,7 +30,7 @@ from ..errors import HPAError
 from ..models import check_arch
 from ..rundir import CHECKPOINT, CONFIG, CURVES, TENSORBOARD, make_run_dir, now, remove_resume_files, write_status
 from . import distributed
-from .callbacks import KeepBestModel, NaNGuard, StopOnSignal, WarmupEarlyStopping
+from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, StopOnSignal, WarmupEarlyStopping
 from .evaluation import evaluate_valid
 from .export import export_model, model_meta
 from .learner import build_learner, default_device
@@ -167,8 +167,16 @@ class _Fit:
         self.checkpoint = Checkpoint(run_dir / CHECKPOINT, skip_last=not cfg.keep_checkpoint)
         self.best = KeepBestModel(monitor=cfg.monitor, comp=comp, fname="best", reset_on_fit=False)
         self.nan, self.stopper = NaNGuard(), StopOnSignal()
-        self.cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience), self.best,
-                    self.checkpoint, self.nan, self.stopper]
+        self.stopping = WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience)
+        self.cbs = [self.stopping, self.best, self.checkpoint, self.nan, self.stopper]
+        self.resize, self.small_epochs = None, 0
+        if cfg.progressive_size is not None:
+            self.small_epochs = cfg.progressive_epochs or cfg.epochs // 2
+            self.resize = ProgressiveResize(cfg.progressive_size)
+            self.cbs.append(self.resize)
+            log(f"progressive resizing: {'the frozen epochs and ' if len(self.phases) > 1 else ''}the first "
+                f"{self.small_epochs} epoch(s) train at {cfg.progressive_size}px, the others at {cfg.size}px; "
+                f"validation at {cfg.size}px")
         if cfg.log == "tensorboard":
             from fastai.callback.tensorboard import TensorBoardCallback
             self.cbs.append(TensorBoardCallback(log_dir=run_dir / TENSORBOARD, trace_model=False))
@@ -178,6 +186,9 @@ class _Fit:
         first_phase = names.index(resumed.checkpoint["phase"]) if resumed else 0
         for i, (phase, n_epochs, phase_lr) in enumerate(self.phases[first_phase:], start=first_phase):
             self.logger.phase = self.checkpoint.phase = phase
+            if self.resize is not None:  # one one-cycle schedule across both sizes
+                small = n_epochs if phase == "frozen" else self.small_epochs
+                self.resize.small_epochs = self.stopping.min_epochs = small
             self.checkpoint.final_phase = i == len(self.phases) - 1
             if phase == "frozen":
                 self.learn.freeze()
