@@ -15,13 +15,14 @@ this module, and ``import hpa_fastai`` loads it only when one of its names is us
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
-from fastai.optimizer import Adam
 
+from . import device as D
 from . import metrics as M
 from . import modelfile
 from .config import TrainConfig
@@ -34,7 +35,8 @@ from .inference.submission import write_predictions
 from .models import create_model, splitter
 from .paths import SAMPLE_DIR
 from .training.export import model_meta
-from .training.learner import default_device, set_precision
+from .training.learner import default_device
+from .training.optimizer import adamw
 from .training.run import prepare, validate
 
 
@@ -85,7 +87,8 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", pretrained: bool = 
                 **kwargs) -> Learner:
     """A fastai ``Learner`` for ``dls``: a registered architecture (``cnn``, ``resnet18/34/50``,
     ``timm:<name>``) for the data's stains and classes, BCE (or focal) loss, macro and samples F1 at
-    ``threshold``, body/head parameter groups for ``fine_tune``, and mixed precision on CUDA. With
+    ``threshold``, torch's AdamW under body/head parameter groups for ``fine_tune``, and on CUDA mixed
+    precision and channels-last, as training does. With
     ImageNet weights the body starts frozen, as fastai's ``vision_learner``. ``kwargs`` go to
     ``Learner`` (``cbs``, ``wd``, ``path``...); ``path`` defaults to the current folder rather than
     the data folder, where ``lr_find`` and ``save`` would otherwise write."""
@@ -98,8 +101,11 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", pretrained: bool = 
                       channels=ts.cfg.channels, size=ts.cfg.size)
     validate(cfg)
     model, used_pretrained = create_model(arch, len(ts.cfg.channels), len(ts.vocab), pretrained, weights, log=log)
+    device = dls.device if dls.device is not None else default_device()
+    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
     kwargs.setdefault("path", Path("."))
-    learn = Learner(dls, model, loss_func=M.make_loss(loss, focal_gamma, threshold), opt_func=Adam,
+    learn = Learner(dls, model, loss_func=M.make_loss(loss, focal_gamma, threshold),
+                    opt_func=partial(adamw, fused=device.type == "cuda"),
                     metrics=[M.f1_metric("macro", threshold), M.f1_metric("samples", threshold)],
                     splitter=splitter, **kwargs)
     # model.json's description travels in the learner (and in learn.export's pickle) as a callback
@@ -107,7 +113,10 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", pretrained: bool = 
     learn.add_cb(modelfile.ModelDescription(meta))
     if used_pretrained:
         learn.freeze()
-    set_precision(learn, precision, dls.device if dls.device is not None else default_device())
+    D.set_precision(learn, D.training_precision(precision, device))
+    if D.use_channels_last("auto", device):
+        D.set_channels_last(learn)
+    D.tune_backend(device)
     return learn
 
 
