@@ -29,13 +29,14 @@ import numpy as np
 
 import _common as C
 
-VARIANTS = {
-    "bce": {},  # today's defaults
-    "bce+oversample": {"oversample": True},
-    "bce+oversample-cap3": {"oversample": True, "oversample_cap": 3.0},
-    "asl": {"loss": "asl"},
-    "asl+oversample": {"loss": "asl", "oversample": True},
-    "focal": {"loss": "focal"},
+VARIANTS = {  # every choice spelled out, so that a variant keeps its meaning when the defaults change
+    "bce": {"loss": "bce", "oversample": False},  # the defaults before the rare-class options
+    "bce+oversample": {"loss": "bce", "oversample": True, "oversample_cap": 10.0},
+    "bce+oversample-cap3": {"loss": "bce", "oversample": True, "oversample_cap": 3.0},
+    "asl+oversample-cap3": {"loss": "asl", "oversample": True, "oversample_cap": 3.0},
+    "asl": {"loss": "asl", "oversample": False},
+    "asl+oversample": {"loss": "asl", "oversample": True, "oversample_cap": 10.0},
+    "focal": {"loss": "focal", "oversample": False},
 }
 SKEWED = np.geomspace(0.45, 0.006, 10)
 BALANCED = np.full(10, 0.12)

@@ -12,8 +12,9 @@ from rich.text import Text
 
 console = Console(highlight=False)
 if not console.is_terminal:
-    # a log file has no width; rich's 80-column default would fold tables and epoch lines
-    console = Console(highlight=False, width=160)
+    # a log file has no width; rich's 80-column default would fold tables and epoch lines (the runs
+    # table, with a column per score, is about 170 columns wide)
+    console = Console(highlight=False, width=200)
 
 
 def plain(text) -> str:
@@ -31,8 +32,11 @@ def log(msg: str = "") -> None:
 def table(title: str, df: pd.DataFrame, floats: str = "{:.4f}") -> Table:
     """A rich table of ``df``; title, headers and cells are plain text (no rich markup, no control characters)."""
     t = Table(title=Text(plain(title)), title_justify="left")
-    for col in df.columns:
-        t.add_column(escape(plain(col)), justify="right" if df[col].dtype.kind in "iuf" else "left")
+    for i, col in enumerate(df.columns):
+        # the first column names the row (a run, a class, an image): never shortened when the
+        # table is wider than the console; the other columns wrap instead
+        key = {"no_wrap": True, "min_width": min(60, max([len(plain(v)) for v in df[col]] + [1]))} if i == 0 else {}
+        t.add_column(escape(plain(col)), justify="right" if df[col].dtype.kind in "iuf" else "left", **key)
     for row in df.itertuples(index=False):
         t.add_row(*[Text(plain(floats.format(v) if isinstance(v, float) else v)) for v in row])
     return t

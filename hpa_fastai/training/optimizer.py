@@ -60,8 +60,11 @@ class AdamW(OptimWrapper):
 
     @property
     def hypers(self):
-        # a layer group's first torch group is its decaying one (when it has weight matrices)
-        return L({self.fwd_map.get(k, k): v for k, v in detuplify_pg(self._torch_groups(i)[0]).items() if k != "params"}
+        # a layer group's first torch group is its decaying one (when it has weight matrices); torch's
+        # unset switches (``fused`` or ``foreach``: None) are left out, as loggers that write every
+        # hyper-parameter as a number (fastai's TensorBoardCallback) cannot take None
+        return L({self.fwd_map.get(k, k): v for k, v in detuplify_pg(self._torch_groups(i)[0]).items()
+                  if k != "params" and v is not None}
                  for i in range(self.n_layer_groups))
 
     def _set_hyper(self, k, v):
