@@ -105,10 +105,12 @@ class TrainConfig:
     asl_gamma_pos: float = opt(0.0, "asymmetric loss: focusing exponent of the positive labels", finite_at_least(0))
     asl_clip: float = opt(0.05, "asymmetric loss: probability margin below which a negative label costs nothing",
                           in_range(0, 0.5))
-    oversample: bool = opt(False, "draw training images more often the rarer their rarest label is (same number "
-                                  "of images per epoch)")
-    oversample_cap: float = opt(10.0, "oversampling: the most an image is drawn more often than one whose labels "
-                                      "are all of the most common class", in_range(1, 1000))
+    # on by default, capped at 3: on skewed synthetic data it gained 0.08-0.09 out-of-sample macro F1
+    # over no oversampling (two seeds), and it lost nothing on balanced data (bench/quality.py)
+    oversample: bool = opt(True, "draw training images more often the rarer their rarest label is (same number "
+                                 "of images per epoch); --no-oversample draws each image once per epoch")
+    oversample_cap: float = opt(3.0, "oversampling: the most an image is drawn more often than one whose labels "
+                                     "are all of the most common class", in_range(1, 1000))
     progressive_size: int | None = opt(None, "progressive resizing: train the first --progressive-epochs epochs at "
                                              "this smaller side, the rest at --size", size_check())
     progressive_epochs: int | None = opt(None, "progressive resizing: epochs at --progressive-size; default: half "
@@ -147,6 +149,8 @@ class TrainConfig:
     def from_json(cls, path) -> "TrainConfig":
         data = json.loads(Path(path).read_text())
         names = {f.name for f in dataclasses.fields(cls)}
+        # a config written before oversampling existed trained without it, whatever today's default
+        data.setdefault("oversample", False)
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def _check_together(self) -> str | None:
