@@ -46,5 +46,7 @@ D.ReadImage.__call__ = recording
 Learner.fit = fitting_fit
 Learner._do_epoch_train = staged("train", do_train)
 Learner._do_epoch_validate = staged("valid", do_valid)
+# every training image once per epoch, so that the ranks' shares must be disjoint halves of the set
+# (the oversampled draws, with repeats, are split between ranks in test_rare_classes.py)
 train(TrainConfig(data=data_dir, out=str(out / "runs"), arch="cnn", epochs=2, bs=8, lr="1e-3", pretrained=False,
-                  valid_pct=0.2, seed=0))
+                  valid_pct=0.2, seed=0, oversample=False))
