@@ -63,17 +63,20 @@ class HPADataLoaders(DataLoaders):
     def from_folder(cls, data=None, channels: str = "auto", size: int | None = None, bs: int = 32,
                     valid_pct: float = 0.2, n_folds: int = 0, fold: int = 0, seed: int = 42,
                     workers: int | None = None, extra_data=None, skip_bad: bool = False, augment: bool = True,
-                    device=None) -> "HPADataLoaders":
+                    device=None, oversample: bool | None = None, oversample_cap: float | None = None) -> "HPADataLoaders":
         """``data`` (a competition folder; default the bundled sample) checked and split as
-        ``run.py`` does: the same flags, constraints, error messages and DataBlock."""
+        ``run.py`` does: the same flags, defaults (rare classes oversampled unless
+        ``oversample=False``), constraints, error messages and DataBlock."""
+        given = {k: v for k, v in (("oversample", oversample), ("oversample_cap", oversample_cap)) if v is not None}
         cfg = TrainConfig(data=None if data is None else str(data), channels=channels, size=size, bs=bs,
                           valid_pct=valid_pct, n_folds=n_folds, fold=fold, seed=seed, workers=workers,
-                          extra_data=extra_data, skip_bad=skip_bad)
+                          extra_data=extra_data, skip_bad=skip_bad, **given)
         ts = prepare(cfg)
         cfg = ts.cfg
         split = make_splitter(ts.items, len(ts.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
         dls = make_dls(ts.items, ts.vocab, cfg.channels, cfg.size, ts.mean, ts.std, split, bs=cfg.bs,
-                       workers=cfg.workers, seed=cfg.seed, device=device or default_device(), augment=augment)
+                       workers=cfg.workers, seed=cfg.seed, device=device or default_device(), augment=augment,
+                       oversample_cap=cfg.oversample_cap if cfg.oversample else None)
         return cls(*dls.loaders, path=ts.data_dir, device=dls.device, training_set=ts)
 
 
