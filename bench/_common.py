@@ -81,6 +81,35 @@ def synth_set(fmt: str, n: int, size: int, seed: int = 0) -> Path:
     return out
 
 
+def random_predictor(arch: str, size: int):
+    """A Predictor of a randomly initialised ``arch`` for HPA 2018 RGBY images of ``size`` px, loaded
+    through the safe export as ``predict`` loads a trained model (the numbers do not depend on the
+    weights)."""
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from hpa_fastai.atomic import write_json
+    from hpa_fastai.data.vocab import class_names, vocab_for
+    from hpa_fastai.inference.loading import load_predictor
+    from hpa_fastai.models import create_model
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-model-"))
+    try:
+        torch.manual_seed(0)
+        model, _ = create_model(arch, 4, 28, pretrained=False)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
+        write_json(run_dir / "model.json", {
+            "arch": arch, "format": "hpa2018", "channels": "rgby", "n_in": 4, "size": size,
+            "mean": [0.1] * 4, "std": [0.15] * 4, "vocab": vocab_for("hpa2018"), "names": class_names("hpa2018"),
+            "thresholds": [0.5] * 28, "loss": "bce", "focal_gamma": 2.0})
+        return load_predictor(run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def interleaved(sides: dict, rounds: int, warmup: bool = True) -> dict[str, list[float]]:
     """Seconds of each side per round. Sides run in alternating order (A B, B A, ...) so a slow
     spell of the shared machine falls on both; a warm-up call each fills caches first. A side that

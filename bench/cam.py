@@ -24,28 +24,15 @@ def main(argv=None) -> dict:
     args = C.parse(p, argv)
 
     import torch
-    from safetensors.torch import save_file
 
-    from hpa_fastai.atomic import write_json
     from hpa_fastai.data.layouts import read_items
-    from hpa_fastai.data.vocab import class_names, vocab_for
     from hpa_fastai.inference.cam import explain, heatmaps, write_explanations
-    from hpa_fastai.inference.loading import load_predictor
-    from hpa_fastai.models import create_model
 
     data = C.synth_set("hpa2018", n=args.n, size=args.size)
     items = read_items(data, channels="rgby").head(args.n)
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-cam-"))
     out = Path(tempfile.mkdtemp(prefix="bench-cam-out-"))
     try:
-        torch.manual_seed(0)
-        model, _ = create_model(args.arch, 4, 28, pretrained=False)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
-        write_json(run_dir / "model.json", {
-            "arch": args.arch, "format": "hpa2018", "channels": "rgby", "n_in": 4, "size": args.size,
-            "mean": [0.1] * 4, "std": [0.15] * 4, "vocab": vocab_for("hpa2018"), "names": class_names("hpa2018"),
-            "thresholds": [0.5] * 28, "loss": "bce", "focal_gamma": 2.0})
-        pred = load_predictor(run_dir)
+        pred = C.random_predictor(args.arch, args.size)
         one, three = [[7]] * len(items), [[0, 7, 25]] * len(items)
         sides = {
             "Predictor.probabilities": lambda: pred.probabilities(items, bs=args.bs),
@@ -57,7 +44,6 @@ def main(argv=None) -> dict:
         }
         times = C.interleaved(sides, args.rounds)
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     base = "Predictor.probabilities"
     rows = [{"side": name, "images/s": C.rate(len(items), times[name]), **C.ratio(times, name, base)}

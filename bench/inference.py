@@ -7,9 +7,6 @@ run folder: model.json + model.safetensors.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 
 import _common as C
 
@@ -24,28 +21,12 @@ def main(argv=None) -> dict:
 
     import numpy as np
     import torch
-    from safetensors.torch import save_file
 
-    from hpa_fastai.atomic import write_json
     from hpa_fastai.data.layouts import read_items
-    from hpa_fastai.models import create_model
-    from hpa_fastai.inference.loading import load_predictor
-    from hpa_fastai.data.vocab import class_names, vocab_for
 
     data = C.synth_set("hpa2018", n=args.n, size=args.size)
     items = read_items(data, channels="rgby")
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-inference-"))
-    try:
-        torch.manual_seed(0)
-        model, _ = create_model(args.arch, 4, 28, pretrained=False)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "model.safetensors"))
-        write_json(run_dir / "model.json", {
-            "arch": args.arch, "format": "hpa2018", "channels": "rgby", "n_in": 4, "size": args.size,
-            "mean": [0.1] * 4, "std": [0.15] * 4, "vocab": vocab_for("hpa2018"), "names": class_names("hpa2018"),
-            "thresholds": [0.5] * 28, "loss": "bce", "focal_gamma": 2.0})
-        pred = load_predictor(run_dir)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    pred = C.random_predictor(args.arch, args.size)
     net = pred.learn.model.eval()
 
     def plain_loop():
