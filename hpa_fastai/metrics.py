@@ -20,16 +20,13 @@ def f1_metric(average: str, thresh: float = 0.5):
                          name=f"f1_{average}")
 
 
-class BinaryFocalLoss(nn.Module):
-    """Focal loss on independent sigmoids, as torchvision computes it (fastai's FocalLossFlat is for
-    single-label softmax), with the activation and decoding fastai's get_preds looks for."""
+class _SigmoidLoss(nn.Module):
+    """A multi-label loss on independent sigmoids, with the activation and decoding fastai's
+    get_preds and predict look for (as BCEWithLogitsLossFlat has them)."""
 
-    def __init__(self, gamma: float = 2.0, thresh: float = 0.5):
+    def __init__(self, thresh: float = 0.5):
         super().__init__()
-        self.gamma, self.thresh = gamma, thresh
-
-    def forward(self, inp, targ):
-        return sigmoid_focal_loss(inp.float(), targ.float(), alpha=-1, gamma=self.gamma, reduction="mean")
+        self.thresh = thresh
 
     def activation(self, x):
         return torch.sigmoid(x)
@@ -38,7 +35,19 @@ class BinaryFocalLoss(nn.Module):
         return x > self.thresh
 
 
-class AsymmetricLoss(nn.Module):
+class BinaryFocalLoss(_SigmoidLoss):
+    """Focal loss on independent sigmoids, as torchvision computes it (fastai's FocalLossFlat is for
+    single-label softmax)."""
+
+    def __init__(self, gamma: float = 2.0, thresh: float = 0.5):
+        super().__init__(thresh)
+        self.gamma = gamma
+
+    def forward(self, inp, targ):
+        return sigmoid_focal_loss(inp.float(), targ.float(), alpha=-1, gamma=self.gamma, reduction="mean")
+
+
+class AsymmetricLoss(_SigmoidLoss):
     """The asymmetric loss (ASL) of Ridnik et al., "Asymmetric Loss For Multi-Label Classification"
     (ICCV 2021), for multi-label data where almost every label of an image is negative:
 
@@ -51,8 +60,8 @@ class AsymmetricLoss(nn.Module):
     With gamma_neg = gamma_pos = clip = 0 it is BCE."""
 
     def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, thresh: float = 0.5):
-        super().__init__()
-        self.gamma_neg, self.gamma_pos, self.clip, self.thresh = gamma_neg, gamma_pos, clip, thresh
+        super().__init__(thresh)
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
 
     def forward(self, inp, targ):
         x, y = inp.float(), targ.float()
@@ -65,12 +74,6 @@ class AsymmetricLoss(nn.Module):
             p_neg, log_not_p = p, F.logsigmoid(-x)
         loss = y * log_p * (1 - p) ** self.gamma_pos + (1 - y) * log_not_p * p_neg ** self.gamma_neg
         return -loss.mean()
-
-    def activation(self, x):
-        return torch.sigmoid(x)
-
-    def decodes(self, x):
-        return x > self.thresh
 
 
 LOSSES = ("bce", "focal", "asl")
