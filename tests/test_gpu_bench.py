@@ -37,3 +37,15 @@ def test_gpu_bench_smoke_run_measures_every_part(tmp_path):
     assert (results.read_bytes() if results.exists() else None) == before
     # the synthetic set's preprocess cache is removed again, so the next run measures the PNGs first
     assert not list((tmp_path / "data").glob("*/cache/*"))
+
+
+@pytest.mark.slow
+def test_gpu_bench_parts_measure_only_what_is_asked(tmp_path):
+    out = tmp_path / "gpu.json"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--smoke", "--no-record", "--json", str(out),
+                          "--data-root", str(tmp_path / "data"), "--parts", "training"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert [r["variant"] for r in got["training"]] == ["fp32", "bf16", "bf16 + channels-last"]  # no compile row
+    assert got["data"] == [] and got["end_to_end"] == []
