@@ -2,6 +2,7 @@
 reach the terminal as markup or control characters."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pandas as pd
@@ -46,3 +47,26 @@ def fmt(v, spec: str = ".4f") -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else format(v, spec)
     return str(v)
+
+
+class ConsoleHandler(logging.Handler):
+    """The package's log records (``logging.getLogger(__name__)`` in every library module) as console
+    lines: INFO as it is, WARNING and above after ``warning:`` / ``error:``. Only the command line
+    attaches it; a script or notebook sees the records through its own logging set-up."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                msg = f"{'warning' if record.levelno < logging.ERROR else 'error'}: {msg}"
+            log(msg)
+        except Exception:  # logging's rule: a handler never raises into the code that logged
+            self.handleError(record)
+
+
+def attach_logging(level: int = logging.INFO) -> None:
+    """Route the package's log records to the console (once, whatever the number of calls)."""
+    logger = logging.getLogger("hpa_fastai")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+    logger.setLevel(level)

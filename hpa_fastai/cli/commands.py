@@ -217,19 +217,13 @@ def dedup(cfg: DedupConfig) -> Path:
 
 
 def synth(cfg: SynthConfig) -> Path:
-    from rich.progress import Progress
-
     from ..synth import make_dataset
+    from .progress import ConsoleProgress
 
-    total = cfg.n_train + cfg.n_test
-    if console.is_terminal:
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("images", total=total)
-            out = make_dataset(cfg.out, cfg.format, cfg.n_train, cfg.n_test, cfg.size, cfg.seed, cfg.easy,
-                               progress=lambda done, _total: progress.update(task, completed=done))
-    else:
-        out = make_dataset(cfg.out, cfg.format, cfg.n_train, cfg.n_test, cfg.size, cfg.seed, cfg.easy)
-    log(f"wrote {total} images ({cfg.format}, {cfg.size}px) to {out}")
+    with ConsoleProgress("images") as progress:
+        out = make_dataset(cfg.out, cfg.format, cfg.n_train, cfg.n_test, cfg.size, cfg.seed, cfg.easy,
+                           progress=progress)
+    log(f"wrote {cfg.n_train + cfg.n_test} images ({cfg.format}, {cfg.size}px) to {out}")
     return out
 
 

@@ -9,6 +9,7 @@ import typing
 import warnings
 
 from ..config import validate
+from ..console import attach_logging
 from ..errors import HPAError
 from .commands import COMMANDS
 
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     # torch and fastai warn about their own deprecations on import; users can do nothing about them.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="fastai")
+    attach_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     args = build_parser(command).parse_args(argv)  # exits 2 with a message on a bad flag
