@@ -1,5 +1,6 @@
-"""The package's layout holds: imports point one way between the stages, and no module imports
-itself back through others, counting imports inside functions too."""
+"""The package's layout holds: imports point one way between the stages, no module imports itself
+back through others (counting imports inside functions too), the library prints nothing (only the
+command line owns the console), and the run folder's file names are spelled in ``runs/`` alone."""
 from __future__ import annotations
 
 import ast
@@ -10,19 +11,20 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hpa_fastai"
 # Stages from the bottom up; a module may import modules of its own rank and of lower ranks, except
 # that training and inference, which share a rank, may not import each other.
 RANKS = {
-    "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "rundir": 0, "outputs": 0, "plots": 0,
+    "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "outputs": 0, "plots": 0,
+    "runs": 0,  # the run folder: its file names, status, lock, readers and the runs table
     "data": 1, "synth": 1,
-    "models": 2, "metrics": 2, "modelfile": 2,
-    "device": 2,
+    "models": 2, "losses": 2, "metrics": 2, "evaluation": 2, "modelfile": 2, "device": 2,
     "training": 3, "inference": 3,
-    "runs": 4,
     "reporting": 5,
     "serve": 5,  # the web app on a trained model (inference and plots only)
-    "workflows": 6,
     "cli": 7,
     "fastai_api": 7,  # the fastai-native door for notebooks and scripts; nothing in the library imports it
     "__init__": 8,  # the package's public doors (load_predictor)
 }
+# Only the command line writes to the console; the library speaks through logging and callbacks.
+CONSOLE_USERS = {"cli"}
+CONSOLE = "hpa_fastai.console"
 
 
 def module_name(path: Path) -> str:
@@ -82,8 +84,8 @@ def test_imports_point_down_the_stages():
                 continue
             if RANKS[b] > RANKS[a] or (RANKS[b] == RANKS[a] and {a, b} == {"training", "inference"}):
                 wrong.append(f"{module} imports {target}")
-    assert not wrong, "imports against the direction core -> data -> models -> training | inference -> runs -> " \
-                      "reporting -> workflows -> cli:\n" + "\n".join(sorted(wrong))
+    assert not wrong, "imports against the direction core -> data -> models -> training | inference -> " \
+                      "reporting -> cli:\n" + "\n".join(sorted(wrong))
 
 
 def test_no_import_cycles():
@@ -120,4 +122,39 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
         if isinstance(node, ast.ImportFrom):
             found.add(node.module)
     assert found == {"training"}
-    assert "hpa_fastai.training.run" in imports_of(PACKAGE / "workflows.py")
+    assert "hpa_fastai.training.run" in imports_of(PACKAGE / "training" / "cv.py")
+
+
+def test_only_the_command_line_writes_to_the_console():
+    users = sorted(m for m, targets in graph().items() if CONSOLE in targets and stage(m) not in CONSOLE_USERS)
+    assert not users, f"library modules that import the console (log through logging.getLogger(__name__)): {users}"
+
+
+def test_library_modules_do_not_print():
+    printing = []
+    for path in PACKAGE.rglob("*.py"):
+        if stage(module_name(path)) in CONSOLE_USERS or path.name == "console.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{module_name(path)}:{node.lineno}")
+    assert not printing, f"print() in library code: {printing}"
+
+
+def run_file_names() -> set[str]:
+    """The names of the run folder's files (its subfolders, ``tensorboard`` and ``evaluate``, share
+    their names with a flag value and a command, and are left out)."""
+    from hpa_fastai.runs import folder
+
+    return {name for name in set(folder.RUN_FILES) | set(folder.EVALUATION_FILES) if "." in name}
+
+
+def test_run_folder_file_names_are_spelled_in_runs_only():
+    names, found = run_file_names(), []
+    for path in PACKAGE.rglob("*.py"):
+        if stage(module_name(path)) == "runs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.append(f"{module_name(path)}:{node.lineno} {node.value!r}")
+    assert not found, "run-folder file names outside hpa_fastai/runs (take them from runs.folder):\n" + "\n".join(found)
