@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     from hpa_fastai.config import TrainConfig
     from hpa_fastai.data.pipeline import ReadImage
     from hpa_fastai.data.cache import preprocess
-    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.learner import run_learner
     from hpa_fastai.training.run import prepare
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-cache-"))
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         identical = sum(torch.equal(read(a), read(b)) for a, b in zip(png.items["key"], cached.items["key"]))
 
         def loaders(prep):
-            learn = build_learner(prep, run_dir=None, quiet=True)[0]
+            learn = run_learner(prep)[0]
             train = learn.dls.train
             items = train.items.iloc[:len(train) * args.bs]  # the images an epoch of the train loader uses
             return train, learn.dls.test_dl(items, with_labels=True, bs=args.bs, num_workers=args.workers)

@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     from hpa_fastai.config import TrainConfig
     from hpa_fastai.data.layouts import CHANNEL_SETS, read_items
     from hpa_fastai.data.cache import preprocess
-    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.learner import run_learner
     from hpa_fastai.training.run import prepare
 
     data = C.synth_set("hpa2018", n=args.n, size=512)
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
             prep = prepare(cfg)
             if folder == data:  # the PNGs, even where a preprocessed cache of this set exists
                 prep.items = prep.items.assign(key=prep.items["id"].map(originals))
-            return build_learner(prep, run_dir=None, quiet=True)[0]
+            return run_learner(prep)[0]
 
         learn = learner(data)
         train = learn.dls.train

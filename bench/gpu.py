@@ -2,7 +2,7 @@
 keeps up, and an end-to-end run of the CLI.
 
 1. Training images/s of resnet34 at 256 and 512 px in fp32, bf16, bf16 + channels-last and
-   bf16 + channels-last + torch.compile: the project's Learner (``build_learner``: its callbacks,
+   bf16 + channels-last + torch.compile: the project's Learner (``run_learner``: its callbacks,
    torch's fused AdamW, ``fit_one_cycle``) against a plain PyTorch AMP loop (fused AdamW, autocast,
    BCE) on the same batches held on the device, with each side's peak GPU memory.
 2. Whether the data keeps up: the training DataLoader (decode, batch, augmentation and
@@ -145,7 +145,7 @@ def training_rows(s: dict, data: Path, size: int, variants, device, args, stats=
     from hpa_fastai.config import TrainConfig
     from hpa_fastai.device import autocast
     from hpa_fastai.training.callbacks import NaNGuard
-    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.learner import run_learner
     from hpa_fastai.training.run import prepare
 
     bs = s["bs"].get(size, 32)
@@ -160,7 +160,7 @@ def training_rows(s: dict, data: Path, size: int, variants, device, args, stats=
                 torch._dynamo.reset()  # a fresh compile per size: no dynamic-shape recompile from the last size
             variant = dataclasses.replace(ts, cfg=dataclasses.replace(ts.cfg, precision=precision,
                                                                       memory_format=memory_format, compile=compiled))
-            learn, setup = build_learner(variant, None, quiet=True, device=device)
+            learn, setup = run_learner(variant, device=device)
             made = []
             for batch in learn.dls.train:
                 made.append(batch)
@@ -251,7 +251,7 @@ def loader_rows(s: dict, data: Path, source: str, device, model_rate, stats) -> 
     import pandas as pd
 
     from hpa_fastai.config import TrainConfig
-    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.learner import run_learner
     from hpa_fastai.training.run import prepare
 
     size, bs = s["loader_size"], s["loader_bs"]
@@ -267,7 +267,7 @@ def loader_rows(s: dict, data: Path, source: str, device, model_rate, stats) -> 
             # an epoch of real length: the set's images repeated (decoding costs the same each time)
             repeat = max(1, math.ceil(s["loader_images"] / len(ts.items)))
             ts = dataclasses.replace(ts, items=pd.concat([ts.items] * repeat, ignore_index=True))
-            learn, _ = build_learner(ts, None, quiet=True, device=device)
+            learn, _ = run_learner(ts, device=device)
             dl = learn.dls.train
             first_round = max(1, workers)
             t0 = time.perf_counter()

@@ -40,11 +40,11 @@ def loader_child(data: str, size: int, bs: int, batches: int) -> None:
     import statistics
 
     from hpa_fastai.config import TrainConfig
-    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.learner import run_learner
     from hpa_fastai.training.run import prepare
 
     prep = prepare(TrainConfig(data=data, size=size, bs=bs, workers=0, channels="rgby", arch="cnn", pretrained=False))
-    train = build_learner(prep, run_dir=None, quiet=True)[0].dls.train
+    train = run_learner(prep)[0].dls.train
     page = os.sysconf("SC_PAGE_SIZE")
     samples = []
     while len(samples) < batches:
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     predict_cmd = ["run.py", "predict", "--learner", out / "runs" / "latest", "--data", small / "train",
                    "--out", out / "predictions.csv", "--bs", args.bs]
     rows = [{"process": "python importing hpa_fastai (torch, fastai)",
-             "peak RSS MiB": measure(["-c", "import hpa_fastai.workflows, hpa_fastai.inference.loading"], env)[0], "median RSS MiB": ""}]
+             "peak RSS MiB": measure(["-c", "import hpa_fastai.training, hpa_fastai.inference.loading"], env)[0], "median RSS MiB": ""}]
     train = measure(train_cmd, env)[0]
     rows.append({"process": f"train: {args.arch}, bs {args.bs}, {args.size}px, 1 epoch, {args.n} images",
                  "peak RSS MiB": train, "median RSS MiB": ""})

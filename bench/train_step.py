@@ -1,4 +1,4 @@
-"""Training step overhead: the project's Learner (as ``build_learner`` makes it, callbacks and all)
+"""Training step overhead: the project's Learner (as ``run_learner`` makes it, callbacks and all)
 against a plain PyTorch loop, both on the same in-memory batches, model, AdamW settings and fp32.
 
 Data loading is taken out of both sides: the Learner gets the batches its own DataLoader made,
@@ -28,14 +28,14 @@ def main(argv=None) -> dict:
 
     from hpa_fastai.training.callbacks import NaNGuard
     from hpa_fastai.config import TrainConfig
-    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.training.learner import run_learner
     from hpa_fastai.training.run import prepare
 
     data = C.synth_set("hpa2018", n=max(3 * args.bs, 64), size=args.size)
     cfg = TrainConfig(data=str(data), arch=args.arch, size=args.size, bs=args.bs, epochs=1, lr="1e-3",
                       pretrained=False, channels="rgby", seed=0, workers=0)
     prep = prepare(cfg)
-    learn, setup = build_learner(prep, run_dir=None, quiet=True)
+    learn, setup = run_learner(prep)
     cast_in_cbs = any(isinstance(cb, CastToTensor) for cb in learn.cbs)
     made = list(learn.dls.train)
     batches = [made[i % len(made)] for i in range(args.steps)]
@@ -94,13 +94,13 @@ def main(argv=None) -> dict:
     hook_seen |= seen_types
     hook.remove()
 
-    no_cast = build_learner(prep, run_dir=None, quiet=True)[0]
+    no_cast = run_learner(prep)[0]
     no_cast.model = model
     no_cast.dls = learn.dls
     no_cast.remove_cbs(no_cast.cbs.filter(lambda c: isinstance(c, CastToTensor)))
 
     sides = {
-        "Learner (build_learner)": fastai_run,
+        "Learner (run_learner)": fastai_run,
         "plain loop, torch AdamW": plain_side(torch_adam.step, lambda: torch_adam.zero_grad()),
         "plain loop, the Learner's optimizer": plain_side(lambda: learn.opt.step(), lambda: learn.opt.zero_grad()),
         "Learner without CastToTensor": fastai_side(no_cast),
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     n = args.steps * args.bs
     base = "plain loop, torch AdamW"
     rows = [{"side": name, "images/s": C.rate(n, times[name]), **C.ratio(times, name, base),
-             "target": "≥ 0.97" if name == "Learner (build_learner)" else ""} for name in sides]
+             "target": "≥ 0.97" if name == "Learner (run_learner)" else ""} for name in sides]
     main_ratio = rows[0]["ratio (median)"]
     notes = [f"CastToTensor in the Learner's callbacks: {'yes' if cast_in_cbs else 'NO'}; "
              f"batch type reaching the model: {', '.join(sorted(hook_seen))}",

@@ -98,11 +98,9 @@ def save_png(path, image) -> Path:
 
 
 def save_figure(path, fig) -> Path:
-    import matplotlib.pyplot as plt
-
+    """A matplotlib figure as PNG, written atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 
@@ -122,24 +120,27 @@ def folder_size(folder) -> int:
 
 @contextlib.contextmanager
 def exclusive_lock(path, busy: str):
-    """An advisory lock on the file ``path`` (created if need be) for the block; ``HPAError(busy)``
-    at once if another process holds it. The operating system drops it with the process, so a lock
-    never outlives a killed command."""
+    """An advisory lock on ``path`` (a folder, or a file created if need be) for the block;
+    ``HPAError(busy)`` at once if another process holds it. Locking a folder writes nothing into it.
+    The operating system drops the lock with the process, so it never outlives a killed command."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks
         yield
         return
+    path = Path(path)
     try:
-        f = open(path, "a")
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as e:
-        raise HPAError(f"cannot write {path}: {e.strerror or e}") from None
-    with f:
+        raise HPAError(f"cannot lock {path}: {e.strerror or e}") from None
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise HPAError(busy) from None
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,6 +1,6 @@
 """One configuration object per command: every default, every constraint on it, and the CLI's flags.
 
-Each field's metadata carries its help text and its constraint (``check``); ``cli/main.py`` turns
+Each field's metadata carries its help text and its constraint (``check``); ``cli/flags.py`` turns
 fields into flags one-to-one, ``validate`` applies the constraints (to flags, to a config made
 from Python, to a hand-edited config.json), and the run folder stores the resolved training
 config as ``config.json``. What only the model registry knows (which architectures exist) is
@@ -172,41 +172,38 @@ def _threshold(v):
 
 
 @dataclass
-class PredictConfig:
+class _Scoring:
+    """The flags that predicting with a trained model takes, for ``predict`` and ``evaluate`` alike."""
+    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones", _threshold)
+    tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
+    bs: int = opt(32, "batch size", at_least(1))
+    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
+                              WORKERS)
+    precision: str = opt("auto", "auto: on CUDA the precision the model trained in, fp32 on CPU; or fp32, "
+                                 "bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
+    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
+
+
+@dataclass
+class PredictConfig(_Scoring):
     learner: str | list = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model; "
                                              "several (--learner A B), or a cv folder (run.py cv), average "
                                              "their probabilities as an ensemble", nargs="+")
     data: str | None = opt(None, "competition folder, folder of images, or one image; default: the bundled sample")
     out: str = opt("submission.csv", "output CSV")
-    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones", _threshold)
-    tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
     tta_max: bool = opt(False, "like --tta, but take the maximum over the 8 orientations")
-    bs: int = opt(32, "batch size", at_least(1))
-    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
-                              WORKERS)
-    precision: str = opt("auto", "auto: on CUDA the precision the model trained in, fp32 on CPU; or fp32, "
-                                 "bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
-    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
     cam: str | None = opt(None, "also write class activation maps (a heatmap per predicted class and a probability "
                                 "chart per image) into this folder; one model only")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(_Scoring):
     learner: str = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model")
     data: str | None = opt(None, "labelled competition folder; default: the bundled sample")
     out: str | None = opt(None, "report folder; default: <run folder>/evaluate")
-    threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones", _threshold)
-    tta: bool = opt(False, "average over the 8 flips and 90-degree rotations")
-    bs: int = opt(32, "batch size", at_least(1))
-    workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images",
-                              WORKERS)
-    precision: str = opt("auto", "auto: on CUDA the precision the model trained in, fp32 on CPU; or fp32, "
-                                 "bf16 (CPU or CUDA), fp16 (CUDA)", choices=["auto", "fp32", "bf16", "fp16"])
-    trust: bool = opt(False, "allow unpickling an export.pkl, which can run any code: only for files you made")
 
 
-def class_ids(v):
+def class_indices(v):
     ids = [v] if isinstance(v, int) else v
     ok = all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in ids)
     return None if ok else f"must be class ids, 0 or more (got {v!r:.80})"
@@ -224,7 +221,7 @@ class ExplainConfig:
                                    "a probability chart ({id}_probabilities.png), and explanations.csv")
     # int | list: the command line gives a list (nargs); from Python one class may be an int
     classes: int | list | None = opt(None, "class ids to draw heatmaps for; default: the predicted classes (the most "
-                                           "probable one when none reaches its threshold)", class_ids, nargs="+")
+                                           "probable one when none reaches its threshold)", class_indices, nargs="+")
     threshold: float | None = opt(None, "one global threshold instead of the tuned per-class ones", _threshold)
     tta: bool = opt(False, "probabilities and heatmaps averaged over the 8 flips and 90-degree rotations")
     bs: int = opt(8, f"images per Grad-CAM batch (at most {MAX_CAM_BATCH})", in_range(1, MAX_CAM_BATCH))
@@ -253,6 +250,8 @@ class SynthConfig:
     size: int = opt(512, "image side in pixels", size_check(16))
     seed: int = opt(0, "random seed", SEED)
     easy: bool = opt(False, "stronger signal and less noise (for quick experiments)")
+    plant_duplicates: int = opt(0, "also write this many near-duplicate training images (new ids, the labels of the "
+                                   "image they copy), listed in duplicates.csv", at_least(0))
 
 
 @dataclass
@@ -300,7 +299,7 @@ class DedupConfig:
 HPA2018_CLASSES = 28  # the HPA 2018 vocabulary (data/vocab.py), which HPAv18 shares
 
 
-def class_ids(v):
+def hpa2018_class_ids(v):
     tokens = v.replace(",", " ").split() if isinstance(v, str) else [str(t) for t in v]
     bad = next((t for t in tokens if not (t.isascii() and t.isdigit() and int(t) < HPA2018_CLASSES)), None)
     if not tokens:
@@ -324,7 +323,7 @@ class DownloadHPAv18Config:
                               "auto: png with --size, jpg without", choices=["auto", "png", "jpg"])
     ids: int | None = opt(None, "fetch only the first IDS images of the label CSV (after --classes)", at_least(1))
     classes: str | list | None = opt(None, "fetch only images carrying at least one of these classes, e.g. the "
-                                           "rare ones: --classes 8 9 10 15 27", class_ids, nargs="+")
+                                           "rare ones: --classes 8 9 10 15 27", hpa2018_class_ids, nargs="+")
     base_url: str = opt("http://v18.proteinatlas.org/images/", "the Atlas image server; a stain is "
                         "BASE_URL/<antibody>/<rest of the id>_<stain>.jpg", http_url)
     connections: int = opt(8, "parallel downloads, each over one kept-alive connection", in_range(1, 32))
@@ -358,21 +357,34 @@ def _type_problem(value, annotation) -> str | None:
     return None if ok else f"must be {' or '.join(t.__name__ for t in types)} (got {value!r:.80})"
 
 
+def _field_problem(f: dataclasses.Field, value, annotation) -> str | None:
+    problem = _type_problem(value, annotation)
+    if problem is None and value is not None:
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            problem = f"must be one of {', '.join(f.metadata['choices'])} (got {value!r:.80})"
+        elif f.metadata.get("check") is not None:
+            problem = f.metadata["check"](value)
+    return problem
+
+
 def validate(cfg) -> None:
     """Every constraint of ``cfg``'s fields, in field order; the first problem is an HPAError naming
     its flag. A hand-edited config.json or the Python API can put any value in a field, so the
     types are checked first."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        problem = _type_problem(value, hints[f.name])
-        if problem is None and value is not None:
-            if "choices" in f.metadata and value not in f.metadata["choices"]:
-                problem = f"must be one of {', '.join(f.metadata['choices'])} (got {value!r:.80})"
-            elif f.metadata.get("check") is not None:
-                problem = f.metadata["check"](value)
+        problem = _field_problem(f, getattr(cfg, f.name), hints[f.name])
         if problem is not None:
             raise HPAError(f"{flag(f.name)} {problem}")
     together = getattr(cfg, "_check_together", None)
     if together is not None and (problem := together()) is not None:
         raise HPAError(problem)
+
+
+def check_field(cls, name: str, value) -> None:
+    """``value`` checked as ``validate`` checks the field ``name`` of the config class ``cls``: for
+    library functions that take one such value directly (``bound_workers(workers=...)``)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    problem = _field_problem(f, value, typing.get_type_hints(cls)[name])
+    if problem is not None:
+        raise HPAError(f"{flag(name)} {problem}")

@@ -16,6 +16,14 @@ class HPAError(Exception):
         # characters: escape them as repr() does, so the message stays one line.
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
+    def __str__(self) -> str:
+        # fastai rewrites the message of any exception a callback raises to "Exception occured in
+        # `Name` when calling event `event`:\n\t<message>" (fastai.callback.core, modify_exception);
+        # the user's one line is the original message
+        text = super().__str__()
+        head, sep, original = text.partition(":\n\t")
+        return original if sep and head.startswith("Exception occured in `") else text
+
 
 def _from_worker(message: str) -> str:
     """The original message of an HPAError re-raised by torch from a DataLoader worker, which

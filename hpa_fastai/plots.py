@@ -1,19 +1,23 @@
 """PNG plots of a run: lr_find, training curves, per-class F1, a grid of sample images; class
-activation maps over an image and a chart of its class probabilities."""
+activation maps over an image and a chart of its class probabilities.
+
+Figures are matplotlib ``Figure`` objects drawn straight to PNG, never through pyplot: no backend is
+chosen or changed, nothing is kept open, and a notebook's own plots are left as they are.
+"""
 from __future__ import annotations
 
-import sys
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-import matplotlib
+from .atomic import save_figure
 
-if "ipykernel" not in sys.modules:  # in a notebook, keep its inline backend so that fastai's plots show
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
-from .atomic import save_figure  # noqa: E402
+def subplots(*args, **kwargs):
+    """``pyplot.subplots`` without pyplot: a new ``Figure`` and its axes."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def plain_text(text) -> str:
@@ -23,7 +27,7 @@ def plain_text(text) -> str:
 
 
 def lr_find_plot(path, lrs, losses, suggestions: dict):
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -38,7 +42,7 @@ def lr_find_plot(path, lrs, losses, suggestions: dict):
 
 
 def curves_plot(path, history: pd.DataFrame):
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 4))
     for col in ("train_loss", "valid_loss"):
         if col in history:
             ax1.plot(history["epoch"], history[col], marker="o", label=col)
@@ -58,7 +62,7 @@ def curves_plot(path, history: pd.DataFrame):
 
 
 def f1_bars_plot(path, report: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(report) + 1.5))
+    fig, ax = subplots(figsize=(8, 0.3 * len(report) + 1.5))
     labels = [plain_text(f"{c} {n}") for c, n in zip(report["class"], report["name"])]
     ax.barh(labels, report["f1"], color="C0")
     ax.invert_yaxis()
@@ -81,7 +85,7 @@ def false_colour(arr: np.ndarray) -> np.ndarray:
 
 def sample_grid_plot(path, images, titles, cols: int = 4):
     rows = max(1, int(np.ceil(len(images) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles):
@@ -136,7 +140,7 @@ def probability_plot(path, probs, names, thresholds, title: str = ""):
     """Each class's probability as a bar, its threshold as a tick; bars at or over the threshold
     (the predicted classes) in a strong colour."""
     probs, thresholds = np.asarray(probs, float), np.asarray(thresholds, float)
-    fig, ax = plt.subplots(figsize=(7, 0.25 * len(probs) + 1.2))
+    fig, ax = subplots(figsize=(7, 0.25 * len(probs) + 1.2))
     labels = [plain_text(f"{c} {n}") for c, n in enumerate(names)]
     predicted = probs >= thresholds
     ax.barh(labels, probs, color=np.where(predicted, "C3", "C7"))

@@ -6,11 +6,10 @@ from pathlib import Path
 
 from fastai.learner import Learner
 
+from hpa_fastai.cli import main
 from hpa_fastai.data import pipeline as D
-from hpa_fastai.config import TrainConfig
-from hpa_fastai.training import train
 
-data_dir, out = sys.argv[1], Path(sys.argv[2])
+data_dir, out, arch = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 seen = out / f"seen_rank{os.environ['RANK']}.txt"
 stage = []  # (epoch, "train" | "valid") while a fit's pass runs; the DataLoaders' set-up reads are not recorded
 read, do_train, do_valid = D.ReadImage.__call__, Learner._do_epoch_train, Learner._do_epoch_validate
@@ -48,5 +47,5 @@ Learner._do_epoch_train = staged("train", do_train)
 Learner._do_epoch_validate = staged("valid", do_valid)
 # every training image once per epoch, so that the ranks' shares must be disjoint halves of the set
 # (the oversampled draws, with repeats, are split between ranks in test_rare_classes.py)
-train(TrainConfig(data=data_dir, out=str(out / "runs"), arch="cnn", epochs=2, bs=8, lr="1e-3", pretrained=False,
-                  valid_pct=0.2, seed=0, oversample=False))
+sys.exit(main(["--data", data_dir, "--out", str(out / "runs"), "--arch", arch, "--epochs", "2", "--bs", "8",
+               "--lr", "1e-3", "--no-pretrained", "--valid-pct", "0.2", "--seed", "0", "--no-oversample"]))

@@ -34,17 +34,14 @@ def cli_in_process(capsys, *args):
     return code, captured.out, captured.err
 
 
-def train(cfg, **kwargs) -> Path:
-    """A training run as ``run.py`` runs it: the training door, then the run's report (and its
-    TensorBoard summary with ``--log tensorboard``); returns the run folder."""
-    from hpa_fastai.reporting import log_tensorboard_summary, write_report
+def train(cfg, cbs=(), **kwargs) -> Path:
+    """A training run as ``run.py`` runs it: the training door with the console's epoch lines, then
+    what the command prints and the report it writes; returns the run folder."""
+    from hpa_fastai.cli.commands import show_run
+    from hpa_fastai.cli.epochs import EpochProgress
     from hpa_fastai.training import train as train_door
 
-    result = train_door(cfg, **kwargs)
-    write_report(result.run_dir)
-    if result.config.log == "tensorboard":
-        log_tensorboard_summary(result.run_dir, result.metrics)
-    return result.run_dir
+    return show_run(train_door(cfg, cbs=[EpochProgress(), *cbs], **kwargs))
 
 
 def build_learner(ts, device=None):

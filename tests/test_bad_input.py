@@ -964,14 +964,14 @@ def test_train_csv_is_read_once_and_stops_at_the_first_bad_row(make_z2g, tmp_pat
     assert_cli_error(code, out, err, "train.csv, line 2", "missing0.png not found")
 
 
-def test_an_over_long_field_names_its_line_and_skip_bad_skips_it(make_z2g):
+def test_an_over_long_field_names_its_line_and_skip_bad_skips_it(make_z2g, caplog):
     data = make_z2g(n=3, size=16)
     (data / "train.csv").write_text("Image,Label\nimg0,1\nimg1," + "1 " * 100_000 + "\nimg2,3\n")
     with pytest.raises(HPAError) as info:
         read_items(data, detect_format(data))
     assert "train.csv, line 3" in one_line(str(info.value))
-    skipped = []
-    items = read_items(data, detect_format(data), skip_bad=True, log=skipped.append)
+    items = read_items(data, detect_format(data), skip_bad=True)
+    skipped = [r.getMessage() for r in caplog.records]
     assert list(items["id"]) == ["img0", "img2"] and any("line 3" in s for s in skipped)
 
 
@@ -993,13 +993,13 @@ def test_workers_above_the_cap_are_refused_before_anything_starts(safe_model, ma
     assert not any((tmp_path / p).exists() for p in ("runs", "sub.csv", "eval")) and not (data / "cache").exists()
 
 
-def test_worker_count_is_bounded_by_cores_and_images():
+def test_worker_count_is_bounded_by_cores_and_images(caplog):
     from hpa_fastai.config import MAX_WORKERS
     from hpa_fastai.data.pipeline import bound_workers
 
     cores = len(os.sched_getaffinity(0))
-    notes = []
-    assert bound_workers(MAX_WORKERS, 6, default=0, log=notes.append) == min(cores, 6)
+    assert bound_workers(MAX_WORKERS, 6, default=0) == min(cores, 6)
+    notes = [r.getMessage() for r in caplog.records]
     assert len(notes) == 1 and f"--workers {MAX_WORKERS} lowered to {min(cores, 6)}" in notes[0]
     assert bound_workers(None, 3, default=8) <= 3 and bound_workers(0, 3, default=8) == 0
     assert bound_workers(None, 100, default=0) == 0  # the CPU default is unchanged
@@ -1231,7 +1231,7 @@ def test_one_pixel_images_without_size_are_refused_naming_the_flag(make_z2g, tmp
 
 def test_an_unexpected_error_before_the_first_epoch_marks_the_run_failed(make_z2g, tmp_path, monkeypatch):
     import hpa_fastai.training.schedule as schedule
-    from hpa_fastai.workflows import train
+    from hpa_fastai.training import train
 
     def broken_lr_find(*args, **kwargs):
         raise ZeroDivisionError("inside a library")

@@ -16,12 +16,13 @@ pytest.importorskip("accelerate")
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_split_the_data_and_write_one_run_folder(tmp_path):
+@pytest.mark.parametrize("arch", ["cnn", "resnet18"])  # resnet18: BatchNorm, which stays plain on a CPU
+def test_two_cpu_processes_split_the_data_and_write_one_run_folder(tmp_path, arch):
     # 40 images: 32 train (2 batches of 8 per rank) and 8 valid, so no rank needs padding
     data = make_dataset(tmp_path / "data", "z2g", n_train=40, n_test=0, size=32, seed=4, easy=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(REPO / "tests" / "ddp_probe.py"), str(data), str(tmp_path)],
+                          str(REPO / "tests" / "ddp_probe.py"), str(data), str(tmp_path), arch],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     seen = [pd.read_csv(tmp_path / f"seen_rank{r}.txt", sep=" ", names=["epoch", "stage", "key"]) for r in (0, 1)]

@@ -131,3 +131,20 @@ def test_importing_the_package_loads_no_fastai():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), "PATH": ""}, timeout=120)
     assert out.stdout.split() == ["False", "False", "True"], out.stderr
+
+
+def test_hpa_learner_takes_the_model_loss_and_device_options_of_run_py(hpa):
+    from hpa_fastai.losses import AsymmetricLoss
+
+    dls = hpa_dls(hpa, size=16, bs=8, seed=0)
+    learn = hpa_learner(dls, "cnn", pretrained=False, loss="asl", asl_gamma_neg=2.5, asl_gamma_pos=0.5,
+                        asl_clip=0.1, threshold=0.3)
+    assert isinstance(learn.loss_func, AsymmetricLoss)
+    assert (learn.loss_func.gamma_neg, learn.loss_func.gamma_pos, learn.loss_func.clip) == (2.5, 0.5, 0.1)
+    assert learn.loss_func.thresh == 0.3 and all(m.thresh == 0.3 for m in learn.metrics)
+    meta = learn.model_description.meta  # what export_safe writes into model.json
+    assert (meta["loss"], meta["asl_gamma_neg"], meta["asl_clip"]) == ("asl", 2.5, 0.1)
+    with pytest.raises(HPAError, match="--asl-clip"):
+        hpa_learner(dls, "cnn", pretrained=False, loss="asl", asl_clip=0.9)
+    with pytest.raises(HPAError, match="--loss"):
+        hpa_learner(dls, "cnn", pretrained=False, loss="hinge")

@@ -1,6 +1,7 @@
 """The model registry: every architecture for 3 and 4 stains, RGBY init, offline fallback, --weights."""
 from __future__ import annotations
 
+import logging
 import urllib.error
 
 import pytest
@@ -36,17 +37,17 @@ def test_rgby_first_conv_keeps_rgb_filters_and_starts_yellow_from_red_and_blue()
     torch.testing.assert_close(w[:, 3], (rgb[:, 0] + rgb[:, 2]) / 2)
 
 
-def test_missing_imagenet_weights_fall_back_to_random_init_with_one_warning(monkeypatch):
+def test_missing_imagenet_weights_fall_back_to_random_init_with_one_warning(monkeypatch, caplog):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no internet")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(models, "_warned", set())
-    messages = []
-    model, used = models.create_model("resnet18", 4, 10, pretrained=True, log=messages.append)
+    model, used = models.create_model("resnet18", 4, 10, pretrained=True)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert not used and len(messages) == 1 and "random initialisation" in messages[0]
-    models.create_model("resnet18", 4, 10, pretrained=True, log=messages.append)
-    assert len(messages) == 1  # warned once per architecture
+    models.create_model("resnet18", 4, 10, pretrained=True)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # warned once per architecture
     assert model[0][0].in_channels == 4
 
 
@@ -64,3 +65,19 @@ def test_local_weights_are_loaded(tmp_path):
 def test_unknown_architectures_are_rejected(name):
     with pytest.raises(ValueError, match="unknown"):
         models.check_arch(name)
+
+
+def test_the_loss_registry_is_what_the_loss_flag_offers():
+    from hpa_fastai import config, losses
+
+    assert tuple(losses.LOSSES) == config.LOSSES
+    for name in config.LOSSES:
+        loss = losses.create_loss(name)
+        assert float(loss(torch.zeros(2, 3), torch.ones(2, 3))) > 0
+
+
+def test_an_unknown_loss_is_an_error_not_bce():
+    from hpa_fastai import losses
+
+    with pytest.raises(HPAError, match="unknown loss"):
+        losses.create_loss("hinge")

@@ -11,6 +11,7 @@ import torch
 from fastai.data.transforms import RandomSplitter
 
 from hpa_fastai import metrics as M
+from hpa_fastai.losses import create_loss
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.data.pipeline import make_dls
 from hpa_fastai.data.sampling import oversampling_weights
@@ -98,7 +99,7 @@ def asl_reference(logits: np.ndarray, targets: np.ndarray, gamma_neg: float, gam
 def test_asymmetric_loss_matches_the_formula(gamma_neg, gamma_pos, clip):
     rng = np.random.default_rng(0)
     logits, targets = rng.normal(0, 3, (32, 10)), (rng.random((32, 10)) < 0.2).astype(np.float64)
-    loss = M.make_loss("asl", asl_gamma_neg=gamma_neg, asl_gamma_pos=gamma_pos, asl_clip=clip)
+    loss = create_loss("asl", gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)
     got = loss(torch.tensor(logits, dtype=torch.float32), torch.tensor(targets, dtype=torch.float32))
     assert float(got) == pytest.approx(asl_reference(logits, targets, gamma_neg, gamma_pos, clip), rel=1e-5)
 
@@ -108,10 +109,10 @@ def test_asymmetric_loss_without_focusing_or_margin_is_bce_and_stays_finite():
     logits = torch.tensor(rng.normal(0, 40, (16, 28)), dtype=torch.float32, requires_grad=True)
     targets = torch.tensor(rng.random((16, 28)) < 0.1, dtype=torch.float32)
     with torch.no_grad():
-        plain = M.make_loss("asl", asl_gamma_neg=0, asl_gamma_pos=0, asl_clip=0)(logits, targets)
+        plain = create_loss("asl", gamma_neg=0, gamma_pos=0, clip=0)(logits, targets)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
     assert float(plain) == pytest.approx(float(bce), rel=1e-5)
-    default = M.make_loss("asl")(logits, targets)  # logits of +-100: saturated sigmoids
+    default = create_loss("asl")(logits, targets)  # logits of +-100: saturated sigmoids
     default.backward()
     assert torch.isfinite(default) and torch.isfinite(logits.grad).all()
 

@@ -125,12 +125,12 @@ def test_no_duplicates_file_unless_asked(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, word", [
-    (dict(fmt="kaggle"), "fmt"),
-    (dict(size=8), "size"),
-    (dict(n_train=0), "n_train"),
-    (dict(n_test=-1), "n_test"),
-    (dict(plant_duplicates=-2), "plant_duplicates"),
-    (dict(size=32.5), "size"),
+    (dict(fmt="kaggle"), "--format"),
+    (dict(size=8), "--size"),
+    (dict(n_train=0), "--n-train"),
+    (dict(n_test=-1), "--n-test"),
+    (dict(plant_duplicates=-2), "--plant-duplicates"),
+    (dict(size=32.5), "--size"),
 ])
 def test_bad_arguments_raise_hpa_error(tmp_path, kwargs, word):
     with pytest.raises(HPAError, match=word):

@@ -213,3 +213,41 @@ def test_bad_flags_exit_2_with_a_clear_message(args, message, capsys):
     code, _, err = cli_in_process(capsys, *args)
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_the_training_door_runs_twice_in_one_process_quietly_with_an_extra_callback(z2g_data, tmp_path, capsys):
+    """What a search does: several trainings in one process, nothing on the console, each watched by a
+    callback of its own, each returning its result."""
+    import logging
+
+    from fastai.callback.core import Callback
+
+    from hpa_fastai.console import ConsoleHandler
+    from hpa_fastai.training import train as train_door
+
+    class Watch(Callback):
+        def __init__(self):
+            self.scores = []
+
+        def after_epoch(self):
+            self.scores.append(self.learn.run_history.rows[-1]["f1_macro"])
+
+    package_logger = logging.getLogger("hpa_fastai")
+    handlers = [h for h in package_logger.handlers if isinstance(h, ConsoleHandler)]
+    for h in handlers:  # as in a script that has not configured logging
+        package_logger.removeHandler(h)
+    try:
+        capsys.readouterr()
+        watches = [Watch(), Watch()]
+        results = [train_door(tiny(z2g_data, tmp_path / name, epochs=2), cbs=[w]) for name, w in zip("ab", watches)]
+        printed = capsys.readouterr()
+    finally:
+        for h in handlers:
+            package_logger.addHandler(h)
+    assert printed.out == "" and printed.err == ""
+    for result, watch in zip(results, watches):
+        assert result.status == "finished" and (result.run_dir / "model.json").is_file()
+        assert watch.scores == list(result.history["f1_macro"]) and len(watch.scores) == 2
+        assert result.metrics["epochs_run"] == 2 and len(result.thresholds) == 10
+    assert results[0].run_dir != results[1].run_dir

@@ -20,6 +20,12 @@ def train(cfg: TrainConfig) -> Path | None:
     result = train_run(cfg, cbs=[EpochProgress()])
     if result is None:  # a process other than the first of a distributed run
         return None
+    return show_run(result)
+
+
+def show_run(result) -> Path:
+    """What the console shows after a run, and the report it writes: the per-class table, report.html
+    (and the TensorBoard summary), the scores. Returns the run folder."""
     _show_per_class(f"validation, per class (tuned thresholds; {result.metrics['valid_images']} images)",
                     result.metrics["per_class"])
     _report(result.run_dir, result.metrics)
@@ -294,8 +300,8 @@ def synth(cfg: SynthConfig) -> Path:
 
     with ConsoleProgress("images") as progress:
         out = make_dataset(cfg.out, cfg.format, cfg.n_train, cfg.n_test, cfg.size, cfg.seed, cfg.easy,
-                           progress=progress)
-    log(f"wrote {cfg.n_train + cfg.n_test} images ({cfg.format}, {cfg.size}px) to {out}")
+                           progress=progress, plant_duplicates=cfg.plant_duplicates)
+    log(f"wrote {cfg.n_train + cfg.plant_duplicates + cfg.n_test} images ({cfg.format}, {cfg.size}px) to {out}")
     return out
 
 

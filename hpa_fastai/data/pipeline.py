@@ -17,7 +17,7 @@ from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize
 from fastai.torch_core import TensorImage, show_image, to_device
 from fastai.vision.augment import aug_transforms
 
-from ..config import MAX_WORKERS
+from ..config import MAX_WORKERS, TrainConfig, check_field
 from ..errors import HPAError
 from .images import read_image
 from .layouts import CHANNEL_SETS, key_for_path
@@ -101,17 +101,6 @@ def default_workers(cuda: bool) -> int:
     return min(available_cores(), MAX_WORKERS) if cuda else 0
 
 
-def check_workers(workers, flag: str = "--workers") -> None:
-    """Refuse a worker count outside 0..MAX_WORKERS (for callers that bypass the config's checks):
-    each worker is a forked copy of the process, and a mistyped 640 could exhaust memory."""
-    if workers is None:
-        return
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise HPAError(f"{flag} must be 0 or more (got {workers!r:.40})")
-    if workers > MAX_WORKERS:
-        raise HPAError(f"{flag} must be at most {MAX_WORKERS} (got {workers})")
-
-
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
@@ -124,7 +113,7 @@ def bound_workers(workers: int | None, n_items: int, default: int) -> int:
     None, but at most one per available core and one per image. Every command that takes
     ``--workers`` (train, cv, predict, evaluate, preprocess) goes through here; an explicit value
     that is lowered gets a note in the log."""
-    check_workers(workers)
+    check_field(TrainConfig, "workers", workers)  # callers from Python bypass the config's checks
     want = default if workers is None else workers
     cap = max(1, min(available_cores(), n_items))
     if want <= cap:

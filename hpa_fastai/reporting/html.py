@@ -72,11 +72,8 @@ def array_png(rgb: np.ndarray) -> bytes:
 
 
 def figure_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -248,10 +245,9 @@ def unique_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def overlay_plot(histories: dict[str, pd.DataFrame]) -> bytes:
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plots.subplots(1, 2, figsize=(11, 4))
     for label, h in histories.items():
         if "epoch" not in h:
             continue

@@ -8,6 +8,7 @@ takes the names from here (``tests/test_architecture.py`` checks that no other m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +38,6 @@ CV = "cv.json"  # the fold run folders ("runs") and the out-of-fold "thresholds"
 OOF_PREDICTIONS = "oof_predictions.csv"
 EVALUATE = "evaluate"  # evaluate's default output folder inside a run
 LATEST = "latest"
-LOCK = ".lock"  # held by the one process that trains into the folder
 
 # what `evaluate` writes into its folder (by default <run>/evaluate), beside per_class.csv and its plot
 EVAL_SUMMARY = "summary.json"
@@ -49,7 +49,7 @@ RESUME_FILES = (CHECKPOINT, BEST)
 # Everything training and cv write into a run folder: no other command may write over these.
 RUN_FILES = frozenset({CONFIG, STATUS, HISTORY, LR_FIND_PLOT, LR_FIND, CURVES, METRICS, PER_CLASS, PER_CLASS_PLOT,
                        VALID_PREDICTIONS, REPORT, BEST, CHECKPOINT, WEIGHTS, MODEL_JSON, EXPORT_PKL, ONNX,
-                       TENSORBOARD, CV, OOF_PREDICTIONS, LOCK})
+                       TENSORBOARD, CV, OOF_PREDICTIONS})
 
 
 def is_run_dir(path) -> bool:
@@ -78,8 +78,25 @@ def now() -> str:
 
 def write_status(run_dir, status: str, **fields) -> None:
     """status.json: running, finished, stopped early, interrupted or failed, with what goes with it
-    (``started``, ``finished``, ``seconds``, ``reason``, ``epochs_done``)."""
-    write_json(Path(run_dir) / STATUS, {"status": status, **fields})
+    (``started``, ``finished``, ``seconds``, ``reason``, ``epochs_done``).
+
+    Written atomically; on a full disk, where the atomic write has no room for its second copy, the
+    file is rewritten in place instead (its own blocks hold the new text), so that a run that failed
+    for want of space does not go on saying "running"."""
+    path = Path(run_dir) / STATUS
+    payload = {"status": status, **fields}
+    try:
+        write_json(path, payload)
+    except HPAError:
+        try:
+            with open(path, "r+") as f:
+                f.write(json.dumps(payload, indent=2) + "\n")
+                f.truncate()
+        except OSError:
+            pass
+        else:
+            return
+        raise
 
 
 def make_run_dir(out, arch: str, name: str | None = None) -> Path:
@@ -128,6 +145,6 @@ def run_lock(run_dir: Path):
     """Held while a process trains into ``run_dir``: a second one (``--resume`` of a run that is still
     training) is refused rather than writing the same history, status and exports. The lock goes with
     the process, so a run that was killed can be resumed at once."""
-    with exclusive_lock(Path(run_dir) / LOCK, f"{run_dir}: another process is training this run (started "
+    with exclusive_lock(Path(run_dir), f"{run_dir}: another process is training this run (started "
                                               "or resumed elsewhere); wait for it to end, or stop it first"):
         yield

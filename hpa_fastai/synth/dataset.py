@@ -10,6 +10,7 @@ import pandas as pd
 from PIL import Image
 
 from ..atomic import save_png, write_csv
+from ..config import SynthConfig, validate
 from ..errors import HPAError
 from ..data.vocab import NAMES
 from .fields import _Field, _blur
@@ -128,20 +129,10 @@ def make_dataset(out_dir, fmt: str = "z2g", n_train: int = 200, n_test: int = 40
     and lists them in duplicates.csv (Id,duplicate_of). Same seed, same bytes.
     ``progress(done, total)`` is called after each image.
     """
-    _check_fmt(fmt)
-    n_train, n_test = _as_int(n_train, "n_train"), _as_int(n_test, "n_test")
-    size, seed = _as_int(size, "size"), _as_int(seed, "seed")
-    n_dup = _as_int(plant_duplicates, "plant_duplicates")
-    if size < 16:
-        raise HPAError(f"size must be >= 16 px, got {size}")
-    if n_train < 1:
-        raise HPAError(f"n_train must be >= 1, got {n_train}")
-    if n_test < 0:
-        raise HPAError(f"n_test must be >= 0, got {n_test}")
-    if seed < 0:
-        raise HPAError(f"seed must be >= 0, got {seed}")
-    if n_dup < 0:
-        raise HPAError(f"plant_duplicates must be >= 0, got {n_dup}")
+    # the same checks and messages as `run.py synth`'s flags
+    validate(SynthConfig(out=str(out_dir), format=fmt, n_train=n_train, n_test=n_test, size=size, seed=seed,
+                         easy=easy, plant_duplicates=plant_duplicates))
+    n_dup = plant_duplicates
 
     out = Path(out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)

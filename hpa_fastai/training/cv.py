@@ -112,7 +112,7 @@ def _start(cfg: TrainConfig) -> tuple[Path, TrainConfig, TrainingSet]:
 
 def _continue(cv_dir: Path) -> tuple[Path, TrainConfig, TrainingSet]:
     """The cross-validation in ``cv_dir`` and the config its folds train with, checked as flags are."""
-    if not (cv_dir / CV).is_file() and not (cv_dir / CONFIG).is_file():
+    if not cv_dir.is_dir() or (not (cv_dir / CV).is_file() and not (cv_dir / CONFIG).is_file()):
         raise HPAError(f"--resume {cv_dir}: not a cross-validation folder (no {CV}); "
                        "`run.py --resume` continues a single run")
     if is_run_dir(cv_dir):

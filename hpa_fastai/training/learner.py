@@ -89,17 +89,19 @@ def create_learner(dls, ts: TrainingSet, cfg: TrainConfig, device: torch.device 
     return learn, LearnerSetup(precision, used_pretrained, channels_last, cfg.compile)
 
 
-def run_learner(ts: TrainingSet, run_dir: Path, device: torch.device | None = None,
+def run_learner(ts: TrainingSet, run_dir: Path | None = None, device: torch.device | None = None,
                 cbs=()) -> tuple[Learner, LearnerSetup]:
     """The Learner of a run: ``create_learner`` on the run's DataLoaders, writing into ``run_dir``, with
-    the run's history (``learn.run_history``, kept in history.csv) and ``cbs``, and without fastai's
+    the run's history (``learn.run_history``, kept in history.csv; without ``run_dir``, in memory and
+    the current folder as the Learner's path) and ``cbs``, and without fastai's
     progress bars (they print carriage returns into logs; whoever runs the training shows the
     progress it wants through its own callbacks)."""
     from fastai.callback.progress import ProgressCallback
 
     device = device or default_device()
-    learn, setup = create_learner(training_dls(ts, device), ts, ts.cfg, device, path=run_dir, model_dir=".",
-                                  cbs=[RunHistory(Path(run_dir) / HISTORY), *cbs])
+    history = RunHistory(None if run_dir is None else Path(run_dir) / HISTORY)
+    learn, setup = create_learner(training_dls(ts, device), ts, ts.cfg, device, path=Path(run_dir or "."),
+                                  model_dir=".", cbs=[history, *cbs])
     learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
     learn.logger = lambda *_: None  # the Recorder's print of each epoch's values
     return learn, setup

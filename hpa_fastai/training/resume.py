@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fastai.callback.tracker import TrackerCallback
 
 from ..atomic import atomic_path
 from ..errors import HPAError
-from ..runs.files import read_config
+from ..runs.files import read_json_file
 from ..runs.folder import CHECKPOINT, CONFIG
 from .callbacks import Stateful, _TrainedEpochsOnly, bare_model, run_phase
 
@@ -128,7 +129,7 @@ class Checkpoint(_TrainedEpochsOnly, Callback):
                 try:
                     torch.save(state, tmp)
                 except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError
-                    raise OSError(_write_error(e)) from None
+                    raise OSError(_write_error(e, tmp.parent)) from None
         except BaseException as e:  # handed to the training thread by wait()
             self._error = e
 
@@ -179,12 +180,23 @@ def _tuples(obj):
     return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
 
 
-def _write_error(e: RuntimeError) -> str:
-    """What a failed ``torch.save`` says went wrong (its message names the C++ writer first)."""
+LOW_SPACE = 64 * 1024 * 1024
+
+
+def _write_error(e: RuntimeError, folder: Path) -> str:
+    """Why ``torch.save`` failed. Its C++ writer reports "file write failed" and drops the system's
+    reason; a disk with (almost) no room left, measured while the partial file still takes its
+    space, is the usual one."""
     text = str(e)
     for cause in ("No space left on device", "Disk quota exceeded", "Read-only file system", "Input/output error"):
         if cause in text:
             return cause
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_SPACE:
+        return f"No space left on device ({free / 2**20:.1f} MiB free)"
     return (text.splitlines() or [type(e).__name__])[0][:150]
 
 
@@ -192,18 +204,27 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_resume(run_dir: Path) -> tuple[dict, dict]:
-    """The saved config and the checkpoint of the run in ``run_dir``, both checked as strictly as a
-    new run's flags: a hand-edited or damaged file is one error here, not a run that trains on it."""
-    ckpt_path = run_dir / CHECKPOINT
-    if not (run_dir / CONFIG).is_file():
+def read_resume_config(run_dir: Path) -> dict:
+    """The saved config.json of the run in ``run_dir``, which must have trained an epoch."""
+    path = run_dir / CONFIG
+    if not path.is_file():
         raise HPAError(f"--resume {run_dir}: not a run folder (no config.json)")
-    if not ckpt_path.is_file():
+    if not (run_dir / CHECKPOINT).is_file():
         raise HPAError(f"--resume {run_dir}: no checkpoint.pth (the run ended before its first epoch); start it again")
-    saved = read_config(run_dir)
-    if not {"lr_used", "pretrained_used"} <= set(saved):
-        raise HPAError(f"{run_dir / CONFIG}: not the config of a run that trained an epoch "
+    try:
+        saved = read_json_file(path)
+    except HPAError as e:
+        raise HPAError(f"{path}: unreadable run config ({str(e).replace(f'{path}: ', '', 1)[:150]})") from None
+    if not isinstance(saved, dict) or not {"lr_used", "pretrained_used"} <= set(saved):
+        raise HPAError(f"{path}: not the config of a run that trained an epoch "
                        "(no lr_used, pretrained_used); start it again")
+    return saved
+
+
+def read_checkpoint(run_dir: Path) -> dict:
+    """The checkpoint of the run in ``run_dir``, checked as strictly as a new run's flags: a
+    hand-edited or damaged file is one error here, not a run that trains on it."""
+    ckpt_path = run_dir / CHECKPOINT
     try:
         ckpt = load_checkpoint(ckpt_path)
     except Exception as e:  # torch.load raises many types for a damaged file, some with no message
@@ -218,7 +239,7 @@ def read_resume(run_dir: Path) -> tuple[dict, dict]:
                        "in another form; this version trains with torch's AdamW and cannot continue it: start the "
                        "run again")
     check_checkpoint(ckpt, ckpt_path)
-    return saved, ckpt
+    return ckpt
 
 
 def _number(x) -> bool:

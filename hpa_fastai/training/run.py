@@ -39,7 +39,7 @@ from . import distributed
 from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, StopOnSignal, WarmupEarlyStopping
 from .history import RunHistory
 from .learner import default_device, run_learner
-from .resume import Checkpoint, check_resumed_values, read_resume, restore
+from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
 from .schedule import auto_lr_find_iters, find_lr, learning_rate, phases
 
 logger = logging.getLogger(__name__)
@@ -112,11 +112,14 @@ def _run_folder(cfg: TrainConfig, run_name: str | None):
         resumed = None
         if cfg.resume:
             run_dir = Path(cfg.resume)
+            if not run_dir.is_dir():
+                raise HPAError(f"--resume {run_dir}: not a run folder (no config.json)")
             stack.enter_context(run_lock(run_dir))  # before anything is read: it may be training elsewhere
-            saved, ckpt = read_resume(run_dir)
-            resumed = Resumed(saved, ckpt)
+            saved = read_resume_config(run_dir)
             run_cfg = dataclasses.replace(TrainConfig.from_dict(saved), resume=None)
+            validate(run_cfg)  # what it trains with is checked as flags are, then what else it takes
             check_resumed_values(saved, run_dir / CONFIG)
+            resumed = Resumed(saved, read_checkpoint(run_dir))
             stats = (saved["mean"], saved["std"]) if "mean" in saved and "std" in saved else None
             ts = prepare(run_cfg, stats)
         else:
