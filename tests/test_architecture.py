@@ -115,6 +115,21 @@ def test_only_the_cli_imports_the_tools():
     assert importers == ["cli"], importers
 
 
+def test_the_tools_print_nothing():
+    # a tool returns its result, logs its messages and reports progress through a callback; only
+    # the CLI writes to the console
+    offenders = []
+    for path in (PACKAGE / "tools").rglob("*.py"):
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        top = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        top |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        if "hpa_fastai.console" in imports_of(path) or "rich" in top:
+            offenders.append(f"{module_name(path)} imports the console or rich")
+        if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print" for n in nodes):
+            offenders.append(f"{module_name(path)} calls print")
+    assert not offenders, offenders
+
+
 def test_only_the_package_door_imports_the_fastai_api():
     importers = sorted(m for m, targets in graph().items() if "hpa_fastai.fastai_api" in targets)
     assert importers == ["hpa_fastai"], importers
