@@ -118,3 +118,28 @@ def folder_size(folder) -> int:
             if stat.S_ISREG(st.st_mode):
                 total += st.st_size
     return total
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, busy: str):
+    """An advisory lock on the file ``path`` (created if need be) for the block; ``HPAError(busy)``
+    at once if another process holds it. The operating system drops it with the process, so a lock
+    never outlives a killed command."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        yield
+        return
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise HPAError(f"cannot write {path}: {e.strerror or e}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise HPAError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

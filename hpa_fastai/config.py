@@ -20,6 +20,7 @@ from .errors import HPAError
 MIN_SIZE = 8  # fastai's augmentation divides by zero on 1 px images; below 8 px no model sees anything
 MAX_SIZE = 4096  # a larger --size would only exhaust memory (a 100000 px side is 30 GB per image)
 MAX_WORKERS = 64  # more worker processes than this only exhaust memory and process tables
+LOSSES = ("bce", "focal", "asl")  # the names of the losses.py registry, for the --loss flag
 
 
 def opt(default, help: str, check=None, **argparse_kwargs):
@@ -98,7 +99,7 @@ class TrainConfig:
     pretrained: bool = opt(True, "start from ImageNet weights when they are cached or downloadable")
     weights: str | None = opt(None, "start from this local checkpoint (.pth state dict or safetensors)")
     loss: str = opt("bce", "loss function: bce, focal, or asl (the asymmetric loss, for imbalanced multi-label data)",
-                    choices=["bce", "focal", "asl"])
+                    choices=list(LOSSES))
     focal_gamma: float = opt(2.0, "gamma of the focal loss", finite_at_least(0))
     asl_gamma_neg: float = opt(4.0, "asymmetric loss: focusing exponent of the negative labels (easy negatives "
                                     "count less)", finite_at_least(0))
@@ -146,11 +147,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, path) -> "TrainConfig":
-        data = json.loads(Path(path).read_text())
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """The config a run folder's config.json holds (its other keys, e.g. ``lr_used``, left out);
+        ``validate`` checks its values as it checks flags."""
         names = {f.name for f in dataclasses.fields(cls)}
         # a config written before oversampling existed trained without it, whatever today's default
-        data.setdefault("oversample", False)
+        data = {"oversample": False, **data}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def _check_together(self) -> str | None:

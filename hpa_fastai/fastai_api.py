@@ -15,28 +15,21 @@ this module, and ``import hpa_fastai`` loads it only when one of its names is us
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 
-from . import device as D
 from . import metrics as M
 from . import modelfile
 from .config import TrainConfig
-from .console import log
-from .data.pipeline import make_dls
-from .data.splits import make_splitter
 from .inference.cam import explain, write_explanations
 from .inference.predictor import items_for_paths
 from .inference.submission import write_predictions
-from .models import create_model, splitter
 from .paths import SAMPLE_DIR
-from .training.export import model_meta
-from .training.learner import default_device
-from .training.optimizer import adamw
+from .runs.folder import MODEL_JSON
+from .training.learner import create_learner, default_device, training_dls
 from .training.run import prepare, validate
 
 
@@ -72,11 +65,7 @@ class HPADataLoaders(DataLoaders):
                           valid_pct=valid_pct, n_folds=n_folds, fold=fold, seed=seed, workers=workers,
                           extra_data=extra_data, skip_bad=skip_bad, **given)
         ts = prepare(cfg)
-        cfg = ts.cfg
-        split = make_splitter(ts.items, len(ts.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
-        dls = make_dls(ts.items, ts.vocab, cfg.channels, cfg.size, ts.mean, ts.std, split, bs=cfg.bs,
-                       workers=cfg.workers, seed=cfg.seed, device=device or default_device(), augment=augment,
-                       oversample_cap=cfg.oversample_cap if cfg.oversample else None)
+        dls = training_dls(ts, device or default_device(), augment=augment)
         return cls(*dls.loaders, path=ts.data_dir, device=dls.device, training_set=ts)
 
 
@@ -85,41 +74,38 @@ def hpa_dls(data=None, **kwargs) -> HPADataLoaders:
     return HPADataLoaders.from_folder(data, **kwargs)
 
 
-def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", pretrained: bool = True, loss: str = "bce",
-                focal_gamma: float = 2.0, threshold: float = 0.5, weights=None, precision: str = "auto",
-                **kwargs) -> Learner:
-    """A fastai ``Learner`` for ``dls``: a registered architecture (``cnn``, ``resnet18/34/50``,
-    ``timm:<name>``) for the data's stains and classes, BCE (or focal) loss, macro and samples F1 at
-    ``threshold``, torch's AdamW under body/head parameter groups for ``fine_tune``, and on CUDA mixed
-    precision and channels-last, as training does. With
-    ImageNet weights the body starts frozen, as fastai's ``vision_learner``. ``kwargs`` go to
-    ``Learner`` (``cbs``, ``wd``, ``path``...); ``path`` defaults to the current folder rather than
-    the data folder, where ``lr_find`` and ``save`` would otherwise write."""
+# the options of a run's model, loss and device that hpa_learner takes, by their TrainConfig names
+LEARNER_OPTIONS = ("pretrained", "weights", "loss", "focal_gamma", "asl_gamma_neg", "asl_gamma_pos", "asl_clip",
+                   "threshold", "precision", "memory_format", "compile", "seed")
+
+
+def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", **kwargs) -> Learner:
+    """A fastai ``Learner`` for ``dls``, built by the factory ``run.py`` uses: a registered
+    architecture (``cnn``, ``resnet18/34/50``, ``timm:<name>``) for the data's stains and classes, the
+    loss (``loss="bce" | "focal" | "asl"`` with ``focal_gamma``, ``asl_gamma_neg``, ``asl_gamma_pos``,
+    ``asl_clip``), macro and samples F1 at ``threshold``, torch's AdamW under body/head parameter
+    groups for ``fine_tune``, ``precision`` (on CUDA mixed precision by default), ``memory_format``
+    and ``compile``, each with ``run.py``'s default and check (``pretrained=True``, ``weights=PATH``).
+    With ImageNet weights the body starts frozen, as fastai's ``vision_learner``. The other
+    ``kwargs`` go to ``Learner`` (``cbs``, ``wd``, ``path``...); ``path`` defaults to the current
+    folder rather than the data folder, where ``lr_find`` and ``save`` would otherwise write."""
     ts = dls.training_set if isinstance(dls, HPADataLoaders) else None
     if ts is None:
         raise TypeError("hpa_learner needs the DataLoaders that hpa_dls makes (they carry the vocabulary, "
                         "channels and normalisation the model is built for)")
-    cfg = TrainConfig(data=str(ts.data_dir), arch=arch, pretrained=pretrained, loss=loss, focal_gamma=focal_gamma,
-                      threshold=threshold, weights=None if weights is None else str(weights), precision=precision,
-                      channels=ts.cfg.channels, size=ts.cfg.size)
+    options = {k: kwargs.pop(k) for k in LEARNER_OPTIONS if k in kwargs}
+    if options.get("weights") is not None:
+        options["weights"] = str(options["weights"])
+    cfg = dataclasses.replace(ts.cfg, arch=arch, **options)
     validate(cfg)
-    model, used_pretrained = create_model(arch, len(ts.cfg.channels), len(ts.vocab), pretrained, weights, log=log)
-    device = dls.device if dls.device is not None else default_device()
-    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
     kwargs.setdefault("path", Path("."))
-    learn = Learner(dls, model, loss_func=M.make_loss(loss, focal_gamma, threshold),
-                    opt_func=partial(adamw, fused=device.type == "cuda"),
-                    metrics=[M.f1_metric("macro", threshold), M.f1_metric("samples", threshold)],
-                    splitter=splitter, **kwargs)
+    device = dls.device if dls.device is not None else default_device()
+    learn, setup = create_learner(dls, ts, cfg, device, **kwargs)
     # model.json's description travels in the learner (and in learn.export's pickle) as a callback
-    meta = model_meta(dataclasses.replace(ts, cfg=cfg), [threshold] * len(ts.vocab))
-    learn.add_cb(modelfile.ModelDescription(meta))
-    if used_pretrained:
+    learn.add_cb(modelfile.ModelDescription(modelfile.model_meta(dataclasses.replace(ts, cfg=cfg),
+                                                                 [cfg.threshold] * len(ts.vocab), setup.precision)))
+    if setup.pretrained:
         learn.freeze()
-    D.set_precision(learn, D.training_precision(precision, device))
-    if D.use_channels_last("auto", device):
-        D.set_channels_last(learn)
-    D.tune_backend(device)
     return learn
 
 
@@ -146,8 +132,8 @@ def export_safe(learn: Learner, folder) -> Path:
     """The safe export (``model.safetensors`` + ``model.json``) into ``folder``: what ``load_predictor``,
     ``run.py predict``, ``explain`` and ``serve`` load without unpickling anything."""
     folder = Path(folder)
-    modelfile.save(learn.model.state_dict(), description(learn), folder)
-    return folder / "model.json"
+    modelfile.save(modelfile.bare_model(learn.model).state_dict(), description(learn), folder)
+    return folder / MODEL_JSON
 
 
 def show_heatmaps(predictor, images, classes=None, threshold: float | None = None, tta: str | None = None,

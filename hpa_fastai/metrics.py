@@ -1,16 +1,11 @@
-"""Losses and metrics of multi-label classification: F1 as Kaggle scored it, thresholds per class,
-and the order of the worst mistakes."""
+"""Metrics of multi-label classification: F1 as Kaggle scored it, thresholds per class, and the order
+of the worst mistakes. (The losses are in ``losses``.)"""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
-from fastai.losses import BCEWithLogitsLossFlat
 from fastai.metrics import skm_to_fastai
 from sklearn.metrics import f1_score, precision_recall_fscore_support
-from torch import nn
-from torch.nn import functional as F
-from torchvision.ops import sigmoid_focal_loss
 
 
 def f1_metric(average: str, thresh: float = 0.5):
@@ -18,74 +13,6 @@ def f1_metric(average: str, thresh: float = 0.5):
     nor predicted as 0, as the HPA 2018 leaderboard did, and keeps sklearn from warning every epoch."""
     return skm_to_fastai(f1_score, thresh=thresh, flatten=False, average=average, zero_division=0,
                          name=f"f1_{average}")
-
-
-class _SigmoidLoss(nn.Module):
-    """A multi-label loss on independent sigmoids, with the activation and decoding fastai's
-    get_preds and predict look for (as BCEWithLogitsLossFlat has them)."""
-
-    def __init__(self, thresh: float = 0.5):
-        super().__init__()
-        self.thresh = thresh
-
-    def activation(self, x):
-        return torch.sigmoid(x)
-
-    def decodes(self, x):
-        return x > self.thresh
-
-
-class BinaryFocalLoss(_SigmoidLoss):
-    """Focal loss on independent sigmoids, as torchvision computes it (fastai's FocalLossFlat is for
-    single-label softmax)."""
-
-    def __init__(self, gamma: float = 2.0, thresh: float = 0.5):
-        super().__init__(thresh)
-        self.gamma = gamma
-
-    def forward(self, inp, targ):
-        return sigmoid_focal_loss(inp.float(), targ.float(), alpha=-1, gamma=self.gamma, reduction="mean")
-
-
-class AsymmetricLoss(_SigmoidLoss):
-    """The asymmetric loss (ASL) of Ridnik et al., "Asymmetric Loss For Multi-Label Classification"
-    (ICCV 2021), for multi-label data where almost every label of an image is negative:
-
-        L = -[ y (1 - p)^gamma_pos log(p) + (1 - y) p_m^gamma_neg log(1 - p_m) ],  p_m = max(p - clip, 0)
-
-    Easy negatives are down-weighted (``gamma_neg``) and those below ``clip`` discarded, so the
-    few positives of a rare class are not drowned by the negatives of every other image. The
-    authors' code sums over the batch; this takes the mean over images and classes, as BCE does,
-    so losses and learning rates stay on BCE's scale (Adam's steps do not depend on the scale).
-    With gamma_neg = gamma_pos = clip = 0 it is BCE."""
-
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, thresh: float = 0.5):
-        super().__init__(thresh)
-        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
-
-    def forward(self, inp, targ):
-        x, y = inp.float(), targ.float()
-        p = torch.sigmoid(x)
-        log_p = F.logsigmoid(x)  # log(p) and log(1 - p) without the overflow of log(sigmoid(x))
-        if self.clip > 0:
-            p_neg = (p - self.clip).clamp(min=0)
-            log_not_p = torch.log((1 - p_neg).clamp(min=1e-8))
-        else:
-            p_neg, log_not_p = p, F.logsigmoid(-x)
-        loss = y * log_p * (1 - p) ** self.gamma_pos + (1 - y) * log_not_p * p_neg ** self.gamma_neg
-        return -loss.mean()
-
-
-LOSSES = ("bce", "focal", "asl")
-
-
-def make_loss(name: str, gamma: float = 2.0, thresh: float = 0.5, asl_gamma_neg: float = 4.0,
-              asl_gamma_pos: float = 0.0, asl_clip: float = 0.05):
-    if name == "focal":
-        return BinaryFocalLoss(gamma, thresh)
-    if name == "asl":
-        return AsymmetricLoss(asl_gamma_neg, asl_gamma_pos, asl_clip, thresh)
-    return BCEWithLogitsLossFlat(thresh=thresh)
 
 
 def binary_f1(preds: np.ndarray, targets: np.ndarray) -> np.ndarray:

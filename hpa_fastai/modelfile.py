@@ -1,11 +1,16 @@
-"""The safe model file: weights as ``model.safetensors`` plus ``model.json``, the description of what
-the model reads (arch, channels, size, normalisation) and how its outputs are decoded (vocabulary,
-names, thresholds, loss). Training writes it; inference loads it without unpickling anything,
-after checking the description and the weights' names and shapes from the file's header, before
-anything large is built."""
+"""A trained model's files, written and read in one place: the safe export (weights as
+``model.safetensors`` plus ``model.json``, the description of what the model reads (arch, channels,
+size, normalisation) and how its outputs are decoded (vocabulary, names, thresholds, loss)), fastai's
+pickled Learner (``export.pkl``, carrying the same description) and ONNX (``model.onnx``, the
+normalisation inside the graph).
+
+Training writes the first two; inference loads the safe export without unpickling anything, after
+checking the description and the weights' names and shapes from the file's header, before anything
+large is built; ``run.py export --onnx`` writes the third from a loaded model."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,12 +18,15 @@ from fastai.callback.core import Callback
 
 from . import models
 from .atomic import atomic_path, write_json
-from .config import MAX_SIZE
+from .config import LOSSES, MAX_SIZE
 from .data.layouts import CHANNEL_SETS, FORMATS
 from .data.vocab import vocab_for
 from .device import PRECISIONS
 from .errors import HPAError
-from .rundir import MODEL_JSON, WEIGHTS
+from .runs.folder import EXPORT_PKL, MODEL_JSON, WEIGHTS
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelDescription(Callback):
@@ -36,6 +44,52 @@ def description_of(learn) -> dict | None:
         if isinstance(cb, ModelDescription):
             return cb.meta
     return getattr(learn, "hpa_meta", None)
+
+
+def model_meta(ts, thresholds, precision: str = "fp32") -> dict:
+    """model.json's contents for a model trained on the training set ``ts``: what the model reads, how
+    its outputs are decoded, the loss it trained with and the precision it trained in (prediction
+    runs in it too)."""
+    from .losses import loss_params
+
+    cfg = ts.cfg
+    return {"arch": cfg.arch, "format": ts.format, "channels": cfg.channels, "n_in": len(cfg.channels),
+            "size": cfg.size, "mean": ts.mean, "std": ts.std, "vocab": ts.vocab, "names": ts.names,
+            "thresholds": [float(t) for t in thresholds], "loss": cfg.loss,
+            "focal_gamma": cfg.focal_gamma, **_loss_fields(cfg.loss, loss_params(cfg.loss, cfg)),
+            "precision": precision}
+
+
+def _loss_fields(name: str, params: dict) -> dict:
+    """A loss's parameters under their flag names (``asl_clip``...), as model.json keeps them."""
+    from .losses import LOSS_FLAGS
+
+    return {LOSS_FLAGS[name][k]: v for k, v in params.items()}
+
+
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without the DistributedDataParallel and ``torch.compile`` wrappers, so saved
+    weights have the plain parameter names and load anywhere."""
+    from .device import uncompiled
+
+    return uncompiled(getattr(model, "module", model))
+
+
+def export_learner(learn, meta: dict, folder: Path) -> None:
+    """export.pkl and the safe export of ``learn``, both of the plain model: a ``torch.compile``
+    wrapper is neither pickled nor named in the weights (a compiled module would pickle its
+    compiled code)."""
+    description = ModelDescription(meta)
+    learn.add_cb(description)
+    model = learn.model
+    learn.model = bare_model(model)
+    try:
+        with atomic_path(Path(folder) / EXPORT_PKL, durable=True) as tmp:
+            learn.export(tmp)
+    finally:
+        learn.model = model
+        learn.remove_cb(description)
+    save(bare_model(model).state_dict(), meta, folder)
 
 
 def save(state: dict, meta: dict, folder: Path) -> None:
@@ -181,10 +235,52 @@ def check_meta(meta, json_path: Path) -> None:
         # training measures them on images scaled to 0..1, and keeps the std at 0.001 or more
         ("mean", numbers(meta["mean"], n_in, lambda m: 0 <= m <= 1), f"a list of {n_in} numbers in 0..1"),
         ("std", numbers(meta["std"], n_in, lambda s: 1e-3 <= s <= 1), f"a list of {n_in} numbers in 0.001..1"),
-        ("loss", meta.get("loss", "bce") in ("bce", "focal", "asl"), "bce, focal or asl"),
+        ("loss", meta.get("loss", "bce") in LOSSES, f"one of {', '.join(LOSSES)}"),
         ("focal_gamma", number(meta.get("focal_gamma", 2.0)), "a number"),
         ("precision", meta.get("precision", "fp32") in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     ]
     for key, ok, want in checks:
         if not ok:
             raise HPAError(f"{json_path}: {key!r} must be {want} (got {meta[key]!r:.60})")
+
+
+class NormalisedModel(torch.nn.Module):
+    """Takes images scaled to 0..1 (N, C, H, W), normalises them with the training statistics and
+    returns class probabilities: what ``model.onnx`` computes."""
+
+    def __init__(self, model: torch.nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return torch.sigmoid(self.model((x - self.mean) / self.std))
+
+
+def export_onnx(model: torch.nn.Module, meta: dict, out: Path, check: bool = True) -> dict:
+    """Write ``out``, ONNX of ``model`` (described by ``meta``) with the normalisation inside the
+    graph, for runtimes without PyTorch or fastai; where onnxruntime is installed, compare it with
+    PyTorch on one batch (``max_abs_diff``)."""
+    import numpy as np
+
+    model = NormalisedModel(model.cpu().eval(), meta["mean"], meta["std"]).eval()
+    n_in, size = len(meta["channels"]), meta["size"]
+    example = torch.rand(2, n_in, size, size, generator=torch.Generator().manual_seed(0))
+    with atomic_path(out) as tmp:
+        torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["probabilities"],
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    result = {"path": str(out), "checked": False}
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            logger.info("note: onnxruntime is not installed, so the ONNX file was not checked (pip install onnxruntime)")
+            return result
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"image": example.numpy()})[0]
+        with torch.no_grad():
+            want = model(example).numpy()
+        result.update(checked=True, max_abs_diff=float(np.abs(got - want).max()))
+    return result

@@ -6,6 +6,7 @@ splitter gives every model discriminative learning rates. ``timm:<name>`` reache
 from __future__ import annotations
 
 import importlib.util
+import logging
 import socket
 import sys
 import types
@@ -50,6 +51,8 @@ from torch import nn  # noqa: E402
 from torchvision import models as tvm  # noqa: E402
 
 from .errors import HPAError  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 ARCHS: dict = {}
 
@@ -158,7 +161,7 @@ def load_weights(model: nn.Module, path) -> None:
 _warned: set = set()
 
 
-def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True, weights=None, log=print):
+def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True, weights=None):
     """Build ``arch`` for ``n_in`` stains and ``n_out`` classes. Returns ``(model, used_pretrained)``.
 
     Without internet or a cached copy, ImageNet weights can't be had: warn once and train from
@@ -178,9 +181,9 @@ def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True, weig
             if arch not in _warned:
                 _warned.add(arch)
                 reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-                log(f"warning: ImageNet weights for {arch} are not cached and cannot be downloaded "
-                    f"({reason}); training from random initialisation. Cache them under "
-                    f"{torch.hub.get_dir()} or pass --weights PATH.")
+                logger.warning(f"ImageNet weights for {arch} are not cached and cannot be downloaded "
+                               f"({reason}); training from random initialisation. Cache them under "
+                               f"{torch.hub.get_dir()} or pass --weights PATH.")
         finally:
             socket.setdefaulttimeout(old_timeout)
         if used:

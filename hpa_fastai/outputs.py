@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import HPAError
-from .rundir import RUN_FILES, is_cv_dir, is_run_dir
+from .runs.folder import RUN_FILES, is_cv_dir, is_run_dir
 
 
 def _is_run_folder(folder: Path) -> bool:

@@ -152,3 +152,12 @@ def hpa_real() -> Path:
     if not path.is_dir():
         pytest.skip(f"../shared/hpa_real not found ({path}); set HPA_REAL to the real-data folder to run this test")
     return path
+
+
+@pytest.fixture(autouse=True)
+def console_logging():
+    """The package's log records on the console, as the command line shows them, also for library
+    calls made in-process (tests read them with capsys)."""
+    from hpa_fastai.console import attach_logging
+
+    attach_logging()

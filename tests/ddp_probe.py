@@ -8,7 +8,7 @@ from fastai.learner import Learner
 
 from hpa_fastai.data import pipeline as D
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.workflows import train
+from hpa_fastai.training import train
 
 data_dir, out = sys.argv[1], Path(sys.argv[2])
 seen = out / f"seen_rank{os.environ['RANK']}.txt"

@@ -32,3 +32,23 @@ def cli_in_process(capsys, *args):
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def train(cfg, **kwargs) -> Path:
+    """A training run as ``run.py`` runs it: the training door, then the run's report (and its
+    TensorBoard summary with ``--log tensorboard``); returns the run folder."""
+    from hpa_fastai.reporting import log_tensorboard_summary, write_report
+    from hpa_fastai.training import train as train_door
+
+    result = train_door(cfg, **kwargs)
+    write_report(result.run_dir)
+    if result.config.log == "tensorboard":
+        log_tensorboard_summary(result.run_dir, result.metrics)
+    return result.run_dir
+
+
+def build_learner(ts, device=None):
+    """A run's Learner for the training set ``ts``, outside any run folder: (learner, setup)."""
+    from hpa_fastai.training.learner import create_learner, training_dls
+
+    return create_learner(training_dls(ts, device), ts, ts.cfg, device, path=Path("."), model_dir=".")

@@ -1,5 +1,6 @@
-"""The package's layout holds: imports point one way between the stages, and no module imports
-itself back through others, counting imports inside functions too."""
+"""The package's layout holds: imports point one way between the stages, no module imports itself
+back through others (counting imports inside functions too), the library prints nothing (only the
+command line owns the console), and the run folder's file names are spelled in ``runs/`` alone."""
 from __future__ import annotations
 
 import ast
@@ -10,20 +11,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hpa_fastai"
 # Stages from the bottom up; a module may import modules of its own rank and of lower ranks, except
 # that training and inference, which share a rank, may not import each other.
 RANKS = {
-    "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "rundir": 0, "outputs": 0, "plots": 0,
+    "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "outputs": 0, "plots": 0,
+    "runs": 0,  # the run folder: its file names, status, lock, readers and the runs table
     "data": 1, "synth": 1,
     "tools": 2,  # one-off data jobs (the HPAv18 download): on core, data and synth; only the CLI imports them
-    "models": 3, "metrics": 3, "modelfile": 3,
-    "device": 3,
+    "models": 3, "losses": 3, "metrics": 3, "evaluation": 3, "modelfile": 3, "device": 3,
     "training": 4, "inference": 4,
-    "runs": 5,
     "reporting": 6,
     "serve": 6,  # the web app on a trained model (inference and plots only)
-    "workflows": 7,
     "cli": 8,
     "fastai_api": 8,  # the fastai-native door for notebooks and scripts; nothing in the library imports it
     "__init__": 9,  # the package's public doors (load_predictor)
 }
+# Only the command line writes to the console; the library speaks through logging and callbacks.
+CONSOLE_USERS = {"cli"}
+CONSOLE = "hpa_fastai.console"
 
 
 def module_name(path: Path) -> str:
@@ -84,7 +86,7 @@ def test_imports_point_down_the_stages():
             if RANKS[b] > RANKS[a] or (RANKS[b] == RANKS[a] and {a, b} == {"training", "inference"}):
                 wrong.append(f"{module} imports {target}")
     assert not wrong, "imports against the direction core -> data -> tools -> models -> training | inference -> " \
-                      "runs -> reporting -> workflows -> cli:\n" + "\n".join(sorted(wrong))
+                      "reporting -> cli:\n" + "\n".join(sorted(wrong))
 
 
 def test_no_import_cycles():
@@ -109,25 +111,10 @@ def test_no_import_cycles():
 
 
 def test_only_the_cli_imports_the_tools():
-    # the tools sit low (they need only core and data) but stay apart from the pipeline above them
+    # the tools sit low (they need only core, data and synth) but stay apart from the pipeline above them
     importers = sorted({stage(m) for m, targets in graph().items()
                         if stage(m) != "tools" and any(stage(t) == "tools" for t in targets)})
     assert importers == ["cli"], importers
-
-
-def test_the_tools_print_nothing():
-    # a tool returns its result, logs its messages and reports progress through a callback; only
-    # the CLI writes to the console
-    offenders = []
-    for path in (PACKAGE / "tools").rglob("*.py"):
-        nodes = list(ast.walk(ast.parse(path.read_text())))
-        top = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
-        top |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module and not n.level}
-        if "hpa_fastai.console" in imports_of(path) or "rich" in top:
-            offenders.append(f"{module_name(path)} imports the console or rich")
-        if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print" for n in nodes):
-            offenders.append(f"{module_name(path)} calls print")
-    assert not offenders, offenders
 
 
 def test_only_the_package_door_imports_the_fastai_api():
@@ -143,4 +130,39 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
         if isinstance(node, ast.ImportFrom):
             found.add(node.module)
     assert found == {"training"}
-    assert "hpa_fastai.training.run" in imports_of(PACKAGE / "workflows.py")
+    assert "hpa_fastai.training.run" in imports_of(PACKAGE / "training" / "cv.py")
+
+
+def test_only_the_command_line_writes_to_the_console():
+    users = sorted(m for m, targets in graph().items() if CONSOLE in targets and stage(m) not in CONSOLE_USERS)
+    assert not users, f"library modules that import the console (log through logging.getLogger(__name__)): {users}"
+
+
+def test_library_modules_do_not_print():
+    printing = []
+    for path in PACKAGE.rglob("*.py"):
+        if stage(module_name(path)) in CONSOLE_USERS or path.name == "console.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{module_name(path)}:{node.lineno}")
+    assert not printing, f"print() in library code: {printing}"
+
+
+def run_file_names() -> set[str]:
+    """The names of the run folder's files (its subfolders, ``tensorboard`` and ``evaluate``, share
+    their names with a flag value and a command, and are left out)."""
+    from hpa_fastai.runs import folder
+
+    return {name for name in set(folder.RUN_FILES) | set(folder.EVALUATION_FILES) if "." in name}
+
+
+def test_run_folder_file_names_are_spelled_in_runs_only():
+    names, found = run_file_names(), []
+    for path in PACKAGE.rglob("*.py"):
+        if stage(module_name(path)) == "runs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.append(f"{module_name(path)}:{node.lineno} {node.value!r}")
+    assert not found, "run-folder file names outside hpa_fastai/runs (take them from runs.folder):\n" + "\n".join(found)

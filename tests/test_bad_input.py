@@ -40,7 +40,7 @@ from hpa_fastai.errors import HPAError
 from hpa_fastai.data.layouts import (CHANNEL_SETS, CHANNELS, FORMATS, check_id, detect_format, key_files,
                                      parse_labels, read_items, scan_images)
 from hpa_fastai.inference.loading import load_predictor
-from hpa_fastai.training.learner import build_learner
+from .helpers import build_learner
 from hpa_fastai.training.run import prepare, validate
 
 from .conftest import write_hpa2018, write_png, write_z2g
@@ -436,7 +436,7 @@ def test_config_value(overrides, flag):
 def test_config_value_too_large_for_the_data(make_z2g, overrides, message):
     prep = prepare(TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, **overrides))
     with pytest.raises(HPAError, match=message):
-        build_learner(prep, None, quiet=True)
+        build_learner(prep)
 
 
 def test_progressive_size_not_below_the_automatic_size_is_refused_before_training(make_z2g, tmp_path, capsys):
@@ -1247,7 +1247,7 @@ def test_an_unexpected_error_before_the_first_epoch_marks_the_run_failed(make_z2
 def test_run_folders_started_together_never_collide(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from hpa_fastai.rundir import make_run_dir
+    from hpa_fastai.runs.folder import make_run_dir
 
     made = []
     with ThreadPoolExecutor(8) as pool:

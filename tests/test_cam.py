@@ -20,7 +20,7 @@ from hpa_fastai.errors import HPAError
 from hpa_fastai.inference.cam import explain, grad_cam, grad_cam_tta
 from hpa_fastai.inference.predictor import dihedral, inverse_dihedral
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import cli_in_process
 

@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 
 from hpa_fastai.atomic import folder_size
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.workflows import cross_validate
+from hpa_fastai.training import cross_validate
 from hpa_fastai.data.layouts import labels_matrix
 from hpa_fastai.data.splits import stratified_valid_idx
 from hpa_fastai.errors import HPAError
@@ -33,7 +33,7 @@ def cv_run(tmp_path_factory):
     data = make_dataset(tmp_path_factory.mktemp("z2g"), "z2g", n_train=36, n_test=5, size=32, seed=3, easy=True)
     out = tmp_path_factory.mktemp("runs")
     parent = cross_validate(TrainConfig(data=str(data), out=str(out), arch="cnn", epochs=1, bs=8, pretrained=False,
-                                    lr="2e-3", seed=SEED, n_folds=N_FOLDS))
+                                        lr="2e-3", seed=SEED, n_folds=N_FOLDS)).cv_dir
     return data, parent
 
 

@@ -25,10 +25,10 @@ from hpa_fastai.errors import HPAError
 from hpa_fastai.inference.predictor import dihedral
 from hpa_fastai.models import create_model
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.training.learner import build_learner
+from .helpers import build_learner
 from hpa_fastai.training.resume import rng_state, set_rng_state
 from hpa_fastai.training.run import prepare
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import cli_in_process, read_json
 
@@ -39,7 +39,7 @@ def test_bf16_and_channels_last_reach_the_model_in_training_and_validation(make_
     data = make_z2g(n=16, size=16)
     cfg = TrainConfig(data=str(data), arch="cnn", pretrained=False, bs=4, lr="1e-3", seed=0, workers=0,
                       precision="bf16", memory_format="channels-last")
-    learn, setup = build_learner(prepare(cfg), None, quiet=True)
+    learn, setup = build_learner(prepare(cfg))
     assert (setup.precision, setup.channels_last) == ("bf16", True)
     first_conv = learn.model[0][0]
     seen = []
@@ -54,7 +54,7 @@ def test_bf16_and_channels_last_reach_the_model_in_training_and_validation(make_
 
 def test_auto_precision_and_memory_format_stay_fp32_and_contiguous_on_cpu(make_z2g):
     cfg = TrainConfig(data=str(make_z2g(n=8, size=16)), arch="cnn", pretrained=False, bs=4, lr="1e-3", workers=0)
-    learn, setup = build_learner(prepare(cfg), None, quiet=True, device=torch.device("cpu"))
+    learn, setup = build_learner(prepare(cfg), device=torch.device("cpu"))
     assert (setup.precision, setup.channels_last, setup.compiled) == ("fp32", False, False)
     assert not [cb for cb in learn.cbs if isinstance(cb, (D.MixedPrecision, D.ChannelsLast))]
 

@@ -17,7 +17,7 @@ from hpa_fastai.data.dedup import hash_images
 from hpa_fastai.data.images import STAIN_COLOURS, read_image
 from hpa_fastai.data.layouts import CHANNELS, FORMATS, check_id, parse_labels, read_csv, read_items
 from hpa_fastai.training.run import prepare
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .conftest import STAINS, write_png, write_train_csv
 from .helpers import cli_in_process, read_json

@@ -8,7 +8,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import norm_bias_params
 
 from hpa_fastai.config import TrainConfig
-from hpa_fastai.training.learner import build_learner
+from .helpers import build_learner
 from hpa_fastai.training.optimizer import AdamW
 from hpa_fastai.training.run import prepare
 
@@ -17,7 +17,7 @@ from hpa_fastai.training.run import prepare
 def resnet(make_z2g):
     data = make_z2g(n=24, size=32)
     cfg = TrainConfig(data=str(data), arch="resnet18", pretrained=False, size=32, bs=8, lr="1e-3", seed=0, workers=0)
-    learn, _ = build_learner(prepare(cfg), None, quiet=True)
+    learn, _ = build_learner(prepare(cfg))
     learn.create_opt()
     return learn
 

@@ -16,7 +16,7 @@ from hpa_fastai.errors import HPAError
 from hpa_fastai.data.layouts import read_items
 from hpa_fastai.metrics import tune_thresholds
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import cli_in_process, read_json, run_cli
 

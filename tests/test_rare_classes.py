@@ -15,7 +15,7 @@ from hpa_fastai.config import TrainConfig
 from hpa_fastai.data.pipeline import make_dls
 from hpa_fastai.data.sampling import oversampling_weights
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import read_json
 

@@ -18,7 +18,7 @@ from hpa_fastai import metrics as M
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.errors import HPAError
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import REPO, cli_in_process, read_json
 

@@ -20,7 +20,7 @@ from hpa_fastai.config import TrainConfig
 from hpa_fastai.errors import HPAError
 from hpa_fastai.reporting import write_comparison, write_report
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import cli_in_process, read_json
 

@@ -14,7 +14,7 @@ from hpa_fastai.atomic import folder_size
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.runs.table import collect_runs
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import cli_in_process, read_json
 

@@ -24,7 +24,7 @@ from hpa_fastai import load_predictor
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.serve.app import MAX_SIDE, answer, md_escape
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import train
 
 from .helpers import REPO
 

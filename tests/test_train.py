@@ -21,7 +21,7 @@ from hpa_fastai.atomic import folder_size
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.metrics import f1_metric
 from hpa_fastai.synth import make_dataset
-from hpa_fastai.workflows import train
+from .helpers import build_learner, train
 
 from .conftest import write_colour_classes
 from .helpers import REPO, cli_in_process, read_json, run_cli
@@ -166,10 +166,10 @@ def test_training_learns_on_easy_synthetic_data(tmp_path):
     history = pd.read_csv(run_dir / "history.csv")
     metrics = read_json(run_dir / "metrics.json")
     # an untrained model's validation macro F1 on the same split
-    from hpa_fastai.training.learner import build_learner
+    from hpa_fastai.runs.files import read_config
     from hpa_fastai.training.run import prepare
 
-    learn, _ = build_learner(prepare(TrainConfig.from_json(run_dir / "config.json")), None, quiet=True)
+    learn, _ = build_learner(prepare(TrainConfig.from_dict(read_config(run_dir))))
     _, untrained_f1, _ = learn.validate()
     # Measured on a 2-core AMD EPYC with data and training seeds 0-4 at 1 and 2 torch threads (10 runs
     # each): without oversampling, trained 0.72-0.97, untrained 0.06-0.15, the last epoch's training

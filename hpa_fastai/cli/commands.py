@@ -13,22 +13,93 @@ from ..console import console, log, table
 from ..errors import HPAError
 
 
-def train(cfg: TrainConfig):
-    from ..workflows import train as train_run
+def train(cfg: TrainConfig) -> Path | None:
+    from ..training import train as train_run
+    from .epochs import EpochProgress
 
-    return train_run(cfg)
+    result = train_run(cfg, cbs=[EpochProgress()])
+    if result is None:  # a process other than the first of a distributed run
+        return None
+    _show_per_class(f"validation, per class (tuned thresholds; {result.metrics['valid_images']} images)",
+                    result.metrics["per_class"])
+    _report(result.run_dir, result.metrics)
+    _show_run_summary(result)
+    log(f"artifacts in {result.run_dir} (exported model: export.pkl, model.safetensors + model.json)")
+    return result.run_dir
+
+
+def _report(run_dir: Path, metrics: dict) -> None:
+    """report.html of a finished run and, with --log tensorboard, its TensorBoard summary."""
+    from ..reporting import log_tensorboard_summary, write_report
+    from ..runs.files import read_config
+
+    log(f"report {write_report(run_dir)}")
+    if read_config(run_dir).get("log") == "tensorboard":
+        log_tensorboard_summary(run_dir, metrics)
+
+
+def _show_per_class(title: str, per_class) -> None:
+    report = pd.DataFrame(per_class)
+    console.print(table(title, report.assign(support=report["support"].astype(int))))
+
+
+def _show_run_summary(result) -> None:
+    metrics = result.metrics
+    threshold = metrics["threshold"]
+    at = "threshold 0.5" if threshold == 0.5 else f"threshold {threshold}"
+    # tuned thresholds scored on the images they were tuned on (in-sample) flatter rare classes;
+    # the split-half estimate (tuned on one half, scored on the other) is what new images will see
+    nan = float("nan")
+    summary = pd.DataFrame([
+        {"": "macro F1", at: metrics["f1_macro"], "tuned, out-of-sample": metrics.get("f1_macro_tuned_oos", nan),
+         "tuned, in-sample": metrics["f1_macro_tuned"]},
+        {"": "samples F1", at: metrics["f1_samples"], "tuned, out-of-sample": metrics.get("f1_samples_tuned_oos", nan),
+         "tuned, in-sample": metrics["f1_samples_tuned"]},
+    ])
+    console.print(table(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} ({result.status}), "
+                        f"{metrics['seconds']:.0f}s", summary))
+    log("tuned thresholds, out-of-sample: tuned on one half of the validation images and scored on the other, "
+        "both ways, averaged; in-sample: tuned and scored on the same images")
 
 
 def lr_find(cfg: TrainConfig) -> Path:
-    from ..workflows import lr_find as lr_find_run
+    from ..runs.folder import LR_FIND_PLOT
+    from ..training import lr_find as find
 
-    return lr_find_run(cfg)
+    result = find(cfg)
+    console.print(table("lr_find suggestions", pd.DataFrame(
+        {"method": list(result.suggestions), "lr": [f"{v:.3e}" for v in result.suggestions.values()]})))
+    log(f"plot: {result.run_dir / LR_FIND_PLOT}")
+    return result.run_dir
 
 
 def cv(cfg: TrainConfig) -> Path:
-    from ..workflows import cross_validate
+    from ..runs.folder import LATEST
+    from ..training import cross_validate
+    from .epochs import EpochProgress
 
-    return cross_validate(cfg)
+    result = cross_validate(cfg, cbs=[EpochProgress()])
+    for fold in result.trained:
+        _report(fold.run_dir, fold.metrics)
+    _show_cv(result.summary)
+    log(f"out-of-fold predictions and scores in {result.cv_dir}; {result.cv_dir.parent / LATEST} now points at it")
+    log(f"predict with the {result.summary['n_folds']}-model ensemble: python run.py predict --learner {result.cv_dir}")
+    return result.cv_dir
+
+
+def _show_cv(result: dict) -> None:
+    at = "threshold 0.5" if result["threshold"] == 0.5 else f"threshold {result['threshold']}"
+    rows = [{"": f["run"], "images": f["images"], f"macro F1, {at}": f["f1_macro"],
+             "macro F1, tuned": f["f1_macro_tuned"]} for f in result["folds"]]
+    fold_scores = pd.DataFrame(rows)
+    rows.append({"": "mean of folds", "images": int(fold_scores["images"].sum()),
+                 f"macro F1, {at}": float(fold_scores[f"macro F1, {at}"].mean()),
+                 "macro F1, tuned": float(fold_scores["macro F1, tuned"].mean())})
+    oof = result["oof"]
+    rows.append({"": "out-of-fold", "images": oof["images"], f"macro F1, {at}": oof["f1_macro"],
+                 "macro F1, tuned": oof["f1_macro_tuned"]})
+    console.print(table(f"{result['n_folds']}-fold cross-validation (tuned: per-class thresholds "
+                        "from all out-of-fold predictions)", pd.DataFrame(rows)))
 
 
 def _tta(cfg) -> str | None:
@@ -100,7 +171,7 @@ def evaluate(cfg: EvaluateConfig) -> Path:
     from ..inference.loading import load_predictor
     from ..outputs import check_output
     from ..paths import SAMPLE_DIR
-    from ..runs.evaluate import evaluate as evaluate_model
+    from ..inference.evaluate import evaluate as evaluate_model
 
     if cfg.out is not None:
         check_output(cfg.out, "--out")  # an empty --out, before a model is loaded
@@ -117,9 +188,9 @@ def evaluate(cfg: EvaluateConfig) -> Path:
 
 def export(cfg: ExportConfig) -> Path:
     from ..inference.loading import load_predictor
+    from ..modelfile import export_onnx
     from ..outputs import check_output
-    from ..rundir import ONNX
-    from ..runs.export import export_onnx
+    from ..runs.folder import ONNX
 
     if not cfg.onnx:
         raise HPAError("nothing to export: pass --onnx (the run folder already holds export.pkl and "
@@ -133,7 +204,7 @@ def export(cfg: ExportConfig) -> Path:
     predictor = load_predictor(cfg.learner, cpu=True)
     out = check_output(predictor.source / ONNX if cfg.out is None else cfg.out, "--out",
                        run_dirs=[predictor.source], own={ONNX})
-    result = export_onnx(predictor, out)
+    result = export_onnx(predictor.learn.model, predictor.meta, out)
     if result["checked"]:
         log(f"wrote {out} (onnxruntime vs PyTorch: max abs difference {result['max_abs_diff']:.2e})")
         if result["max_abs_diff"] > 1e-4:
@@ -174,7 +245,8 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
 def report(cfg: ReportConfig) -> Path:
     from ..outputs import check_output
     from ..reporting import write_comparison, write_report
-    from ..rundir import REPORT, check_run_dir
+    from ..runs.files import check_run_dir
+    from ..runs.folder import REPORT
 
     runs = [check_run_dir(r) for r in cfg.runs]
     if len(runs) == 1:  # a run's report.html is this command's own output; the rest of the folder is not

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 import warnings
 
 from ..config import validate
-from ..console import attach_logging
+from ..console import attach_logging, console
 from ..errors import HPAError
 from .commands import COMMANDS
 
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="fastai")
     attach_logging()
+    # one process speaks for a distributed run (torchrun and accelerate set RANK in each process)
+    console.quiet = os.environ.get("RANK", "0") not in ("", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     args = build_parser(command).parse_args(argv)  # exits 2 with a message on a bad flag

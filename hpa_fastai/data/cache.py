@@ -10,6 +10,7 @@ and files that are already there and valid are skipped, so an interrupted run ju
 from __future__ import annotations
 
 import json
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,12 +20,13 @@ import pandas as pd
 
 from ..atomic import atomic_path, write_json
 from ..config import MIN_SIZE
-from ..console import log
 from ..errors import HPAError
 from ..paths import resolve_data_dir
 from .images import read_image
 from .layouts import CHANNEL_SETS, detect_format, key_files, read_items
 from .pipeline import available_cores, bound_workers
+
+logger = logging.getLogger(__name__)
 
 CACHE_JSON = "cache.json"
 
@@ -74,17 +76,17 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
         raise HPAError(f"--channels rgby needs one file per stain (HPA 2018 layout); {data_dir} is "
                        "Zero-to-GANs RGB: use --channels rgb")
     # bad rows are left out as `train --skip-bad` leaves them out; without it, training stops on them anyway
-    items = read_items(data_dir, fmt, "train", skip_bad=True, channels=channels, log=log)
+    items = read_items(data_dir, fmt, "train", skip_bad=True, channels=channels)
     folder = cache_dir(data_dir, channels, size)
     tasks = [(key, cached_file(folder, image_id), channels, size) for image_id, key in zip(items["id"], items["key"])]
     todo = [t for t in tasks if not is_cached(t[1], t[0], channels, size)]
     if todo:
-        log(f"caching {len(todo)} of {len(tasks)} images of {data_dir} ({channels}, {size}px) in {folder}"
+        logger.info(f"caching {len(todo)} of {len(tasks)} images of {data_dir} ({channels}, {size}px) in {folder}"
             + (f" ({len(tasks) - len(todo)} already cached)" if len(todo) < len(tasks) else ""))
     else:
-        log(f"all {len(tasks)} images of {data_dir} are already cached in {folder}")
+        logger.info(f"all {len(tasks)} images of {data_dir} are already cached in {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    workers = bound_workers(workers, len(todo), available_cores(), log)
+    workers = bound_workers(workers, len(todo), available_cores())
     if workers == 1:
         errors = [_cache_one(t) for t in todo]
     else:
@@ -93,12 +95,12 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
             errors = list(pool.map(_cache_one, todo, chunksize=max(1, min(32, len(todo) // (4 * workers)))))
     bad = [msg for msg in errors if msg]
     if bad:
-        log(f"skipped {len(bad)} unreadable image(s):")
+        logger.info(f"skipped {len(bad)} unreadable image(s):")
         for msg in bad:
-            log(f"  {msg}")
+            logger.info(f"  {msg}")
     write_json(folder / CACHE_JSON, {"size": size, "channels": channels, "count": len(tasks) - len(bad),
                                      "format": fmt.name, "layout": "uint8 (channels, height, width), one .npy per id"})
-    log(f"cache ready: {len(tasks) - len(bad)} images in {folder}; training at --size {size} --channels "
+    logger.info(f"cache ready: {len(tasks) - len(bad)} images in {folder}; training at --size {size} --channels "
         f"{channels} reads it from now on")
     return folder
 
@@ -132,8 +134,8 @@ def _cached_paths(data_dir: Path, ids, keys, channels: str, size: int) -> list[P
         return None
     if missing or stale:
         problem = f"lacks {missing}" if missing else f"has {stale} out-of-date"
-        log(f"note: the cache {folder} {problem} of {len(paths)} images; decoding the originals instead "
+        logger.info(f"note: the cache {folder} {problem} of {len(paths)} images; decoding the originals instead "
             f"(update it with: python run.py preprocess --data {data_dir} --size {size} --channels {channels})")
         return None
-    log(f"reading {len(paths)} images from the preprocessed cache {folder}")
+    logger.info(f"reading {len(paths)} images from the preprocessed cache {folder}")
     return paths

@@ -10,6 +10,7 @@ otherwise validation rewards recognising a picture seen in training. The file wr
 """
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,12 +21,13 @@ from PIL import Image, UnidentifiedImageError
 
 from ..atomic import write_csv
 from ..config import HASH_BITS
-from ..console import log
 from ..errors import HPAError
 from ..outputs import check_output
 from ..paths import resolve_data_dir
 from .images import read_stain
 from .layouts import key_files, read_csv, read_items
+
+logger = logging.getLogger(__name__)
 
 DUPLICATES_CSV = "duplicates.csv"
 HASH_SIDE = 32  # the stain is reduced to 32 x 32 before the DCT, as in Zauner's pHash
@@ -132,14 +134,14 @@ def dedup(data=None, max_distance: int = 8, out=None) -> tuple[Path, pd.DataFram
     items = read_items(data_dir, split="train", labelled=False)
     out = check_output(data_dir / DUPLICATES_CSV if out is None else out, "--out",
                        [data_dir / "train.csv", *(f for key in items["key"] for f in key_files(key))])
-    log(f"hashing the green stain of {len(items)} images in {data_dir}")
+    logger.info(f"hashing the green stain of {len(items)} images in {data_dir}")
     hashes = hash_images(items["key"])
     dups = find_duplicates(items["id"], hashes, max_distance)
     write_csv(out, dups)
     return out, dups, len(items)
 
 
-def duplicate_groups(data_dir, ids, log=None) -> np.ndarray | None:
+def duplicate_groups(data_dir, ids) -> np.ndarray | None:
     """Each item's duplicate group from the data folder's duplicates.csv (an image without
     duplicates is a group of its own, named by its id; a group is named by its first image), or
     None without the file or any group among ``ids``.
@@ -168,7 +170,6 @@ def duplicate_groups(data_dir, ids, log=None) -> np.ndarray | None:
     first_id: dict[int, str] = {}
     for row in np.flatnonzero(groups >= 0):
         first_id.setdefault(int(groups[row]), ids[row])
-    if log:
-        log(f"{path}: {int((groups >= 0).sum())} images in {len(first_id)} near-duplicate groups; "
-            "the split keeps each group on one side")
+    logger.info(f"{path}: {int((groups >= 0).sum())} images in {len(first_id)} near-duplicate groups; "
+                "the split keeps each group on one side")
     return np.array([first_id[g] if g >= 0 else image_id for g, image_id in zip(groups.tolist(), ids)], dtype=object)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import pandas as pd
 
 from ..errors import HPAError
 from .vocab import vocab_for
+
+logger = logging.getLogger(__name__)
 
 CHANNELS = ("red", "green", "blue", "yellow")
 CHANNEL_SETS = {"rgb": ("red", "green", "blue"), "rgby": CHANNELS}
@@ -234,7 +237,7 @@ def glob_escape(text: str) -> str:
 
 
 def read_items(data_dir, fmt: Format | None = None, split: str = "train", labelled: bool = True,
-               skip_bad: bool = False, channels: str | None = None, log=None) -> pd.DataFrame:
+               skip_bad: bool = False, channels: str | None = None) -> pd.DataFrame:
     """Validated items of a competition folder: columns ``id``, ``key`` and (if labelled) ``labels``.
 
     ``split='train'`` reads train.csv; ``split='test'`` reads the submission CSV's ids. Every
@@ -251,13 +254,13 @@ def read_items(data_dir, fmt: Format | None = None, split: str = "train", labell
     else:
         records = iter_csv(csv_path)
     try:
-        return _checked_items(records, csv_path, folder, fmt, labelled, skip_bad, channels, log)
+        return _checked_items(records, csv_path, folder, fmt, labelled, skip_bad, channels)
     finally:
         getattr(records, "close", lambda: None)()  # the CSV file, when a bad row stopped the reading
 
 
 def _checked_items(records, csv_path: Path, folder: Path, fmt: Format, labelled: bool, skip_bad: bool,
-                   channels: str | None, log) -> pd.DataFrame:
+                   channels: str | None) -> pd.DataFrame:
     # Rows are checked as they are read, so a bad row near the top of a huge file is reported at
     # once, and the file is parsed once.
     columns = next(records)
@@ -298,18 +301,17 @@ def _checked_items(records, csv_path: Path, folder: Path, fmt: Format, labelled:
             bad.append(str(e))
     out = pd.DataFrame(rows, columns=["id", "key"] + (["labels"] if labelled else []))
     if skip_bad and bad:
-        if log:
-            log(f"skipped {len(bad)} bad row(s) of {csv_path}:")
-            for msg in bad:
-                log(f"  {msg}")
+        logger.info(f"skipped {len(bad)} bad row(s) of {csv_path}:")
+        for msg in bad:
+            logger.info(f"  {msg}")
     if out.empty:
         raise HPAError(f"{csv_path}: no usable rows")
     out.attrs["bad_rows"] = bad
     return out
 
 
-def with_extra_items(items: pd.DataFrame, extra_data, fmt: Format, channels: str, skip_bad: bool = False,
-                     log=None) -> pd.DataFrame:
+def with_extra_items(items: pd.DataFrame, extra_data, fmt: Format, channels: str,
+                     skip_bad: bool = False) -> pd.DataFrame:
     """``items`` followed by the labelled images of external folders (``--extra-data``), such as
     the HPAv18 images: each folder is laid out like the competition's, ``train.csv`` (Id,Target,
     the HPA 2018 classes) and ``train/{Id}_{stain}.jpg`` or ``.png`` at any resolution (training
@@ -324,14 +326,13 @@ def with_extra_items(items: pd.DataFrame, extra_data, fmt: Format, channels: str
         if not (folder / "train.csv").is_file():
             raise HPAError(f"--extra-data {folder}: no train.csv (an external folder needs train.csv "
                            "with Id,Target and the images in train/)")
-        extra = read_items(folder, FORMATS["hpa2018"], "train", skip_bad=skip_bad, channels=channels, log=log)
+        extra = read_items(folder, FORMATS["hpa2018"], "train", skip_bad=skip_bad, channels=channels)
         clash = [image_id for image_id in extra["id"] if image_id in source]
         if clash and not skip_bad:
             raise HPAError(f"{folder / 'train.csv'}: id {clash[0]!r} is also in {source[clash[0]]} "
                            f"({len(clash)} shared id(s); --skip-bad keeps the first)")
         if clash:
-            if log:
-                log(f"skipped {len(clash)} id(s) of {folder / 'train.csv'} already read from {source[clash[0]]}")
+            logger.info(f"skipped {len(clash)} id(s) of {folder / 'train.csv'} already read from {source[clash[0]]}")
             extra = extra[~extra["id"].isin(clash)]
         source.update(dict.fromkeys(extra["id"], f"--extra-data {folder}"))
         merged.append(extra)

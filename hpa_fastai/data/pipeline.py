@@ -3,6 +3,7 @@ resized once), batched, augmented (training batches only) and normalised on the 
 DataBlock that training uses and the DataLoader that prediction uses share these transforms."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..errors import HPAError
 from .images import read_image
 from .layouts import CHANNEL_SETS, key_for_path
 
+
+logger = logging.getLogger(__name__)
 
 class TensorRGBY(TensorImage):
     """A four-stain image. fastai shows a TensorImage by handing its channels to matplotlib, which
@@ -116,18 +119,18 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def bound_workers(workers: int | None, n_items: int, default: int, log=None) -> int:
+def bound_workers(workers: int | None, n_items: int, default: int) -> int:
     """The worker processes to start for ``n_items`` images: ``workers``, or ``default`` when it is
     None, but at most one per available core and one per image. Every command that takes
     ``--workers`` (train, cv, predict, evaluate, preprocess) goes through here; an explicit value
-    that is lowered gets a note in ``log``."""
+    that is lowered gets a note in the log."""
     check_workers(workers)
     want = default if workers is None else workers
     cap = max(1, min(available_cores(), n_items))
     if want <= cap:
         return want
-    if workers is not None and log is not None:
-        log(f"note: --workers {workers} lowered to {cap} (at most one per CPU core and one per image)")
+    if workers is not None:
+        logger.info(f"note: --workers {workers} lowered to {cap} (at most one per CPU core and one per image)")
     return cap
 
 

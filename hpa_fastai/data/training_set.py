@@ -5,13 +5,13 @@ and the per-channel statistics."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from ..config import MIN_SIZE, TrainConfig, validate
-from ..console import log
 from ..errors import HPAError
 from ..paths import resolve_data_dir
 from .cache import cached_items
@@ -20,6 +20,8 @@ from .images import channel_stats, native_size, verify_images
 from .layouts import detect_format, read_items, with_extra_items
 from .pipeline import bound_workers, default_workers
 from .vocab import class_names, vocab_for
+
+logger = logging.getLogger(__name__)
 
 MAX_AUTO_SIZE = 256
 
@@ -49,20 +51,20 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
     if channels == "rgby" and not fmt.channel_files:
         raise HPAError(f"--channels rgby needs one file per stain (HPA 2018 layout); {data_dir} is "
                        "Zero-to-GANs RGB: use --channels rgb")
-    items = read_items(data_dir, fmt, "train", skip_bad=cfg.skip_bad, channels=channels, log=log)
-    items = with_extra_items(items, cfg.extra_data, fmt, channels, skip_bad=cfg.skip_bad, log=log)
+    items = read_items(data_dir, fmt, "train", skip_bad=cfg.skip_bad, channels=channels)
+    items = with_extra_items(items, cfg.extra_data, fmt, channels, skip_bad=cfg.skip_bad)
     bad = verify_images(items, channels, deep=cfg.skip_bad)
     if bad:
         if not cfg.skip_bad:
             first = next(iter(bad.values()))
             raise HPAError(first + (f" (and {len(bad) - 1} more; --skip-bad drops them)" if len(bad) > 1 else ""))
-        log(f"skipped {len(bad)} unreadable image(s):")
+        logger.info(f"skipped {len(bad)} unreadable image(s):")
         for msg in bad.values():
-            log(f"  {msg}")
+            logger.info(f"  {msg}")
         items = items[~items["key"].isin(bad)].reset_index(drop=True)
     if len(items) < 2:
         raise HPAError(f"{data_dir}: at least 2 usable images are needed, found {len(items)}")
-    groups = duplicate_groups(data_dir, items["id"], log)  # the splits keep near-duplicates together
+    groups = duplicate_groups(data_dir, items["id"])  # the splits keep near-duplicates together
     if groups is not None:
         items = items.assign(group=groups)
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
@@ -73,7 +75,7 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
         raise HPAError(f"--progressive-size {cfg.progressive_size} must be smaller than the image size {size}; "
                        "lower it or pass a larger --size")
     items = cached_items(items, channels, size)  # `run.py preprocess` copies, where they exist
-    workers = bound_workers(cfg.workers, len(items), default_workers(cuda), log)
+    workers = bound_workers(cfg.workers, len(items), default_workers(cuda))
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
     mean, std = stats or channel_stats(items["key"], channels, size, seed=cfg.seed)
     return TrainingSet(resolved, data_dir, fmt.name, items, vocab_for(fmt.name), class_names(fmt.name), mean, std)

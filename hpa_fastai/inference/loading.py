@@ -3,7 +3,6 @@ export.pkl (fastai's pickled learner: only with ``--trust``, wherever the file i
 cross-validation folder (the ensemble of its folds), or several of them as one ensemble."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,8 +13,9 @@ from fastai.learner import Learner
 
 from .. import modelfile
 from ..errors import HPAError
-from ..metrics import make_loss
-from ..rundir import CV, EXPORT_PKL, MODEL_JSON, SAFE_EXPORT
+from ..losses import loss_from
+from ..runs.files import read_cv
+from ..runs.folder import CV, EXPORT_PKL, MODEL_JSON, SAFE_EXPORT
 from .predictor import Ensemble, Predictor
 
 
@@ -45,27 +45,8 @@ def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = N
 
 def _load_cv(folder: Path, trust: bool, cpu: bool | None) -> Ensemble:
     """The folds of a cross-validation, with the thresholds tuned on all their out-of-fold predictions."""
-    where = folder / CV
-    try:
-        cv = json.loads(where.read_text())
-        runs, thresholds = cv["runs"], cv["thresholds"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise HPAError(f"{where}: not a cross-validation summary (no runs and thresholds)") from None
-    if not isinstance(runs, list) or not runs:
-        raise HPAError(f"{where}: lists no fold runs (expected a list of fold folder names)")
-    if not (isinstance(thresholds, list)
-            and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)):
-        raise HPAError(f"{where}: 'thresholds' must be a list of numbers in 0..1 (got {thresholds!r:.60})")
-    # each run a folder inside this one, and not another cv folder: "." or a link back would recurse
-    inside = folder.resolve()
-    for run in runs:
-        plain_name = isinstance(run, str) and run not in ("", ".", "..") and run.isprintable() and not (
-            set(run) & {"/", "\\"})
-        if not plain_name or inside not in (folder / run).resolve().parents:
-            raise HPAError(f"{where}: run {run!r:.60} is not the name of a fold folder inside {folder}")
-        if (folder / run / CV).exists():
-            raise HPAError(f"{where}: run {run!r} is itself a cross-validation folder; nesting is not supported")
-    return Ensemble([load_predictor(folder / run, trust, cpu) for run in runs], thresholds, folder)
+    cv = read_cv(folder)
+    return Ensemble([load_predictor(folder / run, trust, cpu) for run in cv["runs"]], cv["thresholds"], folder)
 
 
 def load_predictors(paths, trust: bool = False, cpu: bool | None = None) -> "Predictor | Ensemble":
@@ -86,7 +67,7 @@ def _device(cpu: bool | None) -> torch.device:
 def _load_safe(json_path: Path, cpu: bool | None) -> Predictor:
     model, meta = modelfile.load(json_path)
     model.to(_device(cpu)).eval()
-    learn = Learner(DataLoaders(), model, loss_func=make_loss(meta.get("loss", "bce"), meta.get("focal_gamma", 2.0)))
+    learn = Learner(DataLoaders(), model, loss_func=loss_from(meta))
     return Predictor(learn, meta, json_path.parent, safe=True)
 
 

@@ -11,7 +11,6 @@ import pandas as pd
 import torch
 
 from ..atomic import write_csv
-from ..console import log
 from ..data.layouts import CHANNEL_SETS, FORMATS, Format, detect_format, key_files, read_items, scan_images
 from ..data.pipeline import bound_workers, default_workers
 from ..errors import HPAError
@@ -39,7 +38,7 @@ def check_compatible(pred, fmt: Format) -> None:
 
 
 def workers_for(workers: int | None, items: pd.DataFrame) -> int:
-    return bound_workers(workers, len(items), default_workers(torch.cuda.is_available()), log)
+    return bound_workers(workers, len(items), default_workers(torch.cuda.is_available()))
 
 
 def model_dirs(pred) -> list[Path]:

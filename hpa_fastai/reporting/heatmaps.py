@@ -9,7 +9,7 @@ from PIL import Image
 
 from .. import plots
 from ..errors import HPAError
-from ..rundir import MODEL_JSON, SAFE_EXPORT
+from ..runs.folder import MODEL_JSON, SAFE_EXPORT
 from .samples import THUMBNAIL
 
 

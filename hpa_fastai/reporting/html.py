@@ -24,8 +24,8 @@ from PIL import Image
 from .. import plots
 from ..atomic import write_text
 from ..errors import HPAError
-from ..rundir import (CONFIG, CURVES, HISTORY, LR_FIND, LR_FIND_PLOT, METRICS, MODEL_JSON, REPORT, check_run_dir,
-                      read_json)
+from ..runs.files import check_run_dir, read_history, read_json, read_lr_find, read_metrics
+from ..runs.folder import CONFIG, CURVES, LR_FIND_PLOT, MODEL_JSON, PER_CLASS_PLOT, REPORT, TENSORBOARD
 from ..runs.table import format_seconds, run_summary
 from .heatmaps import mistake_heatmaps
 from .samples import valid_samples
@@ -92,13 +92,6 @@ def run_label(run_dir: Path) -> str:
     return run_dir.resolve().name
 
 
-def read_history(run_dir: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(run_dir / HISTORY)
-    except (OSError, ValueError):
-        return pd.DataFrame()
-
-
 def class_names(run_dir: Path, metrics: dict) -> list[str]:
     per_class = metrics.get("per_class")
     if per_class and isinstance(per_class, list):
@@ -155,7 +148,7 @@ def config_values(config: dict) -> dict:
 def lr_find_values(run_dir: Path, config: dict) -> dict:
     """The finder's plot and suggestions, or (no plot) the learning rate that was given instead."""
     plot = png_uri(run_dir / LR_FIND_PLOT)
-    suggestions = read_json(run_dir / LR_FIND).get("suggestions", {}) if plot else {}
+    suggestions = read_lr_find(run_dir).get("suggestions", {}) if plot else {}
     used = config.get("lr_used")
     return {"plot": plot, "lr": fmt_value(config.get("lr", "?")),
             "used": num(used, ".3e") if isinstance(used, float) else None,
@@ -183,7 +176,7 @@ def per_class_values(run_dir: Path, metrics: dict) -> dict:
                      "recall": num(r["recall"], ".3f"), "f1": num(r["f1"], ".3f"), "bar": f"{bar:.0f}",
                      "support": num(r["support"], ".0f"), "absent": r["support"] == 0})
     return {"rows": rows, "valid_images": fmt_value(metrics.get("valid_images", "?")),
-            "plot": png_uri(run_dir / "per_class_f1.png") if rows else None}
+            "plot": png_uri(run_dir / PER_CLASS_PLOT) if rows else None}
 
 
 def label_spans(indices, other, cls_in: str, cls_out: str, names: list[str], probs=None,
@@ -220,13 +213,13 @@ def samples_values(run_dir: Path, names: list[str], rgby: bool) -> dict:
 def report_values(run_dir: Path) -> dict:
     """What report.html shows, section by section."""
     config = read_json(run_dir / CONFIG)
-    metrics = read_json(run_dir / METRICS)
+    metrics = read_metrics(run_dir)
     return {
         "name": run_label(run_dir),
         "sub": {**{k: fmt_value(config.get(k, "?")) for k in ("arch", "data", "channels", "size")},
                 "valid_images": fmt_value(metrics.get("valid_images", "?")), **training_values(config)},
         "summary": summary_values(run_summary(run_dir), metrics),
-        "tensorboard": (run_dir / "tensorboard").is_dir(),
+        "tensorboard": (run_dir / TENSORBOARD).is_dir(),
         "config": config_values(config),
         "lr_find": lr_find_values(run_dir, config),
         "curves": curves_values(run_dir, read_history(run_dir)),
@@ -236,7 +229,7 @@ def report_values(run_dir: Path) -> dict:
 
 
 def render_report(run_dir: Path) -> str:
-    return TEMPLATES.get_template("report.html").render(report_values(run_dir))
+    return TEMPLATES.get_template("run.html").render(report_values(run_dir))
 
 
 def write_report(run_dir, out=None) -> Path:
@@ -321,7 +314,7 @@ def comparison_values(run_dirs: list[Path]) -> dict:
         "summary": comparison_summary_rows(labels, [run_summary(d) for d in run_dirs]),
         "config": comparison_config_values([read_json(d / CONFIG) for d in run_dirs]),
         "curves": data_uri(overlay_plot({lb: read_history(d) for lb, d in zip(labels, run_dirs)})),
-        "per_class": comparison_per_class_rows([read_json(d / METRICS) for d in run_dirs]),
+        "per_class": comparison_per_class_rows([read_metrics(d) for d in run_dirs]),
     }
 
 

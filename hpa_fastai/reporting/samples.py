@@ -15,18 +15,11 @@ import pandas as pd
 
 from .. import plots
 from ..errors import HPAError
-from ..rundir import CONFIG, VALID_PREDICTIONS, read_json
+from ..runs.files import read_json, read_valid_predictions
+from ..runs.folder import CONFIG, VALID_PREDICTIONS
 
 N_SAMPLES = 16
 THUMBNAIL = 128
-
-
-def read_valid_predictions(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / VALID_PREDICTIONS
-    if not path.is_file():
-        raise HPAError(f"{path} not found (runs trained before this file existed have no image grid)")
-    # dtype=str: a single label such as "3" must stay text, like "3 7"
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
 def valid_samples(run_dir, n: int = N_SAMPLES, size: int = THUMBNAIL) -> list[dict]:

@@ -1,6 +1,7 @@
 """A finished run's summary in TensorBoard: what fastai's TensorBoardCallback does not log."""
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -9,11 +10,13 @@ import numpy as np
 from PIL import Image
 
 from .. import plots
-from ..console import log
 from ..errors import HPAError
-from ..rundir import METRICS, read_json
+from ..runs.files import read_metrics
 from .html import class_names, fmt_value, num, per_class_rows
 from .samples import valid_samples
+
+
+logger = logging.getLogger(__name__)
 
 
 def _tag(text: str) -> str:
@@ -28,7 +31,7 @@ def log_tensorboard_summary(run_dir, metrics: dict | None = None, samples: list[
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = Path(run_dir)
-    metrics = metrics if metrics is not None else read_json(run_dir / METRICS)
+    metrics = metrics if metrics is not None else read_metrics(run_dir)
     epochs = metrics.get("epochs_run", 0)
     step = int(epochs) if num(epochs, "d") != "-" else 0
     names = class_names(run_dir, metrics)
@@ -49,13 +52,13 @@ def log_tensorboard_summary(run_dir, metrics: dict | None = None, samples: list[
             try:
                 samples = valid_samples(run_dir, n_images)
             except HPAError as e:
-                log(f"note: no sample images in TensorBoard: {e}")
+                logger.info(f"note: no sample images in TensorBoard: {e}")
                 samples = []
         if samples:
             def label_text(indices):
                 return ", ".join(names[c] for c in indices) or "-"
             titles = [f"{s['id']}\ntrue: {label_text(s['true'])}\npred: {label_text(s['predicted'])}" for s in samples]
             with tempfile.TemporaryDirectory() as tmp:
-                grid = plots.sample_grid_plot(Path(tmp) / "samples.png", [s["image"] for s in samples], titles)
+                grid = plots.sample_grid_plot(Path(tmp) / "mistakes.png", [s["image"] for s in samples], titles)
                 image = np.asarray(Image.open(grid).convert("RGB"))
             writer.add_image("valid/worst_mistakes", image, step, dataformats="HWC")

@@ -26,7 +26,8 @@ import pandas as pd
 
 from ..atomic import folder_size
 from ..errors import HPAError
-from ..rundir import CONFIG, HISTORY, METRICS, STATUS, read_json, run_dirs
+from .files import read_config, read_history, read_metrics, read_status
+from .folder import run_dirs
 
 STALE_SECONDS = 10 * 60
 COLUMNS = ["run", "date", "data", "arch", "channels", "size", "epochs", "best_epoch", "f1", "f1_tuned",
@@ -36,13 +37,6 @@ COLUMNS = ["run", "date", "data", "arch", "channels", "size", "epochs", "best_ep
 SORTS = {"date": ("date", False), "arch": ("arch", False), "size": ("size", False), "epochs": ("epochs", True),
          "f1": ("f1", True), "f1_tuned": ("f1_tuned", True), "f1_oos": ("f1_oos", True), "time": ("time", False), "status": ("status", False),
          "disk": ("disk_bytes", True)}
-
-
-def _history(run_dir: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(run_dir / HISTORY)
-    except (OSError, ValueError):
-        return pd.DataFrame()
 
 
 def _started(run_dir: Path, status: dict) -> datetime | None:
@@ -69,11 +63,18 @@ def run_status(run_dir: Path, status: dict, history: pd.DataFrame, now: float | 
     return "interrupted" if quiet > max(STALE_SECONDS, 3 * slowest_epoch) else "running"
 
 
+def _lenient(read, run_dir) -> dict:
+    try:
+        return read(run_dir)
+    except HPAError:  # a damaged config.json: the row shows what the other files say
+        return {}
+
+
 def run_summary(run_dir) -> dict:
     """One row of the runs table for ``run_dir``; missing values are None."""
     run_dir = Path(run_dir)
-    config, metrics, status = (read_json(run_dir / f) for f in (CONFIG, METRICS, STATUS))
-    history = _history(run_dir)
+    config, metrics, status = _lenient(read_config, run_dir), read_metrics(run_dir), read_status(run_dir)
+    history = read_history(run_dir)
     started = _started(run_dir.resolve(), status)
     epochs = metrics.get("epochs_run", len(history) if len(history) else None)
     seconds = metrics.get("seconds", status.get("seconds"))

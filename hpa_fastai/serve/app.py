@@ -10,6 +10,7 @@ from a file (class names, file names) is escaped before it reaches the page's Ma
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -23,9 +24,10 @@ from PIL import Image
 
 from .. import plots
 from ..config import MAX_SIZE
-from ..console import log
 from ..data.layouts import CHANNELS, scan_images
 from ..errors import HPAError
+
+logger = logging.getLogger(__name__)
 
 GRADIO_VERSION = "6.31.0"
 INSTALL = (f"pip install -e '.[serve]' && pip install --no-deps gradio=={GRADIO_VERSION}  "
@@ -185,7 +187,7 @@ def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
         raise HPAError(f"--learner {learner}: serve shows one model's heatmaps; pass one run folder, e.g. "
                        f"{pred.members[0].source}")
     app = build_app(pred)
-    log(f"serving {pred.source} ({pred.meta['arch']}, {pred.channels}) at http://{host}:{port} (Ctrl-C stops)")
+    logger.info(f"serving {pred.source} ({pred.meta['arch']}, {pred.channels}) at http://{host}:{port} (Ctrl-C stops)")
     # system fonts: the default theme would fetch its font from the internet on every page load
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])

@@ -1,6 +1,9 @@
-"""The fastai callbacks of a training run: early stopping after the warm-up, the best weights,
-progressive resizing, a guard against a NaN loss, and a clean stop on Ctrl-C or SIGTERM.
+"""The fastai callbacks of a training run: the phase being fitted, early stopping after the warm-up,
+the best weights, progressive resizing, a guard against a NaN loss, and a clean stop on Ctrl-C or
+SIGTERM.
 
+They talk to each other only through the Learner, as fastai's own do: ``RunPhase`` is added to each
+one-cycle fit of a run (``learn.run_phase``) and says which phase it is; the others read it there.
 Each tracker only acts on epochs that trained: a resumed run skips its finished epochs with
 fastai's ``SkipToEpoch``, which still sends ``after_epoch`` for them. A callback whose state a
 restart needs is ``Stateful``: it gives its state to the checkpoint and takes it back on resume.
@@ -15,13 +18,12 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 
 from ..atomic import atomic_path
-from ..device import uncompiled
+from .. import modelfile
 
 
 def bare_model(learn):
-    """The model without the DistributedDataParallel and ``torch.compile`` wrappers, so saved
-    weights have the plain parameter names and load anywhere."""
-    return uncompiled(getattr(learn.model, "module", learn.model))
+    """The Learner's model without the DistributedDataParallel and ``torch.compile`` wrappers."""
+    return modelfile.bare_model(learn.model)
 
 
 class Stateful:
@@ -33,6 +35,23 @@ class Stateful:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+
+class RunPhase(Callback):
+    """The phase a one-cycle fit of a run trains: ``phase`` (``train``, or ``frozen`` then ``unfrozen``
+    for a pretrained body), whether it is the run's ``final`` one, and how many of its first epochs
+    train at progressive resizing's smaller size (``small_epochs``). Added to each fit's callbacks, so
+    the others find it as ``learn.run_phase``."""
+
+    order = -10  # before every callback that reads it
+
+    def __init__(self, phase: str = "train", final: bool = True, small_epochs: int = 0):
+        self.phase, self.final, self.small_epochs = phase, final, small_epochs
+
+
+def run_phase(learn) -> RunPhase:
+    """The fit's phase, or a single final ``train`` phase where none was given (a plain ``fit``)."""
+    return getattr(learn, "run_phase", None) or RunPhase()
 
 
 class _TrainedEpochsOnly:
@@ -49,9 +68,9 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
     resizing's smaller size). It stops at the start of the next epoch rather than at the end of
     this one, so the checkpoint of the epoch that decided it is written first."""
 
-    def __init__(self, warmup_pct: float = 0.25, min_epochs: int = 0, **kwargs):
+    def __init__(self, warmup_pct: float = 0.25, **kwargs):
         super().__init__(**kwargs)
-        self.warmup_pct, self.min_epochs, self.stop = warmup_pct, min_epochs, False
+        self.warmup_pct, self.stop = warmup_pct, False
 
     def before_fit(self):
         super().before_fit()
@@ -66,7 +85,7 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
         if not self._trained:
             return
         TrackerCallback.after_epoch(self)
-        if self.epoch + 1 <= max(math.ceil(self.warmup_pct * self.n_epoch), self.min_epochs):
+        if self.epoch + 1 <= max(math.ceil(self.warmup_pct * self.n_epoch), run_phase(self.learn).small_epochs):
             self.wait = 0
             return
         self.wait = 0 if self.new_best else self.wait + 1
@@ -127,13 +146,16 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
             activation = getattr(self.loss_func, "activation", torch.sigmoid)
             self.best_preds = (activation(torch.cat(self._preds)), torch.cat(self._targs))
 
-    def persist(self) -> bool:
-        """Before a checkpoint of this epoch: write ``best.pth`` if the best weights are an earlier
-        epoch's. Returns whether the checkpoint's own weights are the best ones."""
-        current = self.best_state is not None and self.best_epoch == self.trained_epochs
-        if not current:
+    @property
+    def best_is_current(self) -> bool:
+        """Whether the model's weights now are the best ones (the epoch just trained was the best)."""
+        return self.best_state is not None and self.best_epoch == self.trained_epochs
+
+    def persist(self) -> None:
+        """Write ``best.pth`` if the best weights are an earlier epoch's: called before a checkpoint
+        of this epoch, whose own weights then are not the best ones."""
+        if not self.best_is_current:
             self.write()
-        return current
 
     def write(self) -> None:
         """``best.pth``, unless it is there already or there are no best weights yet."""
@@ -144,15 +166,16 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
 
     def state_dict(self) -> dict:
         # the checkpoint's weights are the best ones when this epoch is the best: no best.pth then
-        return {"save_best": float(self.best), "best_is_current": self.persist()}
+        return {"save_best": float(self.best), "best_is_current": self.best_is_current}
 
     def load_state_dict(self, state: dict) -> None:
-        """After a restart: the tracked value, and the best weights: those of the checkpoint, or
-        ``best.pth`` (read when the fit ends). A checkpoint without ``best_is_current`` comes from
-        a run that wrote best.pth at every new best."""
+        """After a restart (the checkpoint's weights are in the model by now): the tracked value, and
+        the best weights: the model's own, or ``best.pth`` (read when the fit ends). A checkpoint
+        without ``best_is_current`` comes from a run that wrote best.pth at every new best."""
         self.best = state["save_best"]
         current = state.get("best_is_current", False)
-        self.best_state = dict(state["model"]) if current else None
+        self.best_state = ({k: v.detach().to("cpu", copy=True) for k, v in bare_model(self.learn).state_dict().items()}
+                           if current else None)
         self.best_epoch, self.on_disk = None, not current
 
     def after_fit(self, **kwargs):
@@ -172,8 +195,8 @@ class ProgressiveResize(Callback):
     the size the exported model predicts at. The size is a function of the epoch alone: a resumed
     run needs no state for it."""
 
-    def __init__(self, small: int, small_epochs: int = 0):
-        self.small, self.small_epochs = small, small_epochs
+    def __init__(self, small: int):
+        self.small = small
 
     def _augmentation(self):
         from fastai.vision.augment import AffineCoordTfm
@@ -185,7 +208,7 @@ class ProgressiveResize(Callback):
         return found[0]
 
     def before_train(self):
-        self._augmentation().size = self.small if self.epoch < self.small_epochs else None
+        self._augmentation().size = self.small if self.epoch < run_phase(self.learn).small_epochs else None
 
     def before_validate(self):
         # fastai runs the same affine transform (with an identity matrix) on validation batches too

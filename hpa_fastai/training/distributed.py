@@ -55,10 +55,13 @@ def share(obj):
 
 def context(learn, device: torch.device):
     """fastai's distributed context when launched with several processes, else nothing.
-    ``cpu=True`` makes accelerate pick gloo; without it, it looks for GPUs and fails on CPU."""
+    ``cpu=True`` makes accelerate pick gloo; without it, it looks for GPUs and fails on CPU. On a CPU
+    BatchNorm stays plain: fastai turns it into ``SyncBatchNorm`` by default, which only runs on
+    GPUs, so each process normalises with its own batch's statistics there."""
     if world_size() <= 1:
         return contextlib.nullcontext()
-    return learn.distrib_ctx(cpu=device.type == "cpu")
+    on_cpu = device.type == "cpu"
+    return learn.distrib_ctx(sync_bn=not on_cpu, cpu=on_cpu)
 
 
 @contextlib.contextmanager

@@ -1,29 +1,33 @@
-"""The Learner of a run: DataLoaders from the training set's DataBlock (rare classes oversampled
-with ``--oversample``), the model from the registry, torch's AdamW (``optimizer``), the loss (BCE,
-focal or asymmetric), macro and samples F1, the one-line-per-epoch logger, and what the device
-offers: mixed precision, channels-last, cuDNN's autotuner, ``torch.compile`` (``device``)."""
+"""The one Learner factory, for ``run.py`` and the notebook door alike: the DataLoaders of a
+training set (rare classes oversampled unless turned off), the model from the registry, the loss
+from the loss registry, macro and samples F1, torch's AdamW under fastai's body/head parameter
+groups (``optimizer``), and what the device offers: mixed precision, channels-last, cuDNN's
+autotuner, ``torch.compile`` (``device``)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
 from .. import device as D
 from .. import metrics as M
-from ..console import log
+from ..config import TrainConfig
 from ..data.pipeline import make_dls
 from ..data.splits import make_splitter
 from ..data.training_set import TrainingSet
 from ..errors import HPAError
+from ..losses import loss_from
 from ..models import create_model, splitter
-from ..rundir import HISTORY
+from ..runs.folder import HISTORY
+from .history import RunHistory
 from .optimizer import adamw
-from .progress import EpochLogger
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,36 +44,42 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
-                  device: torch.device | None = None) -> tuple[Learner, LearnerSetup]:
+def training_dls(ts: TrainingSet, device: torch.device | None = None, augment: bool = True,
+                 oversample: bool | None = None):
+    """The DataLoaders of ``ts``: its split (random, or fold ``--fold`` of ``--n-folds``), batches of
+    ``--bs``, oversampling as ``--oversample`` says (or ``oversample``), checked to leave images on
+    both sides."""
     cfg = ts.cfg
-    device = device or default_device()
-    splitter_fn = make_splitter(ts.items, len(ts.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
-    dls = make_dls(ts.items, ts.vocab, cfg.channels, cfg.size, ts.mean, ts.std, splitter_fn,
-                   bs=cfg.bs, workers=cfg.workers, seed=cfg.seed, device=device,
-                   oversample_cap=cfg.oversample_cap if cfg.oversample else None)
+    oversample = cfg.oversample if oversample is None else oversample
+    split = make_splitter(ts.items, len(ts.vocab), cfg.valid_pct, cfg.seed, cfg.n_folds, cfg.fold)
+    dls = make_dls(ts.items, ts.vocab, cfg.channels, cfg.size, ts.mean, ts.std, split, bs=cfg.bs,
+                   workers=cfg.workers, seed=cfg.seed, device=device or default_device(), augment=augment,
+                   oversample_cap=cfg.oversample_cap if oversample else None)
     if len(dls.train) == 0:
         raise HPAError(f"--bs {cfg.bs} is larger than the {len(dls.train_ds)} training images; lower --bs")
     if len(dls.valid_ds) == 0:  # training would crash after its first epoch, with nothing to score
         raise HPAError(f"--valid-pct {cfg.valid_pct} leaves none of the {len(ts.items)} images for validation; "
                        "raise --valid-pct")
+    return dls
+
+
+def create_learner(dls, ts: TrainingSet, cfg: TrainConfig, device: torch.device | None = None,
+                   **learner_kwargs) -> tuple[Learner, LearnerSetup]:
+    """A Learner on ``dls`` for ``ts``'s stains and classes with ``cfg``'s model, loss, threshold,
+    precision, memory format and compile options; ``learner_kwargs`` go to fastai's ``Learner``
+    (``path``, ``model_dir``, ``cbs``...)."""
+    device = device or default_device()
     set_seed(cfg.seed, reproducible=True)
-    model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained,
-                                          cfg.weights, log=log)
+    model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained, cfg.weights)
     model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
-    history = run_dir / HISTORY if run_dir is not None else None
-    loss = M.make_loss(cfg.loss, cfg.focal_gamma, cfg.threshold, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip)
-    learn = Learner(dls, model, loss_func=loss, opt_func=partial(adamw, fused=device.type == "cuda"),
+    learn = Learner(dls, model, loss_func=loss_from(cfg), opt_func=partial(adamw, fused=device.type == "cuda"),
                     metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
-                    splitter=splitter, path=run_dir or Path("."), model_dir=".",
-                    cbs=[EpochLogger(history, quiet=quiet)])
-    learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
-    learn.logger = lambda *_: None
+                    splitter=splitter, **learner_kwargs)
     precision = D.training_precision(cfg.precision, device)
     D.set_precision(learn, precision)
-    if precision == "bf16" and device.type == "cpu" and not quiet:
-        log("note: bf16 on a CPU is fast only with bfloat16 instructions (AMX, AVX512-BF16); other CPUs emulate "
-            "it, many times slower than fp32")
+    if precision == "bf16" and device.type == "cpu":
+        logger.info("note: bf16 on a CPU is fast only with bfloat16 instructions (AMX, AVX512-BF16); other CPUs "
+                    "emulate it, many times slower than fp32")
     channels_last = D.use_channels_last(cfg.memory_format, device)
     if channels_last:
         D.set_channels_last(learn)
@@ -77,3 +87,19 @@ def build_learner(ts: TrainingSet, run_dir: Path | None, quiet: bool = False,
     if cfg.compile:
         learn.model = D.compile_model(learn.model)
     return learn, LearnerSetup(precision, used_pretrained, channels_last, cfg.compile)
+
+
+def run_learner(ts: TrainingSet, run_dir: Path, device: torch.device | None = None,
+                cbs=()) -> tuple[Learner, LearnerSetup]:
+    """The Learner of a run: ``create_learner`` on the run's DataLoaders, writing into ``run_dir``, with
+    the run's history (``learn.run_history``, kept in history.csv) and ``cbs``, and without fastai's
+    progress bars (they print carriage returns into logs; whoever runs the training shows the
+    progress it wants through its own callbacks)."""
+    from fastai.callback.progress import ProgressCallback
+
+    device = device or default_device()
+    learn, setup = create_learner(training_dls(ts, device), ts, ts.cfg, device, path=run_dir, model_dir=".",
+                                  cbs=[RunHistory(Path(run_dir) / HISTORY), *cbs])
+    learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
+    learn.logger = lambda *_: None  # the Recorder's print of each epoch's values
+    return learn, setup

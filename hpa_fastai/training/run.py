@@ -1,19 +1,23 @@
-"""One training run, start to finish: check the config and the data, open the run folder (or the
-one ``--resume`` continues), build the Learner, find the learning rate, fit the one-cycle phases
-with checkpoints, then score the best epoch and export it.
+"""The training door: ``train(cfg)`` runs one training start to finish and returns its result, for the
+command line, cross-validation, a hyperparameter search and scripts alike.
 
-Everything a run produces goes into its run folder (see ``rundir``). The report, the TensorBoard
-summary and the ``latest`` link are added by ``workflows.train``, which is what the CLI runs.
+It checks the config and the data, opens the run folder (or the one ``--resume`` continues, under
+the folder's lock), builds the Learner, finds the learning rate, fits the one-cycle phases with
+checkpoints, scores the best epoch and exports it. Everything a run produces goes into its run folder
+(``runs.folder`` names the files). It prints nothing: messages go to ``logging``, each epoch to the
+run's history, which extra fastai callbacks (``cbs``) can watch; the command line shows both.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +25,24 @@ import pandas as pd
 
 from .. import config as config_checks
 from .. import plots
-from ..atomic import write_json
+from ..atomic import write_csv, write_json
 from ..config import TrainConfig
-from ..console import console, log
 from ..data.training_set import TrainingSet, load_training_set
 from ..device import training_precision
 from ..errors import HPAError
+from ..evaluation import predictions_table, score, write_per_class
+from ..modelfile import export_learner, model_meta
 from ..models import check_arch
-from ..rundir import CHECKPOINT, CONFIG, CURVES, TENSORBOARD, make_run_dir, now, remove_resume_files, write_status
+from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, TENSORBOARD, VALID_PREDICTIONS, make_run_dir, now,
+                           point_latest, remove_resume_files, run_lock, write_status)
 from . import distributed
-from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, StopOnSignal, WarmupEarlyStopping
-from .evaluation import evaluate_valid
-from .export import export_model, model_meta
-from .learner import build_learner, default_device
-from .progress import EpochLogger
-from .resume import Checkpoint, read_resume, restore
-from .schedule import find_lr, learning_rate, phases
+from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, StopOnSignal, WarmupEarlyStopping
+from .history import RunHistory
+from .learner import default_device, run_learner
+from .resume import Checkpoint, check_resumed_values, read_resume, restore
+from .schedule import auto_lr_find_iters, find_lr, learning_rate, phases
+
+logger = logging.getLogger(__name__)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -73,33 +79,78 @@ class Resumed:
 
 @dataclass
 class RunResult:
-    """A finished run: its folder, its validation metrics (metrics.json plus the tuned thresholds)
-    and the status it ended with; None on the ranks other than 0 of a distributed run."""
+    """A finished run: its folder, the status it ended with (``finished`` or ``stopped early``), its
+    validation metrics (metrics.json's contents), the tuned per-class thresholds, the history and the
+    config it trained with (every automatic value resolved, as config.json holds it)."""
     run_dir: Path
-    metrics: dict
     status: str
+    metrics: dict
+    thresholds: list = field(default_factory=list)
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    config: TrainConfig | None = None
 
 
-def train_run(cfg: TrainConfig, run_name: str | None = None) -> RunResult | None:
+def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bool = True) -> RunResult | None:
     """Train one model as ``cfg`` says (or continue ``cfg.resume``) into ``cfg.out/run_name``
-    (default ``cfg.out/<time>-<arch>``)."""
+    (default ``cfg.out/<time>-<arch>``); ``cbs``: extra fastai callbacks for every fit of the run
+    (progress displays, a search's pruning); ``link_latest``: point ``cfg.out/latest`` at the run.
+    Returns None on the processes other than the first of a distributed run."""
     t_start = time.time()
-    ts, run_dir, resumed, device = _start(cfg, run_name)
-    main = distributed.is_main()
-    console.quiet = not main  # one process speaks for a distributed run
+    with _run_folder(cfg, run_name) as (ts, run_dir, resumed, device):
+        result = _train(ts, run_dir, resumed, device, list(cbs), t_start)
+    if result is not None and link_latest:
+        point_latest(run_dir)
+    return result
+
+
+@contextlib.contextmanager
+def _run_folder(cfg: TrainConfig, run_name: str | None):
+    """The training set, the run folder (locked for this process), what a resumed run continues, and
+    this process's device. Under several processes only rank 0 writes the run folder; the others get
+    a scratch folder, removed at the end."""
+    with contextlib.ExitStack() as stack:
+        resumed = None
+        if cfg.resume:
+            run_dir = Path(cfg.resume)
+            stack.enter_context(run_lock(run_dir))  # before anything is read: it may be training elsewhere
+            saved, ckpt = read_resume(run_dir)
+            resumed = Resumed(saved, ckpt)
+            run_cfg = dataclasses.replace(TrainConfig.from_dict(saved), resume=None)
+            check_resumed_values(saved, run_dir / CONFIG)
+            stats = (saved["mean"], saved["std"]) if "mean" in saved and "std" in saved else None
+            ts = prepare(run_cfg, stats)
+        else:
+            ts = prepare(cfg)
+        device = distributed.init(default_device())
+        if not distributed.is_main():
+            if not resumed:
+                distributed.share(None)
+            scratch = Path(tempfile.mkdtemp(prefix="hpa-rank-"))
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+            yield ts, scratch, resumed, device
+            return
+        if not resumed:
+            run_dir = make_run_dir(ts.cfg.out, ts.cfg.arch, run_name)
+            stack.enter_context(run_lock(run_dir))
+            if distributed.world_size() > 1:
+                distributed.share(run_dir)
+        yield ts, run_dir, resumed, device
+
+
+def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs: list, t_start: float):
     cfg = ts.cfg
-    log(f"{'resuming' if resumed else 'run folder'} {run_dir}")
-    log(f"data {ts.data_dir} ({ts.format}, {len(ts.items)} images, {cfg.channels}, {cfg.size}px)")
+    logger.info(f"{'resuming' if resumed else 'run folder'} {run_dir}")
+    logger.info(f"data {ts.data_dir} ({ts.format}, {len(ts.items)} images, {cfg.channels}, {cfg.size}px)")
     if not resumed:
         write_json(run_dir / CONFIG, cfg.to_json())
     write_status(run_dir, "running", started=now())
     try:
-        learn, setup = build_learner(ts, run_dir, device=device)
+        learn, setup = run_learner(ts, run_dir, device)
         pretrained = resumed.config["pretrained_used"] if resumed else setup.pretrained
-        log(f"model {cfg.arch} ({'ImageNet weights' if pretrained else cfg.weights or 'random init'}), "
-            f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
-            f"device {device.type}, precision {setup.precision}"
-            f"{', channels-last' if setup.channels_last else ''}{', compiled' if setup.compiled else ''}")
+        logger.info(f"model {cfg.arch} ({'ImageNet weights' if pretrained else cfg.weights or 'random init'}), "
+                    f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
+                    f"device {device.type}, precision {setup.precision}"
+                    f"{', channels-last' if setup.channels_last else ''}{', compiled' if setup.compiled else ''}")
         lr = learning_rate(cfg, learn, run_dir, resumed.config if resumed else None)
     except BaseException as e:  # --bs too large, --weights that do not fit, a library error: never left "running"
         _mark_stopped(run_dir, e, 0)
@@ -107,103 +158,87 @@ def train_run(cfg: TrainConfig, run_name: str | None = None) -> RunResult | None
     if not resumed:
         write_json(run_dir / CONFIG, {**cfg.to_json(), "lr_used": lr, "pretrained_used": pretrained,
                                       "precision_used": setup.precision, "mean": ts.mean, "std": ts.std})
-    fit = _Fit(learn, cfg, run_dir, lr, pretrained)
+    fit = _Fit(learn, cfg, run_dir, lr, pretrained, cbs, resumed)
     # under several processes a signal reaches each at a different batch; let the launcher handle it
     previous_handlers = _catch_signals(fit.stopper.handle) if distributed.world_size() == 1 else {}
     try:
         with distributed.context(learn, device):
-            fit.run(resumed)
+            fit.run()
     except BaseException as e:
         try:  # the last complete epoch's checkpoint, still being written, is what --resume needs
             fit.checkpoint.wait()
         except Exception as write_error:
-            log(f"warning: the last checkpoint could not be written ({write_error})")
-        _mark_stopped(run_dir, e, len(fit.logger.rows))
+            logger.warning(f"the last checkpoint could not be written ({write_error})")
+        _mark_stopped(run_dir, e, len(fit.history.rows))
         if isinstance(e, KeyboardInterrupt):
-            log(f"interrupted after {len(fit.logger.rows)} complete epoch(s); continue with: "
-                f"python run.py --resume {run_dir}")
+            logger.info(f"interrupted after {len(fit.history.rows)} complete epoch(s); continue with: "
+                        f"python run.py --resume {run_dir}")
         raise
     finally:
         _restore_signals(previous_handlers)
-        if not main:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    if not main:
-        return None
-    return _finish(fit, ts, run_dir, pretrained, setup.precision, t_start)
-
-
-def _start(cfg: TrainConfig, run_name: str | None):
-    """The training set, the run folder, what a resumed run continues, and this process's device.
-    Under several processes only rank 0 writes the run folder; the others get a scratch folder."""
-    resumed = None
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        saved, ckpt = read_resume(run_dir)
-        resumed = Resumed(saved, ckpt)
-        stats = (saved["mean"], saved["std"]) if "mean" in saved and "std" in saved else None
-        ts = prepare(dataclasses.replace(TrainConfig.from_json(run_dir / CONFIG), resume=None), stats)
-    else:
-        ts = prepare(cfg)
-    device = distributed.init(default_device())
     if not distributed.is_main():
-        if not resumed:
-            distributed.share(None)
-        return ts, Path(tempfile.mkdtemp(prefix="hpa-rank-")), resumed, device
-    if not resumed:
-        run_dir = make_run_dir(ts.cfg.out, ts.cfg.arch, run_name)
-        if distributed.world_size() > 1:
-            distributed.share(run_dir)
-    return ts, run_dir, resumed, device
+        return None
+    try:
+        return _finish(fit, ts, run_dir, pretrained, setup.precision, t_start)
+    except BaseException as e:  # exporting on a full disk: the run is not finished
+        _mark_stopped(run_dir, e, len(fit.history.rows))
+        raise
 
 
 class _Fit:
     """The one-cycle fits of a run's phases with the callbacks that watch them."""
 
-    def __init__(self, learn, cfg: TrainConfig, run_dir: Path, lr: float, pretrained: bool):
+    def __init__(self, learn, cfg: TrainConfig, run_dir: Path, lr: float, pretrained: bool, extra_cbs: list,
+                 resumed: Resumed | None):
         comp = np.greater if cfg.monitor_higher_is_better else np.less
-        self.learn, self.run_dir, self.lr = learn, run_dir, lr
+        self.learn, self.run_dir, self.lr, self.resumed = learn, run_dir, lr, resumed
         self.phases = phases(cfg, lr, pretrained)
-        self.logger = learn.cbs.filter(lambda c: isinstance(c, EpochLogger))[0]
-        self.checkpoint = Checkpoint(run_dir / CHECKPOINT, skip_last=not cfg.keep_checkpoint)
+        self.history = learn.run_history
+        self.checkpoint = Checkpoint(run_dir / CHECKPOINT, skip_last=not cfg.keep_checkpoint,
+                                     restore=resumed.checkpoint if resumed else None)
         self.best = KeepBestModel(monitor=cfg.monitor, comp=comp, fname="best", reset_on_fit=False)
         self.nan, self.stopper = NaNGuard(), StopOnSignal()
-        self.stopping = WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience)
-        self.cbs = [self.stopping, self.best, self.checkpoint, self.nan, self.stopper]
-        self.resize, self.small_epochs = None, 0
+        self.cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience), self.best,
+                    self.checkpoint, self.nan, self.stopper, *extra_cbs]
+        self.small_epochs = 0
         if cfg.progressive_size is not None:
             self.small_epochs = cfg.progressive_epochs or cfg.epochs // 2
-            self.resize = ProgressiveResize(cfg.progressive_size)
-            self.cbs.append(self.resize)
-            log(f"progressive resizing: {'the frozen epochs and ' if len(self.phases) > 1 else ''}the first "
-                f"{self.small_epochs} epoch(s) train at {cfg.progressive_size}px, the others at {cfg.size}px; "
-                f"validation at {cfg.size}px")
+            self.cbs.append(ProgressiveResize(cfg.progressive_size))
+            logger.info(f"progressive resizing: {'the frozen epochs and ' if len(self.phases) > 1 else ''}the first "
+                        f"{self.small_epochs} epoch(s) train at {cfg.progressive_size}px, the others at {cfg.size}px; "
+                        f"validation at {cfg.size}px")
         if cfg.log == "tensorboard":
             from fastai.callback.tensorboard import TensorBoardCallback
             self.cbs.append(TensorBoardCallback(log_dir=run_dir / TENSORBOARD, trace_model=False))
 
-    def run(self, resumed: Resumed | None) -> None:
+    def run(self) -> None:
         names = [name for name, _, _ in self.phases]
+        resumed = self.resumed
+        if resumed and resumed.checkpoint["phase"] not in names:
+            raise HPAError(f"{self.run_dir / CHECKPOINT}: phase {resumed.checkpoint['phase']!r:.40} is not a phase "
+                           f"of this run ({', '.join(names)}); start the run again")
         first_phase = names.index(resumed.checkpoint["phase"]) if resumed else 0
         for i, (phase, n_epochs, phase_lr) in enumerate(self.phases[first_phase:], start=first_phase):
-            self.logger.phase = self.checkpoint.phase = phase
-            if self.resize is not None:  # one one-cycle schedule across both sizes
-                small = n_epochs if phase == "frozen" else self.small_epochs
-                self.resize.small_epochs = self.stopping.min_epochs = small
-            self.checkpoint.final_phase = i == len(self.phases) - 1
+            # one one-cycle schedule across both sizes of progressive resizing
+            small = (n_epochs if phase == "frozen" else self.small_epochs) if self.small_epochs else 0
+            run_phase = RunPhase(phase, final=i == len(self.phases) - 1, small_epochs=small)
             if phase == "frozen":
                 self.learn.freeze()
             elif phase == "unfrozen":
                 self.learn.unfreeze()
             start_epoch = 0
             if resumed and i == first_phase:
-                start_epoch = restore(self.learn, resumed.checkpoint, self.checkpoint)
-                log(f"continuing phase {phase} after epoch {start_epoch} of {n_epochs}")
-            self.learn.fit_one_cycle(n_epochs, phase_lr, cbs=self.cbs, start_epoch=start_epoch)
+                start_epoch = restore(self.learn, resumed.checkpoint)
+                if start_epoch > n_epochs:
+                    raise HPAError(f"{self.run_dir / CHECKPOINT}: {start_epoch} epochs done in phase {phase}, which "
+                                   f"has {n_epochs}; start the run again")
+                logger.info(f"continuing phase {phase} after epoch {start_epoch} of {n_epochs}")
+            self.learn.fit_one_cycle(n_epochs, phase_lr, cbs=[run_phase, *self.cbs], start_epoch=start_epoch)
             if self.stopper.requested:
                 raise KeyboardInterrupt
             if self.nan.nan is not None:
                 bad = self.nan.nan
-                raise HPAError(f"training stopped: the loss became {bad['loss']} at epoch {len(self.logger.rows) + 1}, "
+                raise HPAError(f"training stopped: the loss became {bad['loss']} at epoch {len(self.history.rows) + 1}, "
                                f"batch {bad['batch'] + 1}; nothing was exported. Last good checkpoint: "
                                f"{self.run_dir / CHECKPOINT}. Lower --lr (now {self.lr:.3g}) or check the data")
 
@@ -211,32 +246,68 @@ class _Fit:
 def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, precision: str, t_start: float) -> RunResult:
     """Score the best epoch, export it, mark the run finished, drop what only --resume needs."""
     learn, cfg = fit.learn, ts.cfg
-    history = pd.DataFrame(fit.logger.rows)
+    history = pd.DataFrame(fit.history.rows)
     plots.curves_plot(run_dir / CURVES, history)
     valid_preds = fit.best.best_preds if distributed.world_size() == 1 else None
     if valid_preds is None or len(valid_preds[0]) != len(learn.dls.valid_ds):
         # the best epoch came before a --resume, or each process saw a share of the validation set
         with distributed.single_process():
             valid_preds = learn.get_preds(dl=learn.dls.valid)
-    result = evaluate_valid(ts, learn.dls.valid.items, valid_preds, history, run_dir, pretrained, t_start)
-    learn.remove_cb(fit.logger)
-    export_model(learn, model_meta(ts, result["thresholds"], precision), run_dir)
-    status = "stopped early" if result["stopped_early"] else "finished"
+    metrics, thresholds = _score_best_epoch(ts, learn.dls.valid.items, valid_preds, history, run_dir, pretrained,
+                                            t_start)
+    export_learner(learn, model_meta(ts, thresholds, precision), run_dir)
+    status = "stopped early" if metrics["stopped_early"] else "finished"
     write_status(run_dir, status, finished=now(), seconds=round(time.time() - t_start, 1))
     if cfg.keep_checkpoint:
         fit.best.write()
     else:
         remove_resume_files(run_dir)
-    return RunResult(run_dir, result, status)
+    return RunResult(run_dir, status, metrics, [float(t) for t in thresholds], history, cfg)
+
+
+def _score_best_epoch(ts: TrainingSet, valid_items: pd.DataFrame, valid_preds, history: pd.DataFrame, run_dir: Path,
+                      pretrained: bool, t_start: float) -> tuple[dict, np.ndarray]:
+    """metrics.json, per_class.csv and its plot, valid_predictions.csv: the best epoch's validation
+    predictions scored at ``--threshold`` and with per-class thresholds tuned on them (see
+    ``evaluation.score``). Returns metrics.json's contents and the tuned thresholds."""
+    cfg = ts.cfg
+    probs, targs = valid_preds
+    probs, targs = probs.float().numpy(), targs.numpy().astype(bool)
+    scores = score(probs, targs, ts.names, threshold=cfg.threshold, seed=cfg.seed)
+    best_idx = int(history[cfg.monitor].idxmax() if cfg.monitor_higher_is_better else history[cfg.monitor].idxmin())
+    stopped_early = len(history) < cfg.epochs + (cfg.freeze_epochs if pretrained else 0)
+    metrics = {
+        "best_epoch": int(history["epoch"].iloc[best_idx]),
+        "epochs_run": int(len(history)),
+        "stopped_early": bool(stopped_early),
+        "monitor": cfg.monitor,
+        "valid_images": int(len(targs)),
+        **{f"f1_{avg}": scores.at_threshold[avg] for avg in ("macro", "micro", "samples")},
+        **{f"f1_{avg}_tuned": scores.tuned[avg] for avg in ("macro", "micro", "samples")},
+        **{f"f1_{avg}_tuned_oos": value for avg, value in scores.tuned_oos.items()},
+        "threshold": cfg.threshold,
+        "seconds": round(time.time() - t_start, 1),
+        "per_class": scores.per_class.to_dict("records"),
+    }
+    write_json(run_dir / METRICS, metrics)
+    write_per_class(run_dir, scores.per_class)
+    # the report's image grid and cv read these instead of predicting the validation images again
+    write_csv(run_dir / VALID_PREDICTIONS, predictions_table(valid_items["id"], valid_items["labels"], probs,
+                                                             scores.thresholds, key=valid_items["key"]))
+    return metrics, scores.thresholds
 
 
 def _mark_stopped(run_dir: Path, e: BaseException, epochs_done: int) -> None:
-    """status.json for a run that did not finish: never left saying "running"."""
-    if isinstance(e, KeyboardInterrupt):
-        write_status(run_dir, "interrupted", epochs_done=epochs_done)
-    else:
-        reason = str(e) if isinstance(e, HPAError) else f"{type(e).__name__}: {e}"[:500]
-        write_status(run_dir, "failed", reason=reason, epochs_done=epochs_done)
+    """status.json for a run that did not finish: never left saying "running". Where even that
+    cannot be written (a full disk), the run's own error is what the user sees, with a warning."""
+    try:
+        if isinstance(e, KeyboardInterrupt):
+            write_status(run_dir, "interrupted", epochs_done=epochs_done)
+        else:
+            reason = str(e) if isinstance(e, HPAError) else f"{type(e).__name__}: {e}"[:500]
+            write_status(run_dir, "failed", reason=reason, epochs_done=epochs_done)
+    except HPAError as status_error:
+        logger.warning(f"the run's status could not be recorded ({status_error})")
 
 
 def _catch_signals(handler) -> dict:
@@ -251,13 +322,18 @@ def _restore_signals(previous: dict) -> None:
         signal.signal(sig, handler)
 
 
-def lr_find_run(cfg: TrainConfig) -> Path:
+@dataclass
+class LrFindResult:
+    """The learning-rate finder's folder (lr_find.png, lr_find.json) and its suggestions."""
+    run_dir: Path
+    suggestions: dict
+
+
+def lr_find(cfg: TrainConfig) -> LrFindResult:
     """Only the learning-rate finder: its plot, table and suggestions in a run folder of its own."""
     ts = prepare(cfg)
     run_dir = make_run_dir(ts.cfg.out, f"lr_find-{ts.cfg.arch}")
-    learn, _ = build_learner(ts, run_dir)
+    learn, _ = run_learner(ts, run_dir)
     write_json(run_dir / CONFIG, ts.cfg.to_json())
-    from .schedule import auto_lr_find_iters
-
-    find_lr(learn, run_dir, ts.cfg.lr_find_iters or auto_lr_find_iters(learn))
-    return run_dir
+    suggestions = find_lr(learn, run_dir, ts.cfg.lr_find_iters or auto_lr_find_iters(learn))
+    return LrFindResult(run_dir, suggestions)

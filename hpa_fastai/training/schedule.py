@@ -1,29 +1,32 @@
 """Training policies as small functions: fastai's learning-rate finder with its four suggestions,
-the learning rate a run uses, and the one-cycle phases of a run (frozen, then unfrozen, for a
-pretrained model, as fastai's ``fine_tune`` does)."""
+the learning rate a run uses, and the one-cycle phases of a run (for a pretrained model, a fit with
+the body frozen, then one of everything with discriminative learning rates: the two steps of
+fastai's ``fine_tune``, with this module's own rates and one-cycle defaults)."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
-import pandas as pd
 import torch
 from fastai.callback.schedule import minimum, slide, steep, valley
 
 from .. import plots
 from ..atomic import write_json
 from ..config import TrainConfig
-from ..console import console, log, table
 from ..errors import HPAError
-from ..rundir import LR_FIND, LR_FIND_PLOT
+from ..runs.folder import LR_FIND, LR_FIND_PLOT
 from . import distributed
+
+logger = logging.getLogger(__name__)
 
 
 SUGGESTIONS = {"valley": valley, "slide": slide, "minimum": minimum, "steep": steep}
 
 
 def find_lr(learn, run_dir: Path, iters: int) -> dict:
-    """Run fastai's LR finder, save the plot with the four suggestions, print them as a table."""
+    """Run fastai's LR finder, save its plot and table with the four suggestions (NaN where one
+    found nothing; ``null`` in lr_find.json), and return them."""
     with learn.no_logging():
         learn.lr_find(num_it=iters, show_plot=False, suggest_funcs=None)
     lrs = [float(x) for x in learn.recorder.lrs]
@@ -45,12 +48,17 @@ def find_lr(learn, run_dir: Path, iters: int) -> dict:
     shown = {k: v for k, v in suggestions.items() if math.isfinite(v)}
     skip = 5 if len(lrs) > 10 else 0
     plots.lr_find_plot(run_dir / LR_FIND_PLOT, lrs[: len(lrs) - skip], losses[: len(losses) - skip], shown)
-    write_json(run_dir / LR_FIND, {"suggestions": suggestions, "lrs": lrs, "losses": losses})
-    console.print(table("lr_find suggestions", pd.DataFrame(
-        {"method": list(suggestions), "lr": [f"{v:.3e}" for v in suggestions.values()]})))
+    # JSON has no NaN: strict parsers refuse the bare NaN that Python's json writes
+    write_json(run_dir / LR_FIND, {"suggestions": {k: _finite_or_none(v) for k, v in suggestions.items()},
+                                   "lrs": lrs, "losses": [_finite_or_none(x) for x in losses]})
+    logger.info("lr_find suggestions: " + ", ".join(f"{k} {v:.3e}" for k, v in suggestions.items()))
     if not (math.isfinite(suggestions["valley"]) and suggestions["valley"] > 0):
         raise HPAError("lr_find found no usable learning rate (the loss never decreased); pass --lr")
     return suggestions
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def auto_lr_find_iters(learn) -> int:
@@ -60,7 +68,7 @@ def auto_lr_find_iters(learn) -> int:
 
 def phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[tuple[str, int, object]]:
     """(phase, epochs, learning rate) of each one-cycle fit: a pretrained body first trains
-    frozen, then everything with discriminative rates (as fastai's fine_tune does)."""
+    frozen at ``lr``, then everything with discriminative rates from ``lr/100`` to ``lr/2``."""
     if pretrained and cfg.freeze_epochs > 0:
         return [("frozen", cfg.freeze_epochs, lr), ("unfrozen", cfg.epochs, slice(lr / 100, lr / 2))]
     return [("train", cfg.epochs, lr)]
@@ -75,5 +83,5 @@ def learning_rate(cfg: TrainConfig, learn, run_dir: Path, saved_config: dict | N
     # rank 0 alone, before the processes are joined; the others wait for its answer
     lr = distributed.share(find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
                            if distributed.is_main() else None)
-    log(f"learning rate {lr:.3e} (lr_find valley)")
+    logger.info(f"learning rate {lr:.3e} (lr_find valley)")
     return lr

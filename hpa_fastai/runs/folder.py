@@ -1,18 +1,19 @@
-"""The run folder: the names of its files, its status, the ``runs/latest`` link, and what counts
-as a run. Every module that reads or writes a run folder takes the names from here.
+"""The run folder: the names of its files, its status, the ``runs/latest`` link, the lock that
+keeps one process per run, and what counts as a run. Every module that reads or writes a run folder
+takes the names from here (``tests/test_architecture.py`` checks that no other module spells them).
 
 ``train`` writes ``status.json`` before anything else, so a folder with one is a training run;
 ``cv`` writes ``cv.json`` into the folder that holds its fold runs.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from datetime import datetime
 from pathlib import Path
 
-from .atomic import write_json
-from .errors import HPAError
+from ..atomic import exclusive_lock, write_json
+from ..errors import HPAError
 
 CONFIG = "config.json"
 STATUS = "status.json"
@@ -36,13 +37,19 @@ CV = "cv.json"  # the fold run folders ("runs") and the out-of-fold "thresholds"
 OOF_PREDICTIONS = "oof_predictions.csv"
 EVALUATE = "evaluate"  # evaluate's default output folder inside a run
 LATEST = "latest"
+LOCK = ".lock"  # held by the one process that trains into the folder
+
+# what `evaluate` writes into its folder (by default <run>/evaluate), beside per_class.csv and its plot
+EVAL_SUMMARY = "summary.json"
+EVAL_SAMPLES = "samples.png"
+EVALUATION_FILES = (PER_CLASS, EVAL_SUMMARY, PER_CLASS_PLOT, EVAL_SAMPLES)
 
 SAFE_EXPORT = (MODEL_JSON, WEIGHTS)
 RESUME_FILES = (CHECKPOINT, BEST)
 # Everything training and cv write into a run folder: no other command may write over these.
 RUN_FILES = frozenset({CONFIG, STATUS, HISTORY, LR_FIND_PLOT, LR_FIND, CURVES, METRICS, PER_CLASS, PER_CLASS_PLOT,
                        VALID_PREDICTIONS, REPORT, BEST, CHECKPOINT, WEIGHTS, MODEL_JSON, EXPORT_PKL, ONNX,
-                       TENSORBOARD, CV, OOF_PREDICTIONS})
+                       TENSORBOARD, CV, OOF_PREDICTIONS, LOCK})
 
 
 def is_run_dir(path) -> bool:
@@ -57,37 +64,12 @@ def is_cv_dir(path) -> bool:
     return path.is_dir() and (path / CV).is_file()
 
 
-def check_run_dir(path) -> Path:
-    """``path`` as a training run's folder with a readable config.json, or an HPAError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise HPAError(f"{path}: run folder not found")
-    if not path.is_dir():
-        raise HPAError(f"{path}: not a run folder (a file)")
-    if not is_run_dir(path):
-        raise HPAError(f"{path}: not a run folder (no {STATUS})")
-    try:
-        json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise HPAError(f"{path / CONFIG}: unreadable ({e})") from None
-    return path
-
-
 def run_dirs(folder) -> list[Path]:
     """The run folders directly under ``folder`` (``folder`` itself if it is one), without links."""
     folder = Path(folder)
     if is_run_dir(folder):
         return [folder]
     return sorted(p for p in folder.iterdir() if not p.is_symlink() and is_run_dir(p))
-
-
-def read_json(path) -> dict:
-    """A run file's contents, or {} when it is missing or unreadable (a run being written, or damaged)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def now() -> str:
@@ -139,3 +121,13 @@ def remove_resume_files(run_dir: Path) -> None:
     """A finished run is exported: what only --resume needs (three times the model's size) goes."""
     for name in RESUME_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Held while a process trains into ``run_dir``: a second one (``--resume`` of a run that is still
+    training) is refused rather than writing the same history, status and exports. The lock goes with
+    the process, so a run that was killed can be resumed at once."""
+    with exclusive_lock(Path(run_dir) / LOCK, f"{run_dir}: another process is training this run (started "
+                                              "or resumed elsewhere); wait for it to end, or stop it first"):
+        yield

@@ -1,0 +1,170 @@
+"""One reader per file of a run folder, for every command that reads one.
+
+A run folder may come from someone else or have been edited by hand, so every reader bounds the
+file's size before reading it and checks what it parsed. The lenient readers serve the pages and
+tables that show what they can (``runs``, ``report``): a missing or damaged file reads as empty.
+The strict ones serve what must not go on without the file (``--resume``, ``cv``, ``predict``): they
+raise one ``HPAError`` line that names the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import HPAError
+from .folder import CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, VALID_PREDICTIONS, is_run_dir
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a run's largest JSON (lr_find.json, metrics.json) is a few hundred KB
+MAX_CSV_BYTES = 1024 * 1024 * 1024  # valid_predictions.csv of the 31,072 HPA 2018 images is about 10 MB
+
+
+def parse_json(text: str, where) -> object:
+    """``text`` as JSON, or an HPAError naming ``where``: also for nesting deep enough to exhaust
+    Python's recursion limit, which ``json`` raises as RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise HPAError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise HPAError(f"{where}: not valid JSON ({str(e)[:120]})") from None
+
+
+def read_json_file(path, max_bytes: int = MAX_JSON_BYTES) -> object:
+    """The JSON in ``path``, read only if it is a regular file of at most ``max_bytes``; strict."""
+    path = Path(path)
+    text = _read_bounded(path, max_bytes).decode("utf-8", errors="replace")
+    return parse_json(text, path)
+
+
+def _read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_bytes``. Opened without blocking, so a
+    FIFO put in a file's place is refused instead of waiting for a writer forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise HPAError(f"{path}: not found") from None
+    except OSError as e:
+        raise HPAError(f"{path}: cannot read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise HPAError(f"{path}: not a regular file")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise HPAError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise HPAError(f"{path}: larger than {max_bytes // 2**20} MiB, more than this file ever holds")
+    return data
+
+
+def read_json(path) -> dict:
+    """A run file's JSON object, or {} when it is missing, unreadable or not an object (a run being
+    written, or damaged): lenient, for the runs table and the report."""
+    try:
+        data = read_json_file(path)
+    except HPAError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_config(run_dir) -> dict:
+    """``config.json`` of a run (or of a cross-validation folder) as a JSON object; strict."""
+    path = Path(run_dir) / CONFIG
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise HPAError(f"{path}: not a run config (a JSON {type(data).__name__}, not an object)")
+    return data
+
+
+def check_run_dir(path) -> Path:
+    """``path`` as a training run's folder with a readable config.json, or an HPAError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise HPAError(f"{path}: run folder not found")
+    if not path.is_dir():
+        raise HPAError(f"{path}: not a run folder (a file)")
+    if not is_run_dir(path):
+        raise HPAError(f"{path}: not a run folder (no {STATUS})")
+    read_config(path)
+    return path
+
+
+def read_metrics(run_dir) -> dict:
+    return read_json(Path(run_dir) / METRICS)
+
+
+def read_status(run_dir) -> dict:
+    return read_json(Path(run_dir) / STATUS)
+
+
+def read_lr_find(run_dir) -> dict:
+    return read_json(Path(run_dir) / LR_FIND)
+
+
+def read_history(run_dir) -> pd.DataFrame:
+    """``history.csv``: one row per trained epoch; an empty frame when there is none yet."""
+    path = Path(run_dir) / HISTORY
+    try:
+        if path.stat().st_size > MAX_CSV_BYTES:
+            return pd.DataFrame()
+        return pd.read_csv(path)
+    except (OSError, ValueError):
+        return pd.DataFrame()
+
+
+def _read_predictions(path: Path, columns: list[str], what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise HPAError(f"{path}: not found ({what})")
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise HPAError(f"{path}: larger than {MAX_CSV_BYTES // 2**30} GiB; not a file this tool wrote")
+    try:
+        # dtype=str: a single label such as "3" must stay text, like "3 7"
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise HPAError(f"{path}: not readable as CSV ({str(e)[:120]})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise HPAError(f"{path}: not {what} (no column {', '.join(missing)})")
+    return df
+
+
+def read_valid_predictions(run_dir) -> pd.DataFrame:
+    """``valid_predictions.csv``: id, key, labels, predicted, probs of the best epoch's validation images."""
+    return _read_predictions(Path(run_dir) / VALID_PREDICTIONS, ["id", "key", "labels", "predicted", "probs"],
+                             "the validation predictions of a finished run")
+
+
+def read_oof_predictions(cv_dir) -> pd.DataFrame:
+    """``oof_predictions.csv`` of a cross-validation: every image, predicted by the fold that did not train on it."""
+    return _read_predictions(Path(cv_dir) / OOF_PREDICTIONS, ["id", "fold", "labels", "predicted", "probs"],
+                             "the out-of-fold predictions of a cross-validation")
+
+
+def read_cv(cv_dir) -> dict:
+    """``cv.json``, checked: ``runs`` the names of fold folders directly inside ``cv_dir`` (never the
+    folder itself, a link out of it, or another cross-validation) and ``thresholds`` numbers in 0..1."""
+    folder = Path(cv_dir)
+    where = folder / CV
+    cv = read_json_file(where)
+    if isinstance(cv, dict) and cv.get("status") == "running":
+        raise HPAError(f"{folder}: the cross-validation has not finished; continue it with: "
+                       f"python run.py cv --resume {folder}")
+    runs, thresholds = (cv.get("runs"), cv.get("thresholds")) if isinstance(cv, dict) else (None, None)
+    if not isinstance(runs, list) or not runs:
+        raise HPAError(f"{where}: lists no fold runs (expected a list of fold folder names)")
+    if not (isinstance(thresholds, list)
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)):
+        raise HPAError(f"{where}: 'thresholds' must be a list of numbers in 0..1 (got {thresholds!r:.60})")
+    inside = folder.resolve()
+    for run in runs:
+        plain_name = isinstance(run, str) and run not in ("", ".", "..") and run.isprintable() and not (
+            set(run) & {"/", "\\"})
+        if not plain_name or inside not in (folder / run).resolve().parents:
+            raise HPAError(f"{where}: run {run!r:.60} is not the name of a fold folder inside {folder}")
+        if (folder / run / CV).exists():
+            raise HPAError(f"{where}: run {run!r} is itself a cross-validation folder; nesting is not supported")
+    return cv
