@@ -297,6 +297,11 @@ class DedupConfig:
 
 
 HPA2018_CLASSES = 28  # the HPA 2018 vocabulary (data/vocab.py), which HPAv18 shares
+# download-hpav18's slowest server: --timeout bounds each wait for data, so a server sending a byte
+# every half second would hold a 3 KB file for half an hour; a try also ends once it has taken
+# --timeout seconds plus one second per this many bytes received (a 3 MB stain: --timeout + 190 s;
+# the largest file accepted, 64 MiB: --timeout + 70 min)
+HPAV18_MIN_RATE = 16_000
 
 
 def hpa2018_class_ids(v):
@@ -332,7 +337,9 @@ class DownloadHPAv18Config:
     backoff: float = opt(1.0, "seconds before the first retry of a file, doubled for each further one (with "
                               "jitter, at most 120)", lambda v: None if 0 <= v <= 120 else
                          f"must be 0 to 120 seconds (got {v})")
-    timeout: float = opt(60.0, "seconds without data from the server before a try is given up",
+    timeout: float = opt(60.0, "seconds without data from the server before a try is given up; a try also ends "
+                               f"once it has taken TIMEOUT seconds plus one second per {HPAV18_MIN_RATE // 1000} kB "
+                               f"received (a server slower than {HPAV18_MIN_RATE // 1000} kB/s)",
                          lambda v: None if 1 <= v <= 3600 else f"must be 1 to 3600 seconds (got {v})")
 
     def _check_together(self) -> str | None:

@@ -306,9 +306,13 @@ def synth(cfg: SynthConfig) -> Path:
 
 
 def download_hpav18(cfg: DownloadHPAv18Config) -> Path:
-    from ..data.hpav18 import FAILED_CSV, download
+    from ..tools.hpav18_download import FAILED_CSV, download
+    from .progress import ConsoleProgress
 
-    result = download(cfg)
+    with ConsoleProgress("HPAv18 files") as progress:
+        result = download(cfg.labels, cfg.out, size=cfg.size, format=cfg.format, ids=cfg.ids, classes=cfg.classes,
+                          base_url=cfg.base_url, connections=cfg.connections, retries=cfg.retries,
+                          backoff=cfg.backoff, timeout=cfg.timeout, progress=progress)
     for problem, what in ((result.missing, "not on the server (HTTP 404)"), (result.failed, "failed after every retry")):
         if problem:
             task, reason = problem[0]
