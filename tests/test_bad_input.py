@@ -7,7 +7,8 @@ gets the same single ``error: argument --bs ...`` line. ``tests/test_formats.py`
 CSV and image cases; this module adds breadth and property-based fuzzing. The security section is the
 careful attacker's and careless user's: nothing unpickled without ``--trust``, report pages that
 escape every value from a file, bounded worker counts, CSV fields and model headers, and outputs
-that never write over a command's inputs; after it come ``download-hpav18``'s flags and HPAv18
+that never write over a command's inputs; after it come the uploads ``serve`` cannot take (refused
+before they are read, or named by their own file name), then ``download-hpav18``'s flags and HPAv18
 label CSVs, refused before anything is fetched.
 
 Parametrised cases, single-case tests and property-based tests (train.csv text, image bytes,
