@@ -7,7 +7,8 @@ gets the same single ``error: argument --bs ...`` line. ``tests/test_formats.py`
 CSV and image cases; this module adds breadth and property-based fuzzing. The security section is the
 careful attacker's and careless user's: nothing unpickled without ``--trust``, report pages that
 escape every value from a file, bounded worker counts, CSV fields and model headers, and outputs
-that never write over a command's inputs; after it come ``download-hpav18``'s flags and HPAv18
+that never write over a command's inputs; after it come the uploads ``serve`` cannot take (refused
+before they are read, or named by their own file name), then ``download-hpav18``'s flags and HPAv18
 label CSVs, refused before anything is fetched.
 
 Parametrised cases, single-case tests and property-based tests (train.csv text, image bytes,
@@ -1371,6 +1372,76 @@ def test_ids_that_a_spreadsheet_would_run_are_prefixed_in_csvs_for_people(safe_m
     code, _, err = cli_in_process(capsys, "runs", out, "--csv", tmp_path / "runs.csv")
     assert code == 0, err
     assert "'=HYPERLINK(\"http://x\")" in set(pd.read_csv(tmp_path / "runs.csv", dtype=str)["arch"])
+
+
+# --- serve: uploads the web app cannot take --------------------------------------------------------
+
+def test_serve_names_an_upload_that_is_gone_by_its_own_name(safe_model, tmp_path):
+    from hpa_fastai.inference.loading import load_predictor
+    from hpa_fastai.serve.app import answer
+
+    deleted = tmp_path / "0123abcd" / "cells.png"  # where Gradio had put an upload the server has deleted
+    verdict = answer(load_predictor(safe_model), [deleted]).verdict.replace("\\", "")
+    assert verdict.startswith("**Cannot read this input.** cells.png: no longer on the server") and "drop it again" in verdict
+    assert str(tmp_path) not in verdict and "0123abcd" not in verdict
+
+
+def upload_through_the_cap(folder, headers: dict) -> tuple[int, str, bool]:
+    """An upload request with ``headers`` through ``UploadCap`` in front of a stand-in for Gradio:
+    (status, body, whether it reached Gradio)."""
+    import asyncio
+
+    from hpa_fastai.serve.tempfolder import UploadCap
+
+    reached, sent = [], []
+
+    async def gradio(scope, receive, send):
+        reached.append(True)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"[]"})
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload",
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(UploadCap(gradio, folder)(scope, receive, send))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:]).decode(), bool(reached)
+
+
+@pytest.mark.parametrize("headers,status,message", [
+    ({"content-length": str(3 * 2**20)}, 413,
+     "this upload is 3 MiB, more than the server holds at once (1 MiB of uploads and heatmaps, 10 files); drop "
+     "fewer or smaller files"),
+    ({}, 411, "an upload must state its size (Content-Length)"),
+    ({"content-length": "-5"}, 411, "an upload must state its size (Content-Length)"),
+    ({"transfer-encoding": "chunked", "content-length": "10"}, 411, "an upload must state its size (Content-Length)"),
+    ({"content-length": str(2**20)}, 200, "[]"),
+])
+def test_serve_refuses_an_upload_it_cannot_hold_before_reading_it(tmp_path, headers, status, message):
+    from hpa_fastai.serve.tempfolder import TempFolder
+
+    with TempFolder(2**20, 10, parent=tmp_path) as folder:
+        assert upload_through_the_cap(folder, headers) == (status, message, status == 200)
+        assert upload_through_the_cap(folder, {"content-length": str(2**20)})[0] == 200  # nothing stays reserved
+
+
+def test_serve_is_full_while_the_files_requests_are_reading_fill_the_cap(tmp_path):
+    from hpa_fastai.serve.tempfolder import TempFolder
+
+    with TempFolder(2**20, 10, parent=tmp_path) as folder:
+        held = folder.path / "0123abcd" / "stain.png"
+        held.parent.mkdir()
+        held.write_bytes(b"x" * 900_000)
+        with folder.in_use([held]):
+            status, body, reached = upload_through_the_cap(folder, {"content-length": "200000"})
+            assert status == 503 and body.startswith("the server is full") and not reached
+            assert held.exists()
+        assert upload_through_the_cap(folder, {"content-length": "200000"})[0] == 200
+        assert not held.exists() and not held.parent.exists()  # then the oldest goes first
 
 
 # --- download-hpav18: flags and the label CSV ---------------------------------------------------

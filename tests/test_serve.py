@@ -1,16 +1,22 @@
 """``run.py serve``: what the page answers for an upload (labels, probabilities, thresholds, heatmaps;
-a clear message for bad input), checked in Python, then the real page in headless Chromium driven by
-Selenium: upload the four stain files of a sample image, read the labels from the page, upload a bad
-file, and see the server go on serving. The browser test skips where Chromium, chromedriver, Gradio
-or Selenium is missing; set HPA_SCREENSHOTS=DIR to keep its screenshot (docs/serve.png is one)."""
+a clear message for bad input), checked in Python; what the server keeps on disk (uploads gone once
+answered, a cap on what piles up, nothing left after it stops), checked over HTTP on 127.0.0.1; then
+the real page in headless Chromium driven by Selenium: upload the four stain files of a sample
+image, read the labels from the page, upload a bad file, and see the server go on serving. The
+browser test skips where Chromium, chromedriver, Gradio or Selenium is missing; set
+HPA_SCREENSHOTS=DIR to keep its screenshot (docs/serve.png is one)."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +29,7 @@ from PIL import Image
 from hpa_fastai import load_predictor
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.serve.app import MAX_SIDE, answer, md_escape
+from hpa_fastai.serve.tempfolder import PREFIX, TempFolder
 from hpa_fastai.synth import make_dataset
 from .helpers import train
 
@@ -117,22 +124,222 @@ def test_names_from_a_model_file_cannot_inject_markdown():
     assert md_escape("[x](http://a) <b>*y*</b>") == r"\[x\]\(http://a\) &lt;b&gt;\*y\*&lt;/b&gt;"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio not installed")
-def test_a_port_in_use_is_one_error_line(run, capsys):
+NO_GRADIO = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio not installed")
+
+
+@NO_GRADIO
+def test_a_port_in_use_is_one_error_line_and_leaves_no_temporary_folder(run, capsys, tmp_path, monkeypatch):
     from .helpers import cli_in_process
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the app makes its folder
+    gradio_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         code, _, err = cli_in_process(capsys, "serve", "--learner", run[0], "--port", port)
     assert code == 2 and err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen") and "\n" not in err.strip()
+    assert not list(tmp_path.glob(f"{PREFIX}*")) and os.environ.get("GRADIO_TEMP_DIR") == gradio_temp_dir
 
 
 def test_serve_binds_to_this_machine_only_by_default():
     from hpa_fastai.config import ServeConfig
 
     assert ServeConfig().host == "127.0.0.1"
+
+
+# --- what the server keeps on disk ---------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(run_dir, cwd: Path, temp: Path):
+    """``run.py serve`` in a subprocess on a free port of 127.0.0.1, with ``temp`` as its system
+    temp folder; (process, url, log), stopped (SIGTERM) at the end if still running."""
+    port = free_port()
+    log_path = cwd / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "serve", "--learner", str(run_dir),
+                                 "--port", str(port)], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False",
+                                     "TMPDIR": str(temp)})
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            deadline = time.time() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the server did not start: {log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield proc, url, log_path
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def live_app(run, tmp_path, request):
+    """The page served in this process on a free port of 127.0.0.1, its folder capped at 1 MiB and
+    40 files (28 heatmaps fit); (url, folder). Parametrized indirectly: {"keep_seconds": S}."""
+    from hpa_fastai.serve.app import KEEP_SECONDS, build_app, gradio_temp_dir, launch
+
+    pred = load_predictor(run[0])
+    with TempFolder(2**20, 40, parent=tmp_path) as folder, gradio_temp_dir(folder.path):
+        app = build_app(pred, folder, getattr(request, "param", {}).get("keep_seconds", KEEP_SECONDS))
+        port = free_port()
+        launch(app, folder, "127.0.0.1", port, block=False)
+        try:
+            yield f"http://127.0.0.1:{port}/", folder
+        finally:
+            app.close(verbose=False)
+
+
+def post_upload(url: str, files: dict[str, bytes]):
+    import httpx
+
+    return httpx.post(f"{url}gradio_api/upload", files=[("files", (name, data)) for name, data in files.items()],
+                      timeout=60)
+
+
+def digests(folder: TempFolder) -> set[str]:
+    return {hashlib.sha256(path.read_bytes()).hexdigest() for path, _ in folder.files()}
+
+
+@NO_GRADIO
+def test_many_uploads_stay_within_the_cap_the_oldest_going_first(live_app):
+    url, folder = live_app
+    rng = np.random.default_rng(0)
+    uploads = [rng.bytes(200_000) for _ in range(20)]  # 20 x 200 kB through a 1 MiB cap
+    for i, data in enumerate(uploads):
+        response = post_upload(url, {f"u{i}.png": data})
+        assert response.status_code == 200, response.text
+        used, count = folder.usage()
+        assert used <= 2**20 and count <= 40, (i, used, count)
+    held = digests(folder)
+    assert hashlib.sha256(uploads[-1]).hexdigest() in held and hashlib.sha256(uploads[0]).hexdigest() not in held
+    many = post_upload(url, {f"small{i}.png": bytes([i]) * 100 for i in range(60)})  # one request, 60 files
+    assert many.status_code == 200 and folder.usage()[1] <= 40
+    too_big = post_upload(url, {"big.png": rng.bytes(2**20 + 1)})
+    assert too_big.status_code == 413 and "more than the server holds at once (1 MiB" in too_big.text
+    assert folder.usage()[0] <= 2**20
+
+
+@NO_GRADIO
+def test_an_upload_that_states_no_size_is_refused(live_app):
+    import httpx
+
+    url, folder = live_app
+    body = iter([b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n",
+                 b"0" * 1000, b"\r\n--x--\r\n"])  # an iterator: httpx sends it chunked, with no Content-Length
+    response = httpx.post(f"{url}gradio_api/upload", content=body,
+                          headers={"content-type": "multipart/form-data; boundary=x"}, timeout=60)
+    assert response.status_code == 411 and "must state its size" in response.text
+    assert folder.usage() == (0, 0)
+
+
+@NO_GRADIO
+def test_an_answered_upload_leaves_no_bytes_on_disk_and_the_page_keeps_only_its_latest_heatmaps(run, live_app):
+    from gradio_client import Client, handle_file
+
+    url, folder = live_app
+    files = stain_files(run[1])
+    uploaded = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    client = Client(url, verbose=False, download_files=False)
+    verdict, _, _, gallery, upload_list = client.predict([handle_file(str(f)) for f in files], False,
+                                                         api_name="/predict")
+    assert "Predicted for" in verdict or "No class reaches" in verdict
+    assert upload_list is None  # the page's upload list is cleared: the files are gone
+    assert not uploaded & digests(folder)
+    shown = [Path(item["image"]["path"]) for item in gallery]
+    assert shown and all(path.is_file() for path in shown)
+    assert sorted(path for path, _ in folder.files()) == sorted(shown)  # nothing but the heatmaps on the page
+    client.predict([handle_file(str(f)) for f in files], True, api_name="/predict")  # the page moves on
+    assert not any(path.exists() for path in shown) and not uploaded & digests(folder)
+
+
+@NO_GRADIO
+@pytest.mark.parametrize("live_app", [{"keep_seconds": 2}], indirect=True)
+def test_an_upload_no_page_asks_about_is_deleted_when_it_is_old(live_app):
+    url, folder = live_app
+    post_upload(url, {"forgotten.png": b"x" * 1000}).raise_for_status()
+    assert folder.usage()[1] == 1
+    deadline = time.time() + 60  # Gradio looks every 2 s here; a busy machine may run it late
+    while folder.usage()[1] and time.time() < deadline:
+        time.sleep(0.5)
+    assert folder.usage() == (0, 0)
+
+
+@NO_GRADIO
+@pytest.mark.parametrize("case,message", [("a text file", "not a readable image (PNG, JPEG or TIFF)"),
+                                          ("a 16-bit image", "image mode is I;16")])  # read from the scratch copy
+def test_a_bad_upload_is_named_by_its_own_name_only(run, live_app, tmp_path, case, message):
+    from gradio_client import Client, handle_file
+
+    url, folder = live_app
+    files = [Path(shutil.copy(f, tmp_path / f.name)) for f in stain_files(run[1])]
+    if case == "a text file":
+        files[1].write_text("not an image")
+    else:
+        write_16bit(files[1])
+    verdict = Client(url, verbose=False, download_files=False).predict([handle_file(str(f)) for f in files], False,
+                                                                        api_name="/predict")[0]
+    shown = verdict.replace("\\", "")
+    assert shown.startswith(f"**Cannot read this input.** {files[1].name}: {message}"), verdict
+    assert "/" not in shown and str(folder.path) not in shown and str(tmp_path) not in shown
+    assert folder.usage() == (0, 0)
+
+
+@NO_GRADIO
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_stopping_the_server_removes_its_temporary_folder(run, tmp_path, stop):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with serve_process(run[0], tmp_path, temp) as (proc, url, log):
+        post_upload(url, {"held.png": b"x" * 1000}).raise_for_status()
+        (folder,) = temp.glob(f"{PREFIX}*")
+        assert any(path.read_bytes() == b"x" * 1000 for path in folder.rglob("held.png"))
+        proc.send_signal(stop)
+        proc.wait(timeout=120)  # a busy machine: stopping takes well under a second alone
+    assert not folder.exists(), log.read_text()[-2000:]
+    assert not list(temp.iterdir()), sorted(temp.iterdir())  # nothing else in the temp folder (no tmp/gradio)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve.log", "tmp"]  # nor in the current folder
+
+
+def test_heatmaps_the_folder_has_no_room_for_are_left_out(tmp_path):
+    from hpa_fastai.serve.app import heatmap_files
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # about 12 kB as PNG
+    with TempFolder(100_000, 10, parent=tmp_path) as folder:
+        (path, caption), = heatmap_files(folder, [(noise, "Nucleoli")])
+        assert Path(path).is_file() and Path(path).parent.parent == folder.path / "heatmaps" and caption == "Nucleoli"
+        assert heatmap_files(folder, [(noise, "a")] * 20) is None and Path(path).exists()  # 240 kB: never fits
+
+
+def test_a_folder_left_by_a_killed_server_is_removed_by_the_next(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale, live = tmp_path / f"{PREFIX}{ended.pid}-abc", tmp_path / f"{PREFIX}{os.getpid()}-def"
+    for folder in (stale, live):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "upload.png").write_bytes(b"x")
+    with TempFolder(2**20, 10, parent=tmp_path) as folder:
+        assert folder.path.is_dir() and folder.path.name.startswith(f"{PREFIX}{os.getpid()}-")
+        assert not stale.exists() and live.exists()  # a running server's folder is its own
+    assert not folder.path.exists()
 
 
 # --- the page in a real browser ----------------------------------------------------------------
@@ -144,40 +351,13 @@ MISSING = [name for name, ok in [("chromium", CHROMIUM), ("chromedriver", CHROME
                                  ("selenium", importlib.util.find_spec("selenium"))] if not ok]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(run, tmp_path):
-    """``run.py serve`` on a free port of 127.0.0.1, until the test ends."""
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "serve", "--learner", str(run[0]),
-                             "--port", str(port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"})
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start: {(tmp_path / 'serve.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url, tmp_path / "serve.log"
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    """``run.py serve`` on a free port of 127.0.0.1, until the test ends; (url, log, temp folder)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with serve_process(run[0], tmp_path, temp) as (_, url, log):
+        yield url, log, temp
 
 
 @pytest.fixture
@@ -209,6 +389,7 @@ def upload_and_predict(driver, url: str, files) -> str:
     upload.send_keys("\n".join(str(f) for f in files))
     stems = [Path(f).stem[-12:] for f in files]  # the list shows a long name cut, its suffix apart
     wait.until(lambda d: all(s in d.find_element(By.ID, "upload").text for s in stems))  # uploaded
+    assert driver.find_elements(By.CSS_SELECTOR, "#upload .file-preview")  # the page lists them
     driver.find_element(By.CSS_SELECTOR, "#predict").click()
     done = ("Predicted for", "No class reaches", "Cannot read this input")
     wait.until(lambda d: any(t in d.find_element(By.ID, "verdict").text for t in done))
@@ -221,7 +402,7 @@ def upload_and_predict(driver, url: str, files) -> str:
 def test_the_page_labels_an_upload_shows_heatmaps_and_survives_a_bad_file(run, server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    url, log = server
+    url, log, temp = server
     assert f"at {url.rstrip('/')}" in log.read_text()  # the default: this machine only
     run_dir, data = run
     files = stain_files(data)
@@ -245,3 +426,13 @@ def test_the_page_labels_an_upload_shows_heatmaps_and_survives_a_bad_file(run, s
     assert "Cannot read this input" in verdict and "notes.txt" in verdict, verdict
     verdict = upload_and_predict(browser, url, files)  # the server goes on serving
     assert all(name in verdict for name in shown), verdict
+    assert not browser.find_elements(By.CSS_SELECTOR, "#upload .file-preview")  # the answered files are gone
+    (folder,) = temp.glob(f"{PREFIX}*")
+    held = [path for path in folder.rglob("*") if path.is_file()]
+    uploaded = {f.read_bytes() for f in files}
+    assert held and all(path.suffix == ".png" and path.read_bytes() not in uploaded for path in held)  # heatmaps only
+    browser.get("about:blank")  # the page closes: its heatmaps go (Gradio notices within a second or two)
+    deadline = time.time() + 60
+    while any(path.is_file() for path in folder.rglob("*")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [path for path in folder.rglob("*") if path.is_file()]

@@ -4,17 +4,26 @@ class's probability and threshold, and a class activation map per predicted clas
 
 What the page does with an upload is ``answer`` (plain Python, tested without a browser); Gradio
 only lays it out. Bad input (the wrong number of files, a text file, a 16-bit image, a huge image)
-becomes one message on the page, and the server goes on serving. Uploads are bounded in bytes by
-Gradio and in pixels here, from the image header, before anything is decoded. Every text that comes
-from a file (class names, file names) is escaped before it reaches the page's Markdown.
+becomes one message on the page that names the uploaded file by its own name, and the server goes
+on serving. Uploads are bounded in bytes by Gradio and in pixels here, from the image header, before
+anything is decoded. Every text that comes from a file (class names, file names) is escaped before
+it reaches the page's Markdown.
+
+What the server keeps on disk lives in its own temporary folder (``tempfolder``): an upload until it
+is answered, the heatmaps a page shows until the page shows others or closes, all of it within a cap
+(the oldest go first), and nothing after the server stops.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +35,7 @@ from .. import plots
 from ..config import MAX_SIZE
 from ..data.layouts import CHANNELS, scan_images
 from ..errors import HPAError
+from .tempfolder import TempFolder, UploadCap
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +45,11 @@ INSTALL = (f"pip install -e '.[serve]' && pip install --no-deps gradio=={GRADIO_
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a 4096 px RGB PNG of noise is 50 MB; real HPA stain files are 1-3 MB
 MAX_SIDE = MAX_SIZE  # pixels a side, read from the header before decoding
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# What the server holds on disk at once (uploads and heatmaps): room for a few pages' worth of
+# full-size HPA uploads (four stain files of at most 64 MiB) and their heatmaps.
+MAX_HELD_BYTES = 512 * 2**20
+MAX_HELD_FILES = 500
+KEEP_SECONDS = 3600  # the longest any upload or heatmap stays
 
 
 @dataclass
@@ -55,10 +70,18 @@ def md_escape(text) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", text)
 
 
+def gone(name: str) -> HPAError:
+    return HPAError(f"{name}: no longer on the server (an upload is deleted once it is answered, when its page "
+                    "closes, after an hour, or when the server needs the room); drop it again")
+
+
 def check_upload(path: Path, name: str) -> None:
     """One uploaded file, from its size and header only: a readable image of at most ``MAX_SIDE``
     pixels a side. Mode and stain checks follow when the image is read."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise gone(name) from None
     if size > MAX_UPLOAD_BYTES:
         raise HPAError(f"{name}: {size / 2**20:.0f} MiB; the app takes files up to {MAX_UPLOAD_BYTES // 2**20} MiB")
     try:
@@ -75,8 +98,8 @@ def check_upload(path: Path, name: str) -> None:
 
 
 def uploaded_items(files, channels: str, workdir: Path) -> pd.DataFrame:
-    """The one image the uploaded ``files`` make for a model of ``channels``: copied into
-    ``workdir`` under their own names, checked, and read as ``predict`` reads a folder."""
+    """The one image the uploaded ``files`` make for a model of ``channels``: checked, linked (or
+    copied) into ``workdir`` under their own names, and read as ``predict`` reads a folder."""
     files = [Path(f) for f in (files or [])]
     names = [f.name for f in files]
     if not files:
@@ -97,25 +120,47 @@ def uploaded_items(files, channels: str, workdir: Path) -> pd.DataFrame:
         check_upload(f, f.name)
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             raise HPAError(f"{f.name}: not an image file name (.png, .jpg, .tif); rename it")
-        shutil.copyfile(f, workdir / f.name)
+        try:
+            try:  # the uploads and the scratch folder share the app's temporary folder: no second copy
+                os.link(f, workdir / f.name)
+            except FileNotFoundError:
+                raise
+            except OSError:
+                shutil.copyfile(f, workdir / f.name)
+        except FileNotFoundError:
+            raise gone(f.name) from None
     items = scan_images(workdir, channels)
     if len(items) != 1:
         raise HPAError(f"these files are not the four stains of one image: {', '.join(names)}")
     return items
 
 
-def answer(pred, files, tta: bool = False) -> Answer:
-    """Labels, probabilities and heatmaps for an upload, or the reason it cannot be read."""
+def own_names(message: str, files, workdir: Path) -> str:
+    """``message`` with every path of an uploaded file or of its scratch copy replaced by the file's
+    own name: the page names only what the person uploaded."""
+    paths = {}
+    for f in map(Path, files or []):
+        paths[str(f)] = paths[str(f.absolute())] = f.name
+    for folder in {str(workdir), str(workdir.resolve())}:
+        paths[folder + os.sep] = ""
+    for path in sorted(paths, key=len, reverse=True):  # a folder's path is a prefix of its files'
+        message = message.replace(path, paths[path])
+    return message
+
+
+def answer(pred, files, tta: bool = False, scratch: Path | None = None) -> Answer:
+    """Labels, probabilities and heatmaps for an upload, or the reason it cannot be read. The files
+    are linked or copied into a folder under ``scratch`` (the system temp folder by default), removed
+    on return."""
     from ..inference.cam import explain
 
-    with tempfile.TemporaryDirectory(prefix="hpa-serve-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hpa-upload-", dir=scratch, ignore_cleanup_errors=True) as tmp:
         workdir = Path(tmp)
         try:
             items = uploaded_items(files, pred.channels, workdir)
             (e,) = explain(pred, items, tta="mean" if tta else None, bs=1)
-        except HPAError as err:  # messages name the copy in the scratch folder: show the file's own name
-            message = str(err).replace(str(workdir) + os.sep, "")
-            return Answer(f"**Cannot read this input.** {md_escape(message)}")
+        except HPAError as err:
+            return Answer(f"**Cannot read this input.** {md_escape(own_names(str(err), files, workdir))}")
     names, thresholds = pred.names, pred.thresholds
     order = np.argsort(-e.probs, kind="stable")
     table = pd.DataFrame({"class": order, "name": [names[c] for c in order],
@@ -143,18 +188,65 @@ def describe(pred) -> str:
                                                             "_blue, _yellow)"
     return (f"**Model** {md_escape(meta['arch'])}, {md_escape(meta['format'])} classes ({len(pred.names)}), "
             f"{md_escape(pred.channels)} at {meta['size']} px, from {md_escape(pred.source)}.  \n"
-            f"**Drop** {md_escape(stains)}, then press Predict.")
+            f"**Drop** {md_escape(stains)}, then press Predict. The server deletes the files once it has answered.")
 
 
-def build_app(pred):
-    """The Gradio page for ``pred``."""
+def heatmap_files(folder: TempFolder, heatmaps) -> list[tuple[str, str]] | None:
+    """The heatmap panels written as PNG files into ``folder`` for the page's gallery, as (path,
+    caption); None when the folder has no room for them. The app writes them itself, rather than
+    handing Gradio the arrays, to know their paths: they are deleted when the page moves on."""
+    encoded = []
+    for panel, caption in heatmaps:
+        buffer = io.BytesIO()
+        Image.fromarray(panel).save(buffer, "PNG")
+        encoded.append((buffer.getvalue(), caption))
+    paths = folder.write("heatmaps", [data for data, _ in encoded], ".png")
+    return None if paths is None else [(str(path), caption) for path, (_, caption) in zip(paths, encoded)]
+
+
+def upload_paths(value) -> list[Path]:
+    """The server-side paths in a ``gr.File`` value that Gradio did not preprocess (its FileData
+    dicts)."""
+    return [Path(f["path"] if isinstance(f, dict) else f) for f in value or []]
+
+
+def build_app(pred, folder: TempFolder, keep_seconds: int = KEEP_SECONDS):
+    """The Gradio page for ``pred``. Gradio must write into ``folder`` (``GRADIO_TEMP_DIR``, see
+    ``gradio_temp_dir``) when this is called and when the page is launched. Files older than
+    ``keep_seconds`` are deleted, whether or not a page still shows them."""
     import gradio as gr
 
-    def on_predict(files, tta):
-        result = answer(pred, files, tta)
-        return result.verdict, result.top or None, result.table, result.heatmaps
+    def session_of(request) -> str | None:
+        return getattr(request, "session_hash", None)
 
-    with gr.Blocks(title="hpa_fastai", analytics_enabled=False) as app:
+    def on_files(value, request):
+        folder.hold_for(session_of(request), "uploads", upload_paths(value))
+
+    def on_unload(request):
+        folder.end_session(session_of(request))
+
+    def on_predict(value, tta, request):
+        session, uploads = session_of(request), upload_paths(value)
+        try:
+            with folder.in_use(uploads):
+                result = answer(pred, uploads, bool(tta), scratch=folder.scratch_dir)
+        finally:  # answered: the person's images leave the disk, and the page's upload list is cleared
+            folder.delete(uploads)
+        shown = heatmap_files(folder, result.heatmaps) if result.heatmaps else []
+        if shown is None:
+            shown = []
+            result.verdict += "\n\n*(No heatmaps: the server holds as much as it can right now; try again later.)*"
+        folder.hold_for(session, "heatmaps", [path for path, _ in shown])  # the page's earlier ones go
+        return result.verdict, result.top or None, result.table, shown, None
+
+    # Gradio passes the request to a parameter annotated gr.Request; this module's annotations are
+    # strings (from __future__) naming a gradio imported in this function, which it cannot resolve
+    for handler in (on_files, on_unload, on_predict):
+        handler.__annotations__ = {"request": gr.Request}
+    # Gradio's own age-based cleanup catches what no page will clean up (a browser that vanished
+    # without closing its page, a script's upload); the sessions and the cap cover the rest
+    delete_cache = (min(60, keep_seconds), keep_seconds)
+    with gr.Blocks(title="hpa_fastai", analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown("## Human Protein Atlas: where is the protein?")
         gr.Markdown(describe(pred), elem_id="model")
         with gr.Row():
@@ -168,17 +260,77 @@ def build_app(pred):
         heatmaps = gr.Gallery(label="class activation maps (Grad-CAM)", columns=2, height="auto", object_fit="contain",
                               elem_id="heatmaps")
         table = gr.Dataframe(label="every class: probability and threshold", interactive=False, elem_id="table")
-        button.click(on_predict, [files, tta], [verdict, top, table, heatmaps])
+        # preprocess=False: gr.File's own preprocessing (type="filepath") leaves an empty temporary
+        # file in the cache for every file of every request (Gradio 6.31); its FileData carry the paths
+        files.change(on_files, [files], None, preprocess=False, queue=False, show_progress="hidden", api_name=False)
+        button.click(on_predict, [files, tta], [verdict, top, table, heatmaps, files], preprocess=False,
+                     api_name="predict")
+        app.unload(on_unload)
     return app
 
 
-def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Load ``learner``'s safe export and serve the page until Ctrl-C."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a local tool
+@contextlib.contextmanager
+def gradio_temp_dir(path: Path):
+    """Gradio writes its uploads and cached files into ``path`` while this lasts; it reads
+    ``GRADIO_TEMP_DIR`` when a component is made and when the server starts."""
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
     try:
-        import gradio as gr
-    except ImportError:
-        raise HPAError(f"run.py serve needs gradio: {INSTALL}") from None
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = before
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM and SIGHUP stop the server as Ctrl-C does (Gradio closes it on KeyboardInterrupt),
+    so that the ``with`` blocks around it remove what it kept; Python's default would end the
+    process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in before.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def launch(app, folder: TempFolder, host: str, port: int, block: bool = True) -> None:
+    """Serve ``app`` on ``host:port``; with ``block``, until Ctrl-C (or SIGTERM)."""
+    import gradio as gr
+    from starlette.middleware import Middleware
+
+    # system fonts: the default theme would fetch its font from the internet on every page load
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    app.queue(default_concurrency_limit=1)  # one prediction at a time: the model is shared
+    try:
+        app.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_BYTES, share=False, theme=theme,
+                   show_error=True, footer_links=[], prevent_thread_lock=not block, quiet=not block,
+                   app_kwargs={"middleware": [Middleware(UploadCap, folder=folder)]})
+    except OSError as e:  # gradio's "Cannot find empty port", or an address this machine does not have
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". You can")[0]
+        raise HPAError(f"--host {host} --port {port}: cannot listen there ({reason}); choose another --port") from None
+
+
+def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Load ``learner``'s safe export and serve the page until Ctrl-C or SIGTERM; what it kept on
+    disk is removed when it stops."""
+    import importlib.util
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a local tool
+    if importlib.util.find_spec("gradio") is None:
+        raise HPAError(f"run.py serve needs gradio: {INSTALL}")
     from ..inference.loading import load_predictor
     from ..inference.predictor import Ensemble
 
@@ -186,16 +338,10 @@ def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
     if isinstance(pred, Ensemble):
         raise HPAError(f"--learner {learner}: serve shows one model's heatmaps; pass one run folder, e.g. "
                        f"{pred.members[0].source}")
-    app = build_app(pred)
-    logger.info(f"serving {pred.source} ({pred.meta['arch']}, {pred.channels}) at http://{host}:{port} (Ctrl-C stops)")
-    # system fonts: the default theme would fetch its font from the internet on every page load
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])
-    app.queue(default_concurrency_limit=1)  # one prediction at a time: the model is shared
-    try:
-        app.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_BYTES, share=False, theme=theme,
-                   show_error=True, footer_links=[])
-    except OSError as e:  # gradio's "Cannot find empty port", or an address this machine does not have
-        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". You can")[0]
-        raise HPAError(f"--host {host} --port {port}: cannot listen there ({reason}); choose another --port") from None
-
+    # gradio is first imported here: some of its modules read GRADIO_TEMP_DIR on import. The signal
+    # handlers are restored before the folder is removed, so a second SIGTERM cannot cut that short.
+    with TempFolder(MAX_HELD_BYTES, MAX_HELD_FILES) as folder, stopped_by_signals(), gradio_temp_dir(folder.path):
+        app = build_app(pred, folder)
+        logger.info(f"serving {pred.source} ({pred.meta['arch']}, {pred.channels}) at http://{host}:{port} (Ctrl-C stops); "
+            f"uploads and heatmaps are kept in {folder.path} and removed when it stops")
+        launch(app, folder, host, port)
