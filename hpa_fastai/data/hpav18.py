@@ -14,7 +14,6 @@ Ctrl-C; ``failed.csv`` lists the files this run could not get.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import random
@@ -32,6 +31,7 @@ from ..atomic import atomic_path, save_png, write_csv, write_json
 from ..config import DownloadHPAv18Config, validate
 from ..console import console, log
 from ..errors import HPAError
+from ..jsonfile import loads
 from ..outputs import check_output
 from .images import read_stain
 from .layouts import CHANNELS, check_id, iter_csv, parse_labels
@@ -133,7 +133,7 @@ def _check_settings(out: Path, settings: dict) -> None:
     """A folder holds images stored one way: a run that would store them otherwise is refused."""
     path = out / SETTINGS_JSON
     try:
-        before = json.loads(path.read_text())
+        before = loads(path.read_text())
     except FileNotFoundError:
         return
     except (OSError, ValueError) as e:
