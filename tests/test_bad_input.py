@@ -818,6 +818,33 @@ def test_predict_and_evaluate_leave_no_output_after_an_error(safe_model, make_z2
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no temporary or partial files either
 
 
+def test_predict_on_a_folder_gives_every_image_a_row_when_stems_clash(safe_model, rgby_model, tmp_path, capsys):
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for name, fmt in [("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.tif", "TIFF"), ("b.png", "PNG"), ("a.png.tif", "TIFF")]:
+        Image.fromarray(np.full((16, 16, 3), len(name) * 9, np.uint8)).save(rgb / name, fmt)
+    code, out, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", rgb, "--out",
+                                    tmp_path / "rgb.csv")
+    assert code == 0, err
+    # unique stems stay ids; clashing ones become file names, and "a.png.tif" then clashes with "a.png"
+    assert sorted(pd.read_csv(tmp_path / "rgb.csv")["image"]) == ["a.jpg", "a.png", "a.png.tif", "a.tif", "b"]
+    rgby = tmp_path / "rgby"
+    rgby.mkdir()
+    for stem, fmt, suffix in [("x", "PNG", "png"), ("x", "JPEG", "jpg"), ("y", "PNG", "png")]:
+        for stain in CHANNELS:
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(rgby / f"{stem}_{stain}.{suffix}", fmt)
+    code, out, err = cli_in_process(capsys, "predict", "--learner", rgby_model, "--data", rgby, "--out",
+                                    tmp_path / "rgby.csv")
+    assert code == 0, err
+    assert sorted(pd.read_csv(tmp_path / "rgby.csv")["image"]) == [
+        "x_{red,green,blue,yellow}.jpg", "x_{red,green,blue,yellow}.png", "y"]
+    # explain and --cam name them the same way, so no image's heatmaps replace another's
+    code, out, err = cli_in_process(capsys, "explain", rgb / "a.png", rgb / "a.jpg", rgb / "b.png",
+                                    "--learner", safe_model, "--out", tmp_path / "cams")
+    assert code == 0, err
+    assert set(pd.read_csv(tmp_path / "cams" / "explanations.csv")["image"]) == {"a.png", "a.jpg", "b"}
+
+
 @pytest.mark.parametrize("args,parts", [
     (["--classes", "10"], ["--classes 10", "not a class of this model (0..9)"]),
     (["--classes", "-1"], ["--classes", "must be class ids"]),
