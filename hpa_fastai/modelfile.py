@@ -240,6 +240,8 @@ def check_meta(meta, json_path: Path) -> None:
     for key, ok, want in checks:
         if not ok:
             raise HPAError(f"{json_path}: {key!r} must be {want} (got {meta[key]!r:.60})")
+    if problem := models.size_problem(meta["arch"], size):  # a model.json edited to a size its model cannot take
+        raise HPAError(f"{json_path}: 'size' {size} {problem}")
 
 
 class NormalisedModel(torch.nn.Module):

@@ -418,6 +418,9 @@ CONFIG_CASES = [
     ({"progressive_size": 4}, "--progressive-size"), ({"size": 64, "progressive_size": 64}, "--progressive-size"),
     ({"progressive_epochs": 2}, "--progressive-epochs"),
     ({"progressive_size": 16, "progressive_epochs": 10, "epochs": 10}, "--progressive-epochs"),
+    # the plain cnn pools four times: below 16 px its last pooling has nothing left
+    ({"size": 12}, "--size 12 is below the 16 pixels cnn takes"), ({"size": 15}, "--size 15"),
+    ({"size": 32, "progressive_size": 8}, "--progressive-size 8 is below the 16 pixels cnn takes"),
 ]
 
 
@@ -427,6 +430,19 @@ def test_config_value(overrides, flag):
     with pytest.raises(HPAError) as info:
         validate(cfg)
     assert one_line(str(info.value)).startswith(flag)
+
+
+def test_a_size_the_architecture_cannot_take_is_refused_before_any_run_folder(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=6, size=12)
+    common = ["--data", data, "--arch", "cnn", "--no-pretrained", "--epochs", "1", "--bs", "2", "--lr", "1e-3",
+              "--out", tmp_path / "runs"]
+    assert_cli_error(*cli_in_process(capsys, *common, "--size", "8"), "--size 8", "16 pixels")
+    # the automatic size is the images' own, 12 px: the message says what to pass instead
+    assert_cli_error(*cli_in_process(capsys, *common), "12x12", "--size 16 or more")
+    assert_cli_error(*cli_in_process(capsys, "lr-find", *common, "--size", "15"), "--size 15", "16 pixels")
+    assert not (tmp_path / "runs").exists()
+    code, out, err = cli_in_process(capsys, *common, "--size", "16")  # what the message advises trains
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -566,6 +582,7 @@ LEARNER_CASES = {
     "size is text": (edit_meta(size="big"), ["'size'"]),
     "size is huge": (edit_meta(size=10**9), ["'size'"]),
     "size is true": (edit_meta(size=True), ["'size'"]),
+    "size below what the arch takes": (edit_meta(size=12), ["model.json", "'size' 12 is below the 16 pixels cnn takes"]),
     "vocab too short": (edit_meta(vocab=["0"]), ["'vocab'"]),
     "names is a string": (edit_meta(names="Mitochondria"), ["'names'"]),
     "threshold NaN": (edit_meta(thresholds=[math.nan] * 10), ["'thresholds'"]),
