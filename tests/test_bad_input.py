@@ -1169,7 +1169,7 @@ def test_a_giant_arch_over_tiny_weights_is_refused_from_the_header_before_buildi
     run = shutil.copytree(safe_model, tmp_path / "run")
     save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))  # 68 bytes
     assert (run / "model.safetensors").stat().st_size < 100
-    edit_meta(arch="timm:vit_giant_patch14_224")(run)
+    edit_meta(arch="timm:vit_giant_patch14_224", size=224)(run)  # the one size this ViT takes
 
     def built(*args, **kwargs):
         pytest.fail("the model was built before the weights' names and shapes were checked")
