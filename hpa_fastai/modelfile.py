@@ -9,8 +9,8 @@ checking the description and the weights' names and shapes from the file's heade
 large is built; ``run.py export --onnx`` writes the third from a loaded model."""
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from .data.layouts import CHANNEL_SETS, FORMATS
 from .data.vocab import vocab_for
 from .device import PRECISIONS
 from .errors import HPAError
+from .jsonfile import KEEP, loads, open_regular, read_json
 from .runs.folder import EXPORT_PKL, MODEL_JSON, WEIGHTS
 
 
@@ -110,18 +111,15 @@ def load(json_path: Path) -> tuple[torch.nn.Module, dict]:
 
     json_path = Path(json_path)
     weights = json_path.with_name(WEIGHTS)
-    try:
-        meta = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HPAError(f"{json_path}: not valid JSON") from None
-    except OSError as e:
-        raise HPAError(f"{json_path}: cannot read the model description ({e.strerror or e})") from None
+    # NaN and Infinity are kept, so that check_meta names the field that holds them
+    meta = read_json(json_path, "model description", nonfinite=KEEP)
     check_meta(meta, json_path)
     n_in, n_out = len(meta["channels"]), len(meta["vocab"])
     # Names and shapes first, from the file's header and a model without memory: a small file
     # whose model.json names a giant architecture must not get that model built.
+    found = read_safetensors_header(weights)  # also when the model cannot be built on the meta device
     expected = state_shapes(meta["arch"], n_in, n_out)
-    if expected is not None and (diff := first_difference(expected, read_safetensors_header(weights))):
+    if expected is not None and (diff := first_difference(expected, found)):
         raise HPAError(f"{weights}: weights do not fit {meta['arch']} ({diff})")
     try:
         state = load_file(str(weights))
@@ -146,17 +144,17 @@ def read_safetensors_header(path: Path) -> dict[str, tuple]:
     """Tensor name -> shape of a safetensors file, from its header alone (8 bytes of little-endian
     header length, then that much JSON), read with a bounded length."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "weights") as f:  # a FIFO in its place would block a plain open()
+            size = os.fstat(f.fileno()).st_size
             length = int.from_bytes(f.read(8), "little") if size >= 8 else None
             if length is None:
                 raise ValueError("shorter than the 8-byte header length")
             if length > min(MAX_HEADER, size - 8):
                 raise ValueError(f"header length {length} runs past the end of the file or over {MAX_HEADER} bytes")
-            header = json.loads(f.read(length))
+            header = loads(f.read(length))
     except OSError as e:
         raise HPAError(f"{path}: cannot read weights ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    except ValueError as e:  # the header's InvalidJSON is one
         raise HPAError(f"{path}: cannot read weights ({str(e)[:150]})") from None
     if not isinstance(header, dict):
         raise HPAError(f"{path}: cannot read weights (the header is not a JSON object)")
@@ -242,6 +240,8 @@ def check_meta(meta, json_path: Path) -> None:
     for key, ok, want in checks:
         if not ok:
             raise HPAError(f"{json_path}: {key!r} must be {want} (got {meta[key]!r:.60})")
+    if problem := models.size_problem(meta["arch"], size):  # a model.json edited to a size its model cannot take
+        raise HPAError(f"{json_path}: 'size' {size} {problem}")
 
 
 class NormalisedModel(torch.nn.Module):

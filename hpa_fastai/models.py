@@ -5,6 +5,7 @@ splitter gives every model discriminative learning rates. ``timm:<name>`` reache
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import socket
@@ -50,6 +51,7 @@ from fastai.vision.learner import _get_first_layer, create_timm_model, create_vi
 from torch import nn  # noqa: E402
 from torchvision import models as tvm  # noqa: E402
 
+from .config import MAX_SIZE, MIN_SIZE  # noqa: E402
 from .errors import HPAError  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,64 @@ def check_arch(arch: str) -> str:
 def builder(arch: str):
     check_arch(arch)
     return _timm(arch[5:]) if arch.startswith("timm:") else ARCHS[arch]
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_model(arch: str) -> nn.Module | None:
+    """``arch`` for 3 stains and 2 classes on the meta device (shapes only, no memory); None if it
+    cannot be built that way."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return builder(arch)(3, 2, pretrained=False).eval()
+    except Exception:  # an architecture whose construction needs real tensors
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _refusal(arch: str, size: int) -> str | None:
+    """Why a ``size`` x ``size`` image cannot go through ``arch`` (the error of a forward pass on the
+    meta device: "Output size is too small", a kernel larger than its input, a ViT's fixed size),
+    or None if it can or the model cannot be built on the meta device."""
+    model = _meta_model(arch)
+    if model is None:
+        return None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(torch.empty(2, 3, size, size, device="meta"))  # two images: BatchNorm refuses one 1x1 map
+    except Exception as e:  # torch and timm raise RuntimeError, ValueError, AssertionError...
+        return (str(e).splitlines() or [type(e).__name__])[0][:150]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def min_size(arch: str) -> int | None:
+    """The smallest image side ``arch`` takes (at least ``MIN_SIZE``), measured by forward passes on
+    the meta device; None if it takes no side up to ``MAX_SIZE`` (a ViT takes exactly its own) or
+    cannot be built there. A binary search: each pooling or strided layer of a convolutional network
+    gives an output at least as large for a larger input, so the sides it takes form a range."""
+    if _meta_model(arch) is None or _refusal(arch, MAX_SIZE) is not None:
+        return None
+    if _refusal(arch, MIN_SIZE) is None:  # no side below the config's minimum is ever asked for
+        return MIN_SIZE
+    low, high = MIN_SIZE + 1, MAX_SIZE
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _refusal(arch, mid) is None else (mid + 1, high)
+    return max(low, MIN_SIZE)
+
+
+def size_problem(arch: str, size: int) -> str | None:
+    """Why ``arch`` cannot take ``size`` px images, as the end of a sentence naming the size ("is
+    below the 16 pixels cnn takes"), or None; checked on the meta device before any model is built."""
+    reason = _refusal(arch, size)
+    if reason is None:
+        return None
+    low = min_size(arch)
+    if low is not None and size < low:
+        return f"is below the {low} pixels {arch} takes"
+    return f"is a size {arch} cannot take ({reason})"
 
 
 def has_pretrained(arch: str) -> bool:

@@ -49,3 +49,34 @@ def build_learner(ts, device=None):
     from hpa_fastai.training.learner import create_learner, training_dls
 
     return create_learner(training_dls(ts, device), ts, ts.cfg, device, path=Path("."), model_dir=".")
+
+
+def finishes(fn, fifos=(), seconds: float = 60):
+    """``fn()``'s result, failing the test (instead of hanging it) if it is still running after
+    ``seconds``: a reader blocked on one of ``fifos`` is given a writer so that its thread can end."""
+    import threading
+
+    import pytest
+
+    done = {}
+
+    def call():
+        try:
+            done["result"] = fn()
+        except BaseException as e:  # handed to the test's thread
+            done["error"] = e
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        worker.join(10)
+        pytest.fail(f"still running after {seconds} s (blocked on a FIFO or device?)")
+    if "error" in done:
+        raise done["error"]
+    return done["result"]

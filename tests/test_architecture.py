@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hpa_fastai"
 # Stages from the bottom up; a module may import modules of its own rank and of lower ranks, except
 # that training and inference, which share a rank, may not import each other.
 RANKS = {
-    "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "outputs": 0, "plots": 0,
+    "errors": 0, "atomic": 0, "console": 0, "config": 0, "paths": 0, "outputs": 0, "plots": 0, "jsonfile": 0,
     "runs": 0,  # the run folder: its file names, status, lock, readers and the runs table
     "data": 1, "synth": 1,
     "tools": 2,  # one-off data jobs (the HPAv18 download): on core, data and synth; only the CLI imports them
@@ -166,3 +166,24 @@ def test_run_folder_file_names_are_spelled_in_runs_only():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 found.append(f"{module_name(path)}:{node.lineno} {node.value!r}")
     assert not found, "run-folder file names outside hpa_fastai/runs (take them from runs.folder):\n" + "\n".join(found)
+
+
+def test_json_is_parsed_only_through_the_guarded_reader():
+    # json.load(s) on a file a user may have edited raises RecursionError on nested brackets and
+    # reads FIFOs forever; hpa_fastai.jsonfile bounds and guards every parse
+    direct = []
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path) == "hpa_fastai.jsonfile":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ("load", "loads")
+                    and isinstance(node.value, ast.Name) and node.value.id == "json"):
+                direct.append(f"{module_name(path)}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module == "json" and {"load", "loads"} & {
+                    a.name for a in node.names}:
+                direct.append(f"{module_name(path)}:{node.lineno}")
+    assert not direct, f"JSON parsed outside hpa_fastai.jsonfile: {direct}"
+
+
+def test_the_json_reader_imports_only_the_error_type():
+    assert imports_of(PACKAGE / "jsonfile.py") == {"hpa_fastai.errors"}

@@ -45,7 +45,7 @@ from .helpers import build_learner
 from hpa_fastai.training.run import prepare, validate
 
 from .conftest import write_hpa2018, write_png, write_z2g
-from .helpers import cli_in_process, run_cli
+from .helpers import cli_in_process, finishes, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:load_learner:UserWarning")  # the --trust cases unpickle on purpose
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -95,6 +95,7 @@ def png_header(width: int, height: int, depth: int = 8, colour: int = 2) -> byte
 RGB_PNG = png_bytes(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
 GRAY_PNG = png_bytes(np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8))
 COLOUR_STAIN = np.random.default_rng(2).integers(30, 256, (8, 8, 1), dtype=np.uint8)  # times a stain's colour
+NESTED = b"[" * 200_000  # 200 KB of brackets: json.loads raises RecursionError on it
 
 
 # --- label CSVs ---------------------------------------------------------------------------------
@@ -418,6 +419,9 @@ CONFIG_CASES = [
     ({"progressive_size": 4}, "--progressive-size"), ({"size": 64, "progressive_size": 64}, "--progressive-size"),
     ({"progressive_epochs": 2}, "--progressive-epochs"),
     ({"progressive_size": 16, "progressive_epochs": 10, "epochs": 10}, "--progressive-epochs"),
+    # the plain cnn pools four times: below 16 px its last pooling has nothing left
+    ({"size": 12}, "--size 12 is below the 16 pixels cnn takes"), ({"size": 15}, "--size 15"),
+    ({"size": 32, "progressive_size": 8}, "--progressive-size 8 is below the 16 pixels cnn takes"),
 ]
 
 
@@ -427,6 +431,19 @@ def test_config_value(overrides, flag):
     with pytest.raises(HPAError) as info:
         validate(cfg)
     assert one_line(str(info.value)).startswith(flag)
+
+
+def test_a_size_the_architecture_cannot_take_is_refused_before_any_run_folder(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=6, size=12)
+    common = ["--data", data, "--arch", "cnn", "--no-pretrained", "--epochs", "1", "--bs", "2", "--lr", "1e-3",
+              "--out", tmp_path / "runs"]
+    assert_cli_error(*cli_in_process(capsys, *common, "--size", "8"), "--size 8", "16 pixels")
+    # the automatic size is the images' own, 12 px: the message says what to pass instead
+    assert_cli_error(*cli_in_process(capsys, *common), "12x12", "--size 16 or more")
+    assert_cli_error(*cli_in_process(capsys, "lr-find", *common, "--size", "15"), "--size 15", "16 pixels")
+    assert not (tmp_path / "runs").exists()
+    code, out, err = cli_in_process(capsys, *common, "--size", "16")  # what the message advises trains
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -566,6 +583,7 @@ LEARNER_CASES = {
     "size is text": (edit_meta(size="big"), ["'size'"]),
     "size is huge": (edit_meta(size=10**9), ["'size'"]),
     "size is true": (edit_meta(size=True), ["'size'"]),
+    "size below what the arch takes": (edit_meta(size=12), ["model.json", "'size' 12 is below the 16 pixels cnn takes"]),
     "vocab too short": (edit_meta(vocab=["0"]), ["'vocab'"]),
     "names is a string": (edit_meta(names="Mitochondria"), ["'names'"]),
     "threshold NaN": (edit_meta(thresholds=[math.nan] * 10), ["'thresholds'"]),
@@ -599,6 +617,22 @@ LEARNER_CASES = {
                                     ["model.safetensors", "cannot read weights"]),
     "safetensors header length past the end": (write("model.safetensors", struct.pack("<Q", 10**6) + b"{}"),
                                                ["model.safetensors", "cannot read weights"]),
+    "safetensors header of nested brackets": (write("model.safetensors", struct.pack("<Q", len(NESTED)) + NESTED),
+                                              ["model.safetensors", "cannot read weights", "nested too deeply"]),
+    "safetensors a FIFO": (lambda r: ((r / "model.safetensors").unlink(), os.mkfifo(r / "model.safetensors"),
+                                      r / "model.json")[-1], ["model.safetensors", "not a regular file"]),
+    "model.json of nested brackets": (write("model.json", NESTED), ["model.json", "not valid JSON", "nested too deeply"]),
+    "model.json a FIFO": (lambda r: ((r / "model.json").unlink(), os.mkfifo(r / "model.json"), r / "model.json")[-1],
+                          ["model.json", "not a regular file"]),
+    "model.json a link to /dev/zero": (lambda r: ((r / "model.json").unlink(), (r / "model.json").symlink_to(
+        "/dev/zero"), r / "model.json")[-1], ["model.json", "not a regular file"]),
+    "model.json of 2 MB": (edit_meta(padding="x" * 2_000_000), ["model.json", "over the 1048576"]),
+    "model.json with a number of 5000 digits": (write("model.json", b'{"size": ' + b"9" * 5000 + b"}"),
+                                                ["model.json", "not valid JSON"]),
+    "Infinity as a mean": (write("model.json", lambda r: (r / "model.json").read_bytes().replace(
+        b'"mean": [0.5, 0.5, 0.5]', b'"mean": [Infinity, 0.5, 0.5]')), ["model.json", "'mean'"]),
+    "1e999 as a std": (write("model.json", lambda r: (r / "model.json").read_bytes().replace(
+        b'"std": [0.25, 0.25, 0.25]', b'"std": [1e999, 0.25, 0.25]')), ["model.json", "'std'"]),
 }
 
 
@@ -608,8 +642,8 @@ def test_learner_file(safe_model, tmp_path, name):
     run = tmp_path / "run"
     shutil.copytree(safe_model, run)
     path = mutate(run)
-    with pytest.raises(HPAError) as info:
-        load_predictor(path, trust=True, cpu=True)
+    with pytest.raises(HPAError) as info:  # never blocked by a FIFO in a file's place
+        finishes(lambda: load_predictor(path, trust=True, cpu=True), [run / "model.json", run / "model.safetensors"])
     message = one_line(str(info.value))
     for part in parts:
         assert part in message, (part, message)
@@ -679,7 +713,10 @@ def resume_folder(run, make_z2g, config, checkpoint):
     good = {"data": str(data), "arch": "cnn", "epochs": 1, "bs": 2, "lr": "1e-3", "pretrained": False,
             "size": 16, "channels": "rgb", "workers": 0, "lr_used": 1e-3, "pretrained_used": False}
     text = config(good) if callable(config) else config
-    (run / "config.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    if text == "fifo":
+        os.mkfifo(run / "config.json")
+    else:
+        (run / "config.json").write_text(text if isinstance(text, str) else json.dumps(text))
     if isinstance(checkpoint, bytes):
         (run / "checkpoint.pth").write_bytes(checkpoint)
     else:
@@ -688,7 +725,11 @@ def resume_folder(run, make_z2g, config, checkpoint):
 
 FULL_CHECKPOINT = {k: 0 for k in ("model", "opt", "phase", "epochs_done", "rng", "smooth_loss", "history")}
 RESUME_CASES = {
-    "config.json not JSON": ("{oops", FULL_CHECKPOINT, ["config.json", "unreadable run config"]),
+    "config.json not JSON": ("{oops", FULL_CHECKPOINT, ["config.json", "not valid JSON"]),
+    "config.json of nested brackets": (NESTED.decode(), FULL_CHECKPOINT, ["config.json", "nested too deeply"]),
+    "config.json with a NaN learning rate": (lambda c: json.dumps({**c, "lr_used": math.nan}), FULL_CHECKPOINT,
+                                             ["config.json", "NaN is not a finite number"]),
+    "config.json a FIFO": ("fifo", FULL_CHECKPOINT, ["no config.json"]),
     "config.json a list": ("[1, 2]", FULL_CHECKPOINT, ["config.json", "not the config of a run"]),
     "config.json without lr_used": (lambda c: {k: v for k, v in c.items() if k != "lr_used"}, FULL_CHECKPOINT,
                                     ["config.json", "lr_used"]),
@@ -716,7 +757,7 @@ def test_resume_folder(make_z2g, tmp_path, capsys, name):
     run = tmp_path / "run"
     resume_folder(run, make_z2g, config, checkpoint)
     before = sorted(p.name for p in run.iterdir())
-    assert_cli_error(*cli_in_process(capsys, "--resume", run), *parts)
+    assert_cli_error(*finishes(lambda: cli_in_process(capsys, "--resume", run), [run / "config.json"]), *parts)
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written into the run folder
 
 
@@ -795,6 +836,33 @@ def test_predict_and_evaluate_leave_no_output_after_an_error(safe_model, make_z2
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no temporary or partial files either
 
 
+def test_predict_on_a_folder_gives_every_image_a_row_when_stems_clash(safe_model, rgby_model, tmp_path, capsys):
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for name, fmt in [("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.tif", "TIFF"), ("b.png", "PNG"), ("a.png.tif", "TIFF")]:
+        Image.fromarray(np.full((16, 16, 3), len(name) * 9, np.uint8)).save(rgb / name, fmt)
+    code, out, err = cli_in_process(capsys, "predict", "--learner", safe_model, "--data", rgb, "--out",
+                                    tmp_path / "rgb.csv")
+    assert code == 0, err
+    # unique stems stay ids; clashing ones become file names, and "a.png.tif" then clashes with "a.png"
+    assert sorted(pd.read_csv(tmp_path / "rgb.csv")["image"]) == ["a.jpg", "a.png", "a.png.tif", "a.tif", "b"]
+    rgby = tmp_path / "rgby"
+    rgby.mkdir()
+    for stem, fmt, suffix in [("x", "PNG", "png"), ("x", "JPEG", "jpg"), ("y", "PNG", "png")]:
+        for stain in CHANNELS:
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(rgby / f"{stem}_{stain}.{suffix}", fmt)
+    code, out, err = cli_in_process(capsys, "predict", "--learner", rgby_model, "--data", rgby, "--out",
+                                    tmp_path / "rgby.csv")
+    assert code == 0, err
+    assert sorted(pd.read_csv(tmp_path / "rgby.csv")["image"]) == [
+        "x_{red,green,blue,yellow}.jpg", "x_{red,green,blue,yellow}.png", "y"]
+    # explain and --cam name them the same way, so no image's heatmaps replace another's
+    code, out, err = cli_in_process(capsys, "explain", rgb / "a.png", rgb / "a.jpg", rgb / "b.png",
+                                    "--learner", safe_model, "--out", tmp_path / "cams")
+    assert code == 0, err
+    assert set(pd.read_csv(tmp_path / "cams" / "explanations.csv")["image"]) == {"a.png", "a.jpg", "b"}
+
+
 @pytest.mark.parametrize("args,parts", [
     (["--classes", "10"], ["--classes 10", "not a class of this model (0..9)"]),
     (["--classes", "-1"], ["--classes", "must be class ids"]),
@@ -853,6 +921,95 @@ def test_subprocess_predict_with_a_model_json_that_is_not_an_object(safe_model, 
     proc = run_cli("predict", "--learner", run, "--out", tmp_path / "sub.csv", cwd=tmp_path, timeout=120)
     assert_cli_error(proc.returncode, proc.stdout, proc.stderr, "model.json", "not an object")
     assert not (tmp_path / "sub.csv").exists()
+
+
+def test_predict_with_a_model_json_of_nested_brackets_is_one_line(safe_model, make_z2g, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(safe_model, run)
+    (run / "model.json").write_bytes(NESTED)
+    code, out, err = cli_in_process(capsys, "predict", "--learner", run, "--data", make_z2g(n=2, size=16),
+                                    "--out", tmp_path / "labels.csv")
+    assert_cli_error(code, out, err, "model.json", "not valid JSON (nested too deeply)")
+    assert not (tmp_path / "labels.csv").exists()
+
+
+# --- JSON files: every one the tool reads is bounded, parsed without recursion errors, and no FIFO -----
+
+def test_one_unreadable_json_file_leaves_the_runs_table_and_the_report_working(tmp_path, capsys):
+    from hpa_fastai.runs.table import collect_runs
+
+    out = tmp_path / "runs"
+    good = fake_run(out / "20240101-000000-cnn", "data/z2g", **{"metrics.json": {"epochs_run": 2, "f1_macro": 0.5}})
+    nested = fake_run(out / "20240102-000000-cnn", "data/z2g", **{"metrics.json": NESTED})
+    nan = fake_run(out / "20240103-000000-cnn", "data/z2g",
+                   **{"metrics.json": '{"f1_macro": NaN, "seconds": Infinity, "epochs_run": 3}'})
+    fifo = fake_run(out / "20240104-000000-cnn", "data/z2g")
+    (fifo / "metrics.json").unlink()
+    os.mkfifo(fifo / "metrics.json")
+    nested_config = fake_run(out / "20240105-000000-cnn", "data/z2g", **{"config.json": NESTED})
+    code, stdout, err = finishes(lambda: cli_in_process(capsys, "runs", out), [fifo / "metrics.json"])
+    assert code == 0, err
+    table = finishes(lambda: collect_runs(out), [fifo / "metrics.json"]).set_index("run")
+    assert sorted(table.index) == sorted(r.name for r in (good, nested, nan, fifo, nested_config))
+    assert table.loc[good.name, "f1"] == 0.5 and table.loc[nan.name, "epochs"] == 3
+    assert pd.isna(table.loc[nan.name, "f1"]) and pd.isna(table.loc[nested.name, "f1"])
+    assert table.loc[nested_config.name, "status"] == "finished" and pd.isna(table.loc[nested_config.name, "arch"])
+    code, _, err = cli_in_process(capsys, "report", nested)  # the report shows what the other files hold
+    assert code == 0, err
+    assert (nested / "report.html").is_file()
+    # report needs the run's config: a damaged one is one line naming it
+    assert_cli_error(*cli_in_process(capsys, "report", nested_config), "config.json", "nested too deeply")
+    (nested_config / "config.json").unlink()
+    os.mkfifo(nested_config / "config.json")
+    assert_cli_error(*finishes(lambda: cli_in_process(capsys, "report", nested_config),
+                               [nested_config / "config.json"]), "config.json", "not a regular file")
+
+
+def test_download_settings_of_nested_brackets_are_one_line(capsys, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Id,Target\n10580_1610_C1_1,0\n")
+    out = tmp_path / "hpav18"
+    out.mkdir()
+    (out / "hpav18.json").write_bytes(NESTED)
+    code, stdout, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out", out)
+    assert_cli_error(code, stdout, err, "hpav18.json", "nested too deeply")
+
+
+@pytest.mark.parametrize("text,part", [
+    (NESTED, "nested too deeply"), (b'{"a": NaN}', "NaN is not a finite number"),
+    (b'{"a": -Infinity}', "-Infinity is not a finite number"), (b'{"a": 1e999}', "1e999 is not a finite number"),
+    (b"\xff\xfe{}", "not UTF-8"), (b'{"a": ' + b"1" * 5000 + b"}", "integer"), (b"", "Expecting value"),
+])
+def test_the_json_reader_refuses_with_one_line_naming_the_file(tmp_path, text, part):
+    from hpa_fastai.jsonfile import read_json
+
+    path = tmp_path / "x.json"
+    path.write_bytes(text)
+    with pytest.raises(HPAError) as info:
+        read_json(path, "test file")
+    message = one_line(str(info.value))
+    assert message.startswith(f"{path}: not valid JSON") and part in message, message
+
+
+def test_the_json_reader_bounds_the_size_and_reads_only_regular_files(tmp_path):
+    from hpa_fastai.jsonfile import AS_NONE, KEEP, read_json
+
+    big = tmp_path / "big.json"
+    big.write_text('{"a": "' + "x" * 2000 + '"}')
+    with pytest.raises(HPAError, match="over the 1000 a test file may have"):
+        read_json(big, "test file", max_bytes=1000)
+    assert len(read_json(big, "test file", max_bytes=3000)["a"]) == 2000
+    os.mkfifo(tmp_path / "fifo.json")
+    for path in (tmp_path / "fifo.json", tmp_path, Path("/dev/zero")):
+        with pytest.raises(HPAError, match="not a regular file"):
+            finishes(lambda: read_json(path, "test file"), [tmp_path / "fifo.json"])
+    with pytest.raises(HPAError, match="No such file"):
+        read_json(tmp_path / "missing.json", "test file")
+    assert read_json(tmp_path / "missing.json", "test file", missing={}) == {}
+    (tmp_path / "nan.json").write_text('[NaN, Infinity, 1e999, 0.5]')
+    assert read_json(tmp_path / "nan.json", nonfinite=AS_NONE) == [None, None, None, 0.5]
+    kept = read_json(tmp_path / "nan.json", nonfinite=KEEP)
+    assert math.isnan(kept[0]) and kept[1:] == [math.inf, math.inf, 0.5]
 
 
 # --- security and robustness: consent to unpickle, escaped pages, bounded resources, safe outputs -----
@@ -1013,7 +1170,7 @@ def test_a_giant_arch_over_tiny_weights_is_refused_from_the_header_before_buildi
     run = shutil.copytree(safe_model, tmp_path / "run")
     save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))  # 68 bytes
     assert (run / "model.safetensors").stat().st_size < 100
-    edit_meta(arch="timm:vit_giant_patch14_224")(run)
+    edit_meta(arch="timm:vit_giant_patch14_224", size=224)(run)  # the one size this ViT takes
 
     def built(*args, **kwargs):
         pytest.fail("the model was built before the weights' names and shapes were checked")
@@ -1043,6 +1200,8 @@ def test_weights_that_do_not_fit_name_the_first_mismatching_key_and_shapes(safe_
     ({"runs": ["fold0", 3], "thresholds": [0.5] * 10}, "3"),
     ({"runs": ["fold0"], "thresholds": "x"}, "thresholds"),
     ({"runs": ["nested"], "thresholds": [0.5] * 10}, "nested"),
+    (NESTED.decode(), "nested too deeply"),
+    ('{"runs": ["fold0"], "thresholds": [NaN, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]}', "NaN"),
 ])
 def test_cv_json_names_only_fold_folders_inside_it(safe_model, tmp_path, cv, part):
     folder = tmp_path / "cv"
@@ -1050,7 +1209,7 @@ def test_cv_json_names_only_fold_folders_inside_it(safe_model, tmp_path, cv, par
     shutil.copytree(safe_model, tmp_path / "run")
     (folder / "nested").mkdir()
     (folder / "nested" / "cv.json").write_text(json.dumps({"runs": [".."], "thresholds": [0.5] * 10}))
-    (folder / "cv.json").write_text(json.dumps(cv))
+    (folder / "cv.json").write_text(cv if isinstance(cv, str) else json.dumps(cv))
     with pytest.raises(HPAError) as info:
         load_predictor(folder, cpu=True)
     message = one_line(str(info.value))

@@ -81,3 +81,28 @@ def test_an_unknown_loss_is_an_error_not_bce():
 
     with pytest.raises(HPAError, match="unknown loss"):
         losses.create_loss("hinge")
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["timm:convnext_atto"])
+def test_min_size_is_the_smallest_side_a_real_forward_pass_takes(arch):
+    # measured on the meta device; checked here against a real model on the CPU, in training mode as
+    # the first batch runs it
+    low = models.min_size(arch)
+    assert low is not None and low >= 8
+    model, _ = models.create_model(arch, 4, 28, pretrained=False)
+    model.train()
+    with torch.no_grad():
+        assert model(torch.rand(2, 4, low, low)).shape == (2, 28)
+        if low > 8:  # below the project's own minimum every model is refused anyway
+            with pytest.raises(RuntimeError):
+                model(torch.rand(2, 4, low - 1, low - 1))
+    assert models.size_problem(arch, low) is None
+    assert (models.size_problem(arch, low - 1) is not None) == (low > 8)  # below 8 the config refuses every size
+
+
+def test_the_plain_cnn_takes_16_pixels_and_a_vit_only_its_own_size():
+    assert models.min_size("cnn") == 16
+    assert models.size_problem("cnn", 15) == "is below the 16 pixels cnn takes"
+    assert models.min_size("timm:vit_tiny_patch16_224") is None  # a fixed input size: no range of sides
+    assert models.size_problem("timm:vit_tiny_patch16_224", 224) is None
+    assert "cannot take" in models.size_problem("timm:vit_tiny_patch16_224", 256)

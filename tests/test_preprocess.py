@@ -1,8 +1,12 @@
 """The preprocessed cache: identical pixels, resumable writes, and training that reads it when it is complete."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import struct
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +23,7 @@ from hpa_fastai.data.cache import cache_dir, preprocess
 from hpa_fastai.training.run import prepare
 from hpa_fastai.data.vocab import vocab_for
 
-from .helpers import cli_in_process, read_json
+from .helpers import cli_in_process, finishes, read_json
 
 SOURCE, CACHED = 40, 24  # source images are resized on the way into the cache
 
@@ -135,3 +139,149 @@ def test_a_cached_array_of_other_channels_is_refused(make_hpa2018):
     folder = preprocess(data, CACHED, workers=1)
     with pytest.raises(HPAError, match=r"expected uint8 \(3, H, W\)"):
         read_image(str(next(folder.glob("*.npy"))), CHANNEL_SETS["rgb"])
+
+
+# --- a cache is a folder anyone can write into: every entry and cache.json checked before use ------
+
+def npy_header(shape, descr="|u1", version=(1, 0)) -> bytes:
+    buf = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header) if version == (1, 0) else \
+        np.lib.format.write_array_header_2_0(buf, header)
+    return buf.getvalue()
+
+
+def npy_bytes(arr, allow_pickle=False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def good_entry(path) -> bytes:
+    return npy_bytes(np.zeros((4, CACHED, CACHED), np.uint8))
+
+
+BAD_ENTRIES = {
+    # name: what to put in the entry's place (it has been removed)
+    "a FIFO": lambda p: os.mkfifo(p),
+    "a folder": lambda p: p.mkdir(),
+    "a link to /dev/zero": lambda p: p.symlink_to("/dev/zero"),
+    "a link to a good array elsewhere": lambda p: (p.with_name("elsewhere").write_bytes(good_entry(p)),
+                                                   p.symlink_to(p.with_name("elsewhere"))),
+    # a 3 TB array: reading it must not allocate what the header says
+    "a header of an enormous shape": lambda p: p.write_bytes(npy_header((4, 10**6, 10**6)) + bytes(4 * CACHED**2)),
+    "a version 2 header of an enormous shape": lambda p: p.write_bytes(npy_header((4, 10**6, 10**6), version=(2, 0))),
+    "a header of another size": lambda p: p.write_bytes(npy_bytes(np.zeros((4, CACHED + 1, CACHED), np.uint8))),
+    "a header of another channel count": lambda p: p.write_bytes(npy_bytes(np.zeros((3, CACHED, CACHED), np.uint8))),
+    "float64 pixels": lambda p: p.write_bytes(npy_bytes(np.zeros((4, CACHED, CACHED)))),
+    "a pickled object array": lambda p: p.write_bytes(npy_bytes(np.array([None] * 4, dtype=object), allow_pickle=True)),
+    "a Fortran-order array": lambda p: p.write_bytes(npy_bytes(np.asfortranarray(np.zeros((4, CACHED, CACHED),
+                                                                                          np.uint8)))),
+    "trailing data": lambda p: p.write_bytes(good_entry(p) + b"more"),
+    "a cut-off array": lambda p: p.write_bytes(good_entry(p)[:-1]),
+    "a header of nested brackets": lambda p: p.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", 8000)
+                                                           + b"{" + b"(" * 7998 + b"\n"),
+    "a negative side": lambda p: p.write_bytes(npy_header((4, -CACHED, CACHED)) + bytes(4 * CACHED**2)),
+    "no header": lambda p: p.write_bytes(b"not an array"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_ENTRIES)
+def test_a_bad_cache_entry_never_hangs_or_allocates_and_preprocess_writes_it_again(make_hpa2018, capsys, name):
+    data = make_hpa2018(n=4, size=SOURCE)
+    folder = preprocess(data, CACHED, workers=1)
+    cfg = TrainConfig(data=str(data), arch="cnn", pretrained=False, size=CACHED, bs=2, workers=0)
+    originals = list(read_items(data, channels="rgby")["key"])
+    entry = folder / "id-0001.npy"
+    want = np.load(entry)
+    entry.unlink()
+    BAD_ENTRIES[name](entry)
+    fifos = [entry] if name == "a FIFO" else []
+
+    # the loader's read (the DataLoader's, and the header check before training) refuses it at once
+    for header_only in (False, True):
+        if name == "a header of another size":  # a valid array: the loader resizes it, the cache check refuses it
+            assert read_image(str(entry), CHANNEL_SETS["rgby"], CACHED).shape == (CACHED, CACHED, 4)
+            continue
+        with pytest.raises(HPAError) as info:
+            finishes(lambda: read_image(str(entry), CHANNEL_SETS["rgby"], CACHED, header_only=header_only), fifos)
+        assert str(entry) in str(info.value) and "\n" not in str(info.value)
+
+    # training reads the originals and names the entry
+    capsys.readouterr()
+    ts = finishes(lambda: prepare(cfg), fifos)
+    assert list(ts.items["key"]) == originals
+    out = capsys.readouterr().out
+    assert "has 1 unusable of 4 images" in out and "id-0001.npy" in out and "preprocess" in out
+
+    # preprocess, the command that repairs the cache, writes it again
+    finishes(lambda: preprocess(data, CACHED, workers=1), fifos)
+    assert "caching 1 of 4 images" in capsys.readouterr().out
+    assert entry.is_file() and not entry.is_symlink()
+    np.testing.assert_array_equal(np.load(entry), want)
+    assert list(prepare(cfg).items["key"]) == [str(folder / f"id-{i:04d}.npy") for i in range(4)]
+
+
+CACHE_JSON_CASES = {
+    "nested brackets": lambda p: p.write_text("[" * 200_000),
+    "a FIFO": lambda p: os.mkfifo(p),
+    "a link to /dev/zero": lambda p: p.symlink_to("/dev/zero"),
+    "a folder": lambda p: p.mkdir(),
+    "a list": lambda p: p.write_text("[24, \"rgby\"]"),
+    "NaN for the size": lambda p: p.write_text('{"size": NaN, "channels": "rgby"}'),
+    "another size": lambda p: p.write_text('{"size": 32, "channels": "rgby"}'),
+    "2 MB": lambda p: p.write_text('{"size": 24, "channels": "rgby", "pad": "' + "x" * 2_000_000 + '"}'),
+}
+
+
+@pytest.mark.parametrize("name", CACHE_JSON_CASES)
+def test_a_bad_cache_json_makes_training_read_the_originals(make_hpa2018, capsys, name):
+    data = make_hpa2018(n=3, size=SOURCE)
+    folder = preprocess(data, CACHED, workers=1)
+    (folder / "cache.json").unlink()
+    CACHE_JSON_CASES[name](folder / "cache.json")
+    cfg = TrainConfig(data=str(data), arch="cnn", pretrained=False, size=CACHED, bs=2, workers=0)
+    capsys.readouterr()
+    ts = finishes(lambda: prepare(cfg), [folder / "cache.json"] if name == "a FIFO" else [])
+    assert list(ts.items["key"]) == list(read_items(data, channels="rgby")["key"])
+    out = capsys.readouterr().out
+    assert "cache.json" in out and "decoding the originals instead" in out
+    if name != "a folder":  # preprocess writes it anew (a folder in its place is an error: nothing is removed)
+        finishes(lambda: preprocess(data, CACHED, workers=1))
+        assert read_json(folder / "cache.json")["count"] == 3
+
+
+def test_preprocess_on_a_read_only_data_folder_is_one_line_naming_it(make_z2g, capsys):
+    data = make_z2g(n=2, size=SOURCE)
+    os.chmod(data, 0o555)
+    try:
+        if os.access(data, os.W_OK) or os.geteuid() == 0:  # root writes anyway: tested by the other cases below
+            pytest.skip("this user can write into a read-only folder (root); the other read-only cases cover it")
+        code, out, err = cli_in_process(capsys, "preprocess", "--data", data, "--size", "16")
+    finally:
+        os.chmod(data, 0o755)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and str(data) in err and "writable" in err, err
+    assert not (data / "cache").exists()
+
+
+@pytest.mark.parametrize("case", ["cache is a file", "mkdir refused", "cache folder refuses files"])
+def test_preprocess_where_the_cache_cannot_be_written_is_one_line_naming_the_folder(make_z2g, capsys, monkeypatch,
+                                                                                    case):
+    data = make_z2g(n=2, size=SOURCE)
+    if case == "cache is a file":
+        (data / "cache").write_text("not a folder")
+    elif case == "mkdir refused":  # what a read-only data folder gives a user who is not root
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    else:  # a cache folder made read-only after an earlier run
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    code, out, err = cli_in_process(capsys, "preprocess", "--data", data, "--size", "16")
+    assert code == 2 and "Traceback" not in err
+    line = err.strip()
+    assert "\n" not in line and line.startswith("error: ") and str(data) in line, err
+    assert "cannot write the cache folder" in line and "writable" in line
+    assert not list(data.rglob("*.npy"))

@@ -6,12 +6,19 @@ loader hands on, under ``<data>/cache/<channels>_<size>/<id>.npy``; ``cache.json
 (size, channels, count) is written last. Images are resized by ``read_image`` itself, so batches
 from the cache are identical to batches decoded from the PNGs. Every file is written atomically
 and files that are already there and valid are skipped, so an interrupted run just continues.
+
+The cache lives in the data folder, where anyone may have put anything: every entry is checked as
+an untrusted file before it is used (``images.cached_array_shape``: a regular file, not a link, a
+FIFO or a folder; a .npy header of uint8 (C, size, size); exactly the size that header calls for),
+and so is ``cache.json``. ``preprocess`` writes a bad entry again; training reads the originals of
+a folder whose cache has one, and says so.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+import stat
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -21,8 +28,9 @@ import pandas as pd
 from ..atomic import atomic_path, write_json
 from ..config import MIN_SIZE
 from ..errors import HPAError
+from ..jsonfile import read_json
 from ..paths import resolve_data_dir
-from .images import read_image
+from .images import cached_array_shape, read_image
 from .layouts import CHANNEL_SETS, detect_format, key_files, read_items
 from .pipeline import available_cores, bound_workers
 
@@ -43,14 +51,24 @@ def _newest_source(key: str, channels: str) -> float:
     return max(os.stat(f).st_mtime for f in key_files(key, CHANNEL_SETS[channels]))
 
 
+def entry_problem(path: Path, channels: str, size: int) -> str | None:
+    """What is wrong with the cache entry ``path`` (a message naming it), or None if it holds a
+    complete (C, size, size) uint8 array; reads its header only."""
+    try:
+        cached_array_shape(str(path), len(channels), size)
+    except HPAError as e:
+        return str(e)
+    return None
+
+
 def is_cached(path: Path, key: str, channels: str, size: int) -> bool:
     """Whether ``path`` holds a complete (C, size, size) uint8 array newer than every source file."""
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only; a cut-off file fails to map
-        fresh = path.stat().st_mtime >= _newest_source(key, channels)
-    except (OSError, ValueError, EOFError):
+    if entry_problem(path, channels, size) is not None:
         return False
-    return fresh and arr.dtype == np.uint8 and arr.shape == (len(channels), size, size)
+    try:
+        return path.lstat().st_mtime >= _newest_source(key, channels)
+    except OSError:
+        return False
 
 
 def _cache_one(task: tuple) -> str | None:
@@ -60,9 +78,29 @@ def _cache_one(task: tuple) -> str | None:
         arr = read_image(key, CHANNEL_SETS[channels], size)
     except HPAError as e:
         return str(e)
+    try:  # a FIFO or link in the entry's place is replaced by the rename; a folder must go first
+        if stat.S_ISDIR(dest.lstat().st_mode):
+            dest.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"{dest}: a folder where a cached image belongs, and it cannot be removed ({e.strerror or e}); remove it"
     with atomic_path(dest) as tmp, open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
         np.save(f, np.ascontiguousarray(arr.transpose(2, 0, 1)), allow_pickle=False)
     return None
+
+
+def _writable_cache_dir(folder: Path, data_dir: Path) -> None:
+    """Create ``folder`` and check that files can be written in it, before any image is decoded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise HPAError(f"{data_dir}: cannot write the cache folder {folder} ({e.strerror or e}); preprocess writes "
+                       "its resized copy inside the data folder, so make that folder writable (or copy the data "
+                       "set to a place you can write) and run it again") from None
 
 
 def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int | None = None) -> Path:
@@ -78,6 +116,7 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
     # bad rows are left out as `train --skip-bad` leaves them out; without it, training stops on them anyway
     items = read_items(data_dir, fmt, "train", skip_bad=True, channels=channels)
     folder = cache_dir(data_dir, channels, size)
+    _writable_cache_dir(folder, data_dir)
     tasks = [(key, cached_file(folder, image_id), channels, size) for image_id, key in zip(items["id"], items["key"])]
     todo = [t for t in tasks if not is_cached(t[1], t[0], channels, size)]
     if todo:
@@ -85,7 +124,6 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
             + (f" ({len(tasks) - len(todo)} already cached)" if len(todo) < len(tasks) else ""))
     else:
         logger.info(f"all {len(tasks)} images of {data_dir} are already cached in {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
     workers = bound_workers(workers, len(todo), available_cores())
     if workers == 1:
         errors = [_cache_one(t) for t in todo]
@@ -121,21 +159,38 @@ def cached_items(items: pd.DataFrame, channels: str, size: int) -> pd.DataFrame:
 
 def _cached_paths(data_dir: Path, ids, keys, channels: str, size: int) -> list[Path] | None:
     folder = cache_dir(data_dir, channels, size)
+    update = (f"update it with: python run.py preprocess --data {data_dir} --size {size} --channels {channels}")
     try:
-        meta = json.loads((folder / CACHE_JSON).read_text())
-        if meta.get("size") != size or meta.get("channels") != channels:
-            return None
-        present = set(os.listdir(folder))
-        paths = [cached_file(folder, image_id) for image_id in ids]
-        missing = sum(p.name not in present for p in paths)
-        # a source changed after caching (a re-download, a regenerated set) makes its copy stale
-        stale = 0 if missing else sum(p.stat().st_mtime < _newest_source(key, channels) for p, key in zip(paths, keys))
-    except (OSError, ValueError):
+        meta = read_json(folder / CACHE_JSON, "cache index", missing=None)
+    except HPAError as e:
+        logger.info(f"note: {e}; decoding the originals instead ({update})")
         return None
-    if missing or stale:
-        problem = f"lacks {missing}" if missing else f"has {stale} out-of-date"
-        logger.info(f"note: the cache {folder} {problem} of {len(paths)} images; decoding the originals instead "
-            f"(update it with: python run.py preprocess --data {data_dir} --size {size} --channels {channels})")
+    if meta is None:  # no cache of this size and channels
+        return None
+    if not (isinstance(meta, dict) and meta.get("size") == size and meta.get("channels") == channels):
+        logger.info(f"note: {folder / CACHE_JSON} does not describe a cache of {channels} images at {size} px; "
+                    f"decoding the originals instead ({update})")
+        return None
+    try:
+        present = set(os.listdir(folder))
+    except OSError:
+        return None
+    paths = [cached_file(folder, image_id) for image_id in ids]
+    problem, detail = None, ""
+    if missing := sum(p.name not in present for p in paths):
+        problem = f"lacks {missing}"
+    elif bad := [msg for p in paths if (msg := entry_problem(p, channels, size))]:
+        problem, detail = f"has {len(bad)} unusable", f" ({'first: ' if len(bad) > 1 else ''}{bad[0]})"
+    else:  # a source changed after caching (a re-download, a regenerated set) makes its copy stale
+        try:
+            stale = sum(p.lstat().st_mtime < _newest_source(key, channels) for p, key in zip(paths, keys))
+        except OSError:
+            return None
+        if stale:
+            problem = f"has {stale} out-of-date"
+    if problem:
+        logger.info(f"note: the cache {folder} {problem} of {len(paths)} images{detail}; decoding the originals "
+                    f"instead ({update})")
         return None
     logger.info(f"reading {len(paths)} images from the preprocessed cache {folder}")
     return paths

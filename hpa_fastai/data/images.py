@@ -3,13 +3,16 @@ Atlas serves HPAv18 images), and the preprocessed cache's arrays; checking that 
 read; the statistics of a data set's channels."""
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from ..config import MAX_SIZE
 from ..errors import HPAError
 from .layouts import CHANNEL_SETS, key_files
 
@@ -194,19 +197,10 @@ def read_image(key: str, channels=CHANNEL_SETS["rgb"], size: int | None = None,
 
 def _read_cached(path: str, channels, size: int | None, header_only: bool) -> np.ndarray:
     """A cached (C, H, W) uint8 array as (H, W, C), resized like ``read_image`` if ``size`` differs."""
-    try:
-        # a memory map reads only the header; a full read copies the file once into a fresh,
-        # writable array (torch must not share a read-only map), faster than mapping then copying
-        arr = np.load(path, mmap_mode="r" if header_only else None, allow_pickle=False)
-    except FileNotFoundError:
-        raise HPAError(f"{path}: cached image not found (run: python run.py preprocess)") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise HPAError(f"{path}: unreadable cached image ({e}); run preprocess again to redo it") from None
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != len(channels):
-        raise HPAError(f"{path}: cached array is {arr.dtype} {tuple(arr.shape)}, expected uint8 "
-                       f"({len(channels)}, H, W)")
     if header_only:
-        return np.empty((*arr.shape[1:], arr.shape[0]), np.uint8)
+        c, h, w = cached_array_shape(path, len(channels))
+        return np.empty((h, w, c), np.uint8)
+    arr = read_cached_array(path, len(channels))
     if size is not None and arr.shape[1:] != (size, size):
         bands = [Image.fromarray(band) for band in arr]
         if len(bands) in _MERGE_MODES:
@@ -214,6 +208,85 @@ def _read_cached(path: str, channels, size: int | None, header_only: bool) -> np
         resized = [np.asarray(b.resize((size, size), Image.BILINEAR)) for b in bands]
         return resized[0] if len(resized) == 1 else np.stack(resized, axis=-1)
     return arr.transpose(1, 2, 0)
+
+
+# A cache entry is opened without following a link (the cache writes none) and without blocking (a
+# FIFO in its place would otherwise wait forever for a writer); only a regular file is read.
+_CACHE_OPEN = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+_REDO = "run preprocess again to redo it"
+
+
+def _open_cached(path: str, n_channels: int, side: int | None):
+    """A cache entry opened and positioned after its .npy header, with the array's shape; checked as
+    any file from outside before a byte of the array is allocated: a regular file, a version 1 or 2
+    header of at most numpy's 10,000 bytes, uint8 in C order, shape (n_channels, H, W) with sides in
+    1..MAX_SIZE (``side`` x ``side`` if given), and a file size of exactly the header and the pixels."""
+    try:
+        fd = os.open(path, _CACHE_OPEN)
+    except FileNotFoundError:
+        raise HPAError(f"{path}: cached image not found (run: python run.py preprocess)") from None
+    except OSError as e:  # ELOOP: the entry is a link
+        what = "a link, not a file" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise HPAError(f"{path}: unreadable cached image ({what}); {_REDO}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a folder, FIFO or device
+            raise HPAError(f"{path}: unreadable cached image (not a regular file); {_REDO}")
+    except BaseException:
+        os.close(fd)
+        raise
+    f = os.fdopen(fd, "rb")
+    try:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"a .npy format version {version[0]}.{version[1]}, not 1.0 or 2.0")
+        # numpy tokenizes the header and parses it with ast.literal_eval: a forged one raises any of
+        # ValueError, SyntaxError, tokenize.TokenError, RecursionError...; none of them is a bug here
+        except Exception as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise HPAError(f"{path}: unreadable cached image ({reason}); {_REDO}") from None
+        want = f"({n_channels}, {side}, {side})" if side else f"({n_channels}, H, W)"
+        shape_ok = (isinstance(shape, tuple) and len(shape) == 3 and shape[0] == n_channels
+                    and all(isinstance(d, int) and 1 <= d <= MAX_SIZE for d in shape[1:])
+                    and (side is None or shape[1:] == (side, side)))
+        if dtype != np.uint8 or fortran_order or not shape_ok:
+            order = " in Fortran order" if fortran_order else ""
+            raise HPAError(f"{path}: cached array is {dtype} {shape!r:.60}{order}, expected uint8 {want}")
+        expected = f.tell() + shape[0] * shape[1] * shape[2]
+        if st.st_size != expected:
+            raise HPAError(f"{path}: unreadable cached image ({st.st_size} bytes where its header calls for "
+                           f"{expected}: cut off, or followed by other data); {_REDO}")
+        return f, shape
+    except BaseException:
+        f.close()
+        raise
+
+
+def cached_array_shape(path: str, n_channels: int, side: int | None = None) -> tuple[int, int, int]:
+    """The (C, H, W) shape of a cache entry, checked as ``_open_cached`` checks it; no pixels read."""
+    f, shape = _open_cached(path, n_channels, side)
+    f.close()
+    return shape
+
+
+def read_cached_array(path: str, n_channels: int, side: int | None = None) -> np.ndarray:
+    """A cache entry's (C, H, W) uint8 array, read into a fresh, writable array (torch must not share a
+    read-only memory map) of the size its checked header gives."""
+    f, shape = _open_cached(path, n_channels, side)
+    with f:
+        arr = np.empty(shape, np.uint8)
+        try:
+            got = f.readinto(memoryview(arr).cast("B"))
+        except OSError as e:
+            raise HPAError(f"{path}: unreadable cached image ({e.strerror or e}); {_REDO}") from None
+    if got != arr.nbytes:  # the file was cut while being read
+        raise HPAError(f"{path}: unreadable cached image (cut off); {_REDO}")
+    return arr
 
 
 def native_size(key: str, channels: str) -> int:

@@ -344,10 +344,10 @@ def with_extra_items(items: pd.DataFrame, extra_data, fmt: Format, channels: str
 
 
 def scan_images(path, channels: str) -> pd.DataFrame:
-    """Items for prediction from a single image file or a folder of images (no CSV needed).
-
-    For ``rgby`` a folder of ``{id}_{red,green,blue,yellow}.png`` files is grouped by id.
-    """
+    """Items for prediction from a single image file or a folder of images (no CSV needed): one per
+    image file, or for ``rgby`` one per ``{id}_{red,green,blue,yellow}`` group of files. An image's id
+    is its file's stem; where two images share a stem (``a.png`` and ``a.jpg``) their file names
+    (see ``distinct_ids``)."""
     path = Path(path)
     if not path.exists():
         raise HPAError(f"{path}: no such file or folder")
@@ -355,7 +355,7 @@ def scan_images(path, channels: str) -> pd.DataFrame:
         p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise HPAError(f"{path}: no images (.png, .jpg, .tif) found")
-    keys = {}
+    found = {}  # item key -> stem, in the order of the files
     names = CHANNEL_SETS[channels]
     for f in files:
         stem, _, ch = f.stem.rpartition("_")
@@ -364,18 +364,48 @@ def scan_images(path, channels: str) -> pd.DataFrame:
         stain_file = stem and ch in CHANNELS and (
             channels == "rgby" or all(os.path.isfile(p) for p in key_files(template, names)))
         if stain_file:
-            keys.setdefault(stem, template)
+            found.setdefault(template, stem)
         elif channels == "rgby":
             raise HPAError(f"{f}: a 4-channel (RGBY) model needs one file per stain named "
                            f"{{id}}_red/_green/_blue/_yellow{f.suffix}")
         else:
-            keys[f.stem] = str(f)
-    for image_id, key in keys.items():
+            found[str(f)] = f.stem
+    keys = list(found)
+    ids = distinct_ids(list(found.values()), keys, channels)
+    for image_id, key in zip(ids, keys):
         if "{channel}" in key:
             for f in key_files(key, names):
                 if not os.path.isfile(f):
                     raise HPAError(f"{f}: channel file missing for image {image_id!r}")
-    return pd.DataFrame({"id": list(keys), "key": list(keys.values())})
+    first = {}
+    for image_id, key in zip(ids, keys):  # only a file literally named like a group's id gets here
+        if first.setdefault(image_id, key) != key:
+            raise HPAError(f"{path}: {image_name(first[image_id], channels)} and {image_name(key, channels)} both "
+                           f"are image {image_id!r}; rename one")
+    return pd.DataFrame({"id": ids, "key": keys})
+
+
+def image_name(key: str, channels: str) -> str:
+    """The file name of the image an item key stands for: ``a.png``, or for a group of stain files
+    ``a_{red,green,blue,yellow}.png``."""
+    name = Path(key).name
+    return name.replace("{channel}", "{" + ",".join(CHANNEL_SETS[channels]) + "}") if "{channel}" in key else name
+
+
+def distinct_ids(ids: list[str], keys: list[str], channels: str) -> list[str]:
+    """``ids`` with each that different images share (``a`` for ``a.png`` and ``a.jpg``) replaced by
+    those images' file names (``image_name``), so no image of a folder is dropped or mistaken for
+    another; the same image named twice keeps its id."""
+    ids = list(ids)
+    while True:  # a file name may in turn clash with another image's stem ("a.png" of "a.png.tif")
+        owners: dict[str, set] = {}
+        for image_id, key in zip(ids, keys):
+            owners.setdefault(image_id, set()).add(key)
+        renamed = [image_name(key, channels) if len(owners[image_id]) > 1 else image_id
+                   for image_id, key in zip(ids, keys)]
+        if renamed == ids:
+            return ids
+        ids = renamed
 
 
 def labels_matrix(labels: pd.Series, n_classes: int) -> np.ndarray:

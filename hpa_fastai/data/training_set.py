@@ -70,7 +70,7 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
     if size < MIN_SIZE:  # the automatic size: --size itself was checked by validate()
         raise HPAError(f"{data_dir}: the images are {size}x{size} pixels (image {items['id'].iloc[0]!r}), below the "
-                       f"minimum of {MIN_SIZE}; pass --size {MIN_SIZE} or more to enlarge them")
+                       f"minimum of {MIN_SIZE}; pass --size {MIN_SIZE} or more (as much as --arch takes) to enlarge them")
     if cfg.progressive_size is not None and cfg.progressive_size >= size:  # --size was automatic
         raise HPAError(f"--progressive-size {cfg.progressive_size} must be smaller than the image size {size}; "
                        "lower it or pass a larger --size")

@@ -14,7 +14,7 @@ from fastai.learner import Learner
 
 from .. import device as D
 from .. import metrics as M
-from ..data.layouts import scan_images
+from ..data.layouts import distinct_ids, scan_images
 from ..data.pipeline import predict_dl
 from ..errors import HPAError
 
@@ -149,7 +149,8 @@ def items_for_paths(paths, channels: str) -> pd.DataFrame:
     paths = list(paths)
     if not paths:
         raise HPAError("no images given: name one or more image files")
-    return pd.concat([_items_for_path(p, channels) for p in paths], ignore_index=True)
+    items = pd.concat([_items_for_path(p, channels) for p in paths], ignore_index=True)
+    return items.assign(id=distinct_ids(list(items["id"]), list(items["key"]), channels))
 
 
 def _items_for_path(path, channels: str) -> pd.DataFrame:

@@ -8,64 +8,31 @@ raise one ``HPAError`` line that names the file.
 """
 from __future__ import annotations
 
-import json
-import os
-import stat
 from pathlib import Path
 
 import pandas as pd
 
+from .. import jsonfile
 from ..errors import HPAError
 from .folder import CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, VALID_PREDICTIONS, is_run_dir
 
-MAX_JSON_BYTES = 64 * 1024 * 1024  # a run's largest JSON (lr_find.json, metrics.json) is a few hundred KB
+# a run's largest JSON (lr_find.json, metrics.json) is a few hundred KB; its config and status a few KB
+MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_CSV_BYTES = 1024 * 1024 * 1024  # valid_predictions.csv of the 31,072 HPA 2018 images is about 10 MB
 
 
-def parse_json(text: str, where) -> object:
-    """``text`` as JSON, or an HPAError naming ``where``: also for nesting deep enough to exhaust
-    Python's recursion limit, which ``json`` raises as RecursionError."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise HPAError(f"{where}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:
-        raise HPAError(f"{where}: not valid JSON ({str(e)[:120]})") from None
-
-
-def read_json_file(path, max_bytes: int = MAX_JSON_BYTES) -> object:
-    """The JSON in ``path``, read only if it is a regular file of at most ``max_bytes``; strict."""
-    path = Path(path)
-    text = _read_bounded(path, max_bytes).decode("utf-8", errors="replace")
-    return parse_json(text, path)
-
-
-def _read_bounded(path: Path, max_bytes: int) -> bytes:
-    """The bytes of the regular file ``path``, at most ``max_bytes``. Opened without blocking, so a
-    FIFO put in a file's place is refused instead of waiting for a writer forever."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise HPAError(f"{path}: not found") from None
-    except OSError as e:
-        raise HPAError(f"{path}: cannot read ({e.strerror or e})") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise HPAError(f"{path}: not a regular file")
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as e:
-            raise HPAError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(data) > max_bytes:
-        raise HPAError(f"{path}: larger than {max_bytes // 2**20} MiB, more than this file ever holds")
-    return data
+def read_json_file(path, what: str = "run file", max_bytes: int = MAX_JSON_BYTES) -> object:
+    """The JSON in ``path``, read only if it is a regular file of at most ``max_bytes`` (see
+    ``jsonfile.read_json``); strict: NaN and Infinity, which training never writes, are refused."""
+    return jsonfile.read_json(path, what, max_bytes)
 
 
 def read_json(path) -> dict:
     """A run file's JSON object, or {} when it is missing, unreadable or not an object (a run being
-    written, or damaged): lenient, for the runs table and the report."""
+    written, or damaged): lenient, for the runs table and the report, where one damaged file leaves
+    the other runs and files readable. NaN and Infinity read as None, a missing value."""
     try:
-        data = read_json_file(path)
+        data = jsonfile.read_json(path, "run file", MAX_JSON_BYTES, nonfinite=jsonfile.AS_NONE, missing={})
     except HPAError:
         return {}
     return data if isinstance(data, dict) else {}
@@ -74,7 +41,7 @@ def read_json(path) -> dict:
 def read_config(run_dir) -> dict:
     """``config.json`` of a run (or of a cross-validation folder) as a JSON object; strict."""
     path = Path(run_dir) / CONFIG
-    data = read_json_file(path)
+    data = read_json_file(path, "run config")
     if not isinstance(data, dict):
         raise HPAError(f"{path}: not a run config (a JSON {type(data).__name__}, not an object)")
     return data
@@ -109,7 +76,7 @@ def read_history(run_dir) -> pd.DataFrame:
     """``history.csv``: one row per trained epoch; an empty frame when there is none yet."""
     path = Path(run_dir) / HISTORY
     try:
-        if path.stat().st_size > MAX_CSV_BYTES:
+        if not path.is_file() or path.stat().st_size > MAX_CSV_BYTES:  # a FIFO would block read_csv
             return pd.DataFrame()
         return pd.read_csv(path)
     except (OSError, ValueError):
@@ -149,7 +116,7 @@ def read_cv(cv_dir) -> dict:
     folder itself, a link out of it, or another cross-validation) and ``thresholds`` numbers in 0..1."""
     folder = Path(cv_dir)
     where = folder / CV
-    cv = read_json_file(where)
+    cv = read_json_file(where, "cross-validation summary")
     if isinstance(cv, dict) and cv.get("status") == "running":
         raise HPAError(f"{folder}: the cross-validation has not finished; continue it with: "
                        f"python run.py cv --resume {folder}")

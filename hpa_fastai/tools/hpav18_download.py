@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import queue
@@ -34,6 +33,7 @@ from ..data.hpav18 import (IMAGE_FOLDER, TRAIN_CSV, class_list, read_hpav18_labe
 from ..data.images import read_stain
 from ..data.layouts import CHANNELS
 from ..errors import HPAError
+from ..jsonfile import read_json
 from ..outputs import check_output
 
 logger = logging.getLogger(__name__)
@@ -122,12 +122,12 @@ def download(labels, out=_DEFAULT["out"], *, size: int | None = None, format: st
 def _check_settings(out: Path, settings: dict) -> None:
     """A folder holds images stored one way: a run that would store them otherwise is refused."""
     path = out / SETTINGS_JSON
-    try:
-        before = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return
-    except (OSError, ValueError) as e:
-        raise HPAError(f"{path}: unreadable ({e}); remove it if the folder holds no images yet") from None
+    try:
+        before = read_json(path)
+    except HPAError as e:
+        raise HPAError(f"{e}; remove it if the folder holds no images yet") from None
     if not isinstance(before, dict):
         raise HPAError(f"{path}: not a JSON object; remove it if the folder holds no images yet")
     for key, flag in (("format", "--format"), ("size", "--size")):

@@ -32,7 +32,7 @@ from ..device import training_precision
 from ..errors import HPAError
 from ..evaluation import predictions_table, score, write_per_class
 from ..modelfile import export_learner, model_meta
-from ..models import check_arch
+from ..models import check_arch, min_size, size_problem
 from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, TENSORBOARD, VALID_PREDICTIONS, make_run_dir, now,
                            point_latest, remove_resume_files, run_lock, write_status)
 from . import distributed
@@ -54,6 +54,9 @@ def validate(cfg: TrainConfig) -> None:
         check_arch(cfg.arch)
     except ValueError as e:
         raise HPAError(f"--arch: {e}") from None
+    for flag, size in (("--size", cfg.size), ("--progressive-size", cfg.progressive_size)):
+        if size is not None and (problem := size_problem(cfg.arch, size)):
+            raise HPAError(f"{flag} {size} {problem}: pass a larger {flag}, or another --arch")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise HPAError(f"--weights {cfg.weights}: file not found")
     if cfg.log == "tensorboard":
@@ -67,7 +70,14 @@ def validate(cfg: TrainConfig) -> None:
 def prepare(cfg: TrainConfig, stats: tuple | None = None) -> TrainingSet:
     """Check the flags and the data before any model is built (see ``load_training_set``)."""
     validate(cfg)
-    return load_training_set(cfg, stats, cuda=default_device().type == "cuda")
+    ts = load_training_set(cfg, stats, cuda=default_device().type == "cuda")
+    size = ts.cfg.size
+    if cfg.size is None and (problem := size_problem(cfg.arch, size)):  # the images' own size
+        low = min_size(cfg.arch)
+        advice = f"pass --size {low} or more to enlarge them" if low and size < low else "pass a --size it takes"
+        raise HPAError(f"{ts.data_dir}: the images are {size}x{size} pixels, the automatic --size, which {problem}; "
+                       f"{advice}")
+    return ts
 
 
 @dataclass
