@@ -251,9 +251,9 @@ def test_an_interrupted_cross_validation_continues_where_it_stopped(data, tmp_pa
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 600
-    while time.time() < deadline:  # fold1 has trained an epoch: fold0 is finished
+    while time.time() < deadline:  # fold1 has checkpointed an epoch: fold0 is finished
         hist = list((tmp_path / "runs").glob("*-cv-cnn/fold1/history.csv"))
-        if hist and len(pd.read_csv(hist[0])) >= 1:
+        if hist and len(pd.read_csv(hist[0])) >= 1 and (hist[0].parent / "checkpoint.pth").is_file():
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
