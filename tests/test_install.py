@@ -45,22 +45,22 @@ def linked_site(folder: Path, names=None) -> Path:
         entries = {p.name for p in SITE.iterdir() if not p.name.lower().startswith(("hpa_fastai", "__editable__"))
                    and not p.name.endswith(".pth")}
     else:
-        entries, todo, seen = set(), list(names), set()
+        entries, todo, seen = set(), [(name, ()) for name in names], set()
         while todo:
-            name = todo.pop()
+            name, extras = todo.pop()
             try:
                 dist = metadata.distribution(name)
             except metadata.PackageNotFoundError:
                 continue
-            key = dist.metadata["Name"].lower().replace("_", "-")
+            key = (dist.metadata["Name"].lower().replace("_", "-"), tuple(sorted(extras)))
             if key in seen:
                 continue
             seen.add(key)
             entries |= {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
             for text in dist.requires or []:
-                req = Requirement(text)
-                if req.marker is None or req.marker.evaluate({"extra": ""}):
-                    todo.append(req.name)
+                req = Requirement(text)  # torch asks for cuda-toolkit[cublas,...]: the extras' requirements too
+                if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                    todo.append((req.name, tuple(req.extras)))
     for name in entries:
         if (SITE / name).exists():
             (folder / name).symlink_to(SITE / name)
@@ -74,6 +74,9 @@ def fresh_venv(folder: Path, site: Path) -> Path:
                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   check=True, capture_output=True, text=True).stdout.strip())
     (purelib / "reused-packages.pth").write_text(f"{site}\n")
+    # the setuptools a venv of Python 3.11 starts with is older than torch asks for, and would come first
+    subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "setuptools"],
+                   check=True, capture_output=True)
     return folder / "bin"
 
 

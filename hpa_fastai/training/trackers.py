@@ -83,7 +83,7 @@ class _TrackerRun(Callback):
     the history, and closes the run in ``end`` (called by the training door when the run ends)."""
 
     order = Recorder.order + 2  # after the history has its row of the epoch
-    name = ""
+    tracker = ""  # fastai names a callback by .name on the Learner: not that
 
     def __init__(self, run_dir: Path, out: Path, resume_id: str | None = None):
         self.run_dir, self.out, self.resume_id = Path(run_dir), Path(out), resume_id
@@ -97,7 +97,7 @@ class _TrackerRun(Callback):
             return what(*args)
         except Exception as e:  # the tracker's own errors (a server away, a full disk): training goes on
             self.failed = True
-            logger.warning(f"--log {self.name}: {type(e).__name__}: {e}; this run goes on without it")
+            logger.warning(f"--log {self.tracker}: {type(e).__name__}: {e}; this run goes on without it")
             return None
 
     def before_fit(self):
@@ -128,7 +128,7 @@ class MLflowRun(_TrackerRun):
     """An MLflow run per training run: the config as parameters, every epoch's losses, metrics,
     learning rate and seconds (step: the epoch), the final scores, and the run's files as artifacts."""
 
-    name = "mlflow"
+    tracker = "mlflow"
 
     def _start(self, config: dict):
         self.client, experiment = mlflow_client(self.out)
@@ -139,7 +139,7 @@ class MLflowRun(_TrackerRun):
         run = self.client.create_run(experiment, run_name=self.run_dir.name,
                                      tags={"hpa_fastai.run_dir": str(self.run_dir.resolve())})
         self.run_id = run.info.run_id
-        _save_id(self.run_dir, self.name, self.run_id)
+        _save_id(self.run_dir, self.tracker, self.run_id)
         from mlflow.entities import Param
 
         # MLflow caps a parameter's value at 6000 characters
@@ -185,28 +185,48 @@ class WandbRun(_TrackerRun):
     """A W&B run per training run for fastai's ``WandbCallback`` (added beside it), with the config,
     the lr_find plot, the final scores in its summary and the run's files."""
 
-    name = "wandb"
+    tracker = "wandb"
     order = -5  # wandb.init before WandbCallback's before_fit, which needs the run
 
     def _start(self, config: dict):
-        self.run = wandb_init(self.run_dir, self.resume_id, {k: v for k, v in config.items() if k not in ("mean", "std")})
+        config = {k: v for k, v in config.items() if k not in ("mean", "std")}
+        self.wandb_run = wandb_init(self.run_dir, self.resume_id, config)
         if self.resume_id is None:
-            _save_id(self.run_dir, self.name, self.run.id)
+            _save_id(self.run_dir, self.tracker, self.wandb_run.id)
         if (self.run_dir / LR_FIND_PLOT).is_file():
             import wandb
 
-            self.run.log({"lr_find": wandb.Image(str(self.run_dir / LR_FIND_PLOT))}, commit=False)
+            self.wandb_run.log({"lr_find": wandb.Image(str(self.run_dir / LR_FIND_PLOT))}, commit=False)
 
     def _log_epoch(self, row: dict):
         pass  # fastai's WandbCallback logs each epoch's metrics and each batch's loss
 
     def _end(self, status: str, metrics: dict):
-        self.run.summary.update({f"final/{k}": v for k, v in _numbers(metrics).items()})
-        self.run.summary["status"] = status
+        self.wandb_run.summary.update({f"final/{k}": v for k, v in _numbers(metrics).items()})
+        self.wandb_run.summary["status"] = status
         for name in FINAL_FILES:
             if (self.run_dir / name).is_file():
-                self.run.save(str(self.run_dir / name), base_path=str(self.run_dir), policy="now")
-        self.run.finish(exit_code=0 if status in ("finished", "stopped early") else 1)
+                self.wandb_run.save(str(self.run_dir / name), base_path=str(self.run_dir), policy="now")
+        self.wandb_run.finish(exit_code=0 if status in ("finished", "stopped early") else 1)
+
+
+def wandb_metrics_callback():
+    """fastai's ``WandbCallback`` (a batch's loss and learning rates, an epoch's metrics) without the
+    config it gathers when a fit starts: fastai 2.8.12's ``gather_args`` hands each callback's
+    arguments to fastcore 2.2's ``init_args``, which fails on a plain number (``vars(0)``), and the
+    run's own config is in the W&B run already (``WandbRun``). Its ``before_fit`` otherwise does what
+    fastai's does with ``log=None``, ``log_preds=False`` and ``log_dataset=False``."""
+    import wandb
+    from fastai.callback.wandb import WandbCallback
+    from fastai.torch_core import rank_distrib
+
+    class WandbMetrics(WandbCallback):
+        def before_fit(self):
+            self._wandb_step = wandb.run.step - 1
+            self._wandb_epoch = math.ceil(wandb.run.summary["epoch"]) if wandb.run.step else 0
+            self.run = not hasattr(self.learn, "lr_finder") and rank_distrib() == 0
+
+    return WandbMetrics
 
 
 def tracker_callbacks(log, run_dir: Path, out, resumed: bool) -> tuple[list, list]:
@@ -222,11 +242,9 @@ def tracker_callbacks(log, run_dir: Path, out, resumed: bool) -> tuple[list, lis
             runs.append(MLflowRun(run_dir, out, ids.get("mlflow")))
             cbs.append(runs[-1])
         elif name == "wandb":
-            from fastai.callback.wandb import WandbCallback
-
             runs.append(WandbRun(run_dir, out, ids.get("wandb")))
             # no prediction samples: they would predict a batch of the validation set once more
-            cbs += [runs[-1], WandbCallback(log_preds=False)]
+            cbs += [runs[-1], wandb_metrics_callback()(log_preds=False)]
     return cbs, runs
 
 
