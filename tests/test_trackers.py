@@ -84,16 +84,16 @@ def test_log_wandb_records_offline_into_the_run_folder(make_z2g, tmp_path, monke
     offline = sorted((run_dir / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 2  # the training, and the report added to the same run afterwards
     records = [r for folder in offline for r in wandb_records(folder / f"run-{run_id}.wandb")]
-    config = {item.key: json.loads(item.value_json) for r in records if r.HasField("config")
-              for item in r.config.update}
+    config = {item.key: json.loads(item.value_json) for r in records
+              for item in (r.config.update if r.HasField("config") else r.run.config.update if r.HasField("run") else [])}
     assert config["arch"] == "cnn" and config["epochs"] == EPOCHS
-    epochs = [{item.key: json.loads(item.value_json) for item in r.history.item} for r in records
-              if r.HasField("history")]
+    epochs = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+              for r in records if r.HasField("history")]
     f1 = [row["f1_macro"] for row in epochs if "f1_macro" in row]
     assert len(f1) == EPOCHS  # fastai's WandbCallback: one row of metrics per epoch
-    assert any("lr_find" in row for row in epochs)
-    summary = {item.key: json.loads(item.value_json) for r in records if r.HasField("summary")
-               for item in r.summary.update}
+    assert any(key.startswith("lr_find/") for row in epochs for key in row)  # the plot, as a W&B image
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for r in records
+               if r.HasField("summary") for item in r.summary.update}
     assert summary["final/f1_macro"] == pytest.approx(read_json(run_dir / "metrics.json")["f1_macro"])
     saved = {p.name for folder in offline for p in (folder / "files").iterdir()}
     assert {"config.json", "metrics.json", "lr_find.png", "curves.png", "report.html"} <= saved
