@@ -90,7 +90,8 @@ def clean_env(tmp_path: Path) -> dict:
 
 def run(args, cwd, env, timeout=600) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args[:3]} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"{args[:3]} exited {result.returncode}:\n{result.stdout[-3000:]}\n"
+                                    f"{result.stderr[-3000:]}")
     return result
 
 

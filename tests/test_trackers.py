@@ -84,8 +84,9 @@ def test_log_wandb_records_offline_into_the_run_folder(make_z2g, tmp_path, monke
     offline = sorted((run_dir / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 2  # the training, and the report added to the same run afterwards
     records = [r for folder in offline for r in wandb_records(folder / f"run-{run_id}.wandb")]
-    config = {item.key: json.loads(item.value_json) for r in records
-              for item in (r.config.update if r.HasField("config") else r.run.config.update if r.HasField("run") else [])}
+    updates = [r.config.update if r.HasField("config") else r.run.config.update for r in records
+               if r.HasField("config") or r.HasField("run")]  # wandb.init's config comes in the run record
+    config = {item.key: json.loads(item.value_json) for update in updates for item in update}
     assert config["arch"] == "cnn" and config["epochs"] == EPOCHS
     epochs = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
               for r in records if r.HasField("history")]

@@ -67,6 +67,8 @@ def cross_validate(cfg: TrainConfig, cbs=()) -> CvResult:
     t_start = time.time()
     if cfg.resume:
         cv_dir, fold_cfg, ts = _continue(Path(cfg.resume))
+        # code named in a folder's config.json is never imported: only the --callback given now
+        fold_cfg = dataclasses.replace(fold_cfg, callback=cfg.callback)
     else:
         cv_dir, fold_cfg, ts = _start(cfg)
     n_folds = fold_cfg.n_folds

@@ -41,7 +41,7 @@ from .history import RunHistory
 from .learner import default_device, run_learner
 from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
 from .schedule import auto_lr_find_iters, find_lr, learning_rate, phases
-from .trackers import check_trackers, tracker_callbacks, user_callbacks
+from .trackers import callback_list, check_trackers, tracker_callbacks, user_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,9 @@ def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bo
 @contextlib.contextmanager
 def _run_folder(cfg: TrainConfig, run_name: str | None):
     """The training set, the run folder (locked for this process), what a resumed run continues, this
-    process's device, and the callbacks of ``--callback`` (imported before a run folder is made). Under several processes only rank 0 writes the run folder; the others get
-    a scratch folder, removed at the end."""
+    process's device, and the callbacks of ``--callback`` (imported before a run folder is made).
+    Under several processes only rank 0 writes the run folder; the others get a scratch folder,
+    removed at the end."""
     with contextlib.ExitStack() as stack:
         resumed = None
         if cfg.resume:
@@ -132,7 +133,12 @@ def _run_folder(cfg: TrainConfig, run_name: str | None):
             ts = prepare(run_cfg, stats)
         else:
             ts = prepare(cfg)
-        own_cbs = user_callbacks(ts.cfg.callback)
+        # code named in a run folder's config.json is never imported: a resumed run takes --callback anew
+        if resumed and ts.cfg.callback and not cfg.callback:
+            named = " ".join(callback_list(ts.cfg.callback))
+            logger.info(f"note: the run trained with --callback {named}; --resume imports no code named in a run "
+                        "folder: pass --callback again to add it")
+        own_cbs = user_callbacks(cfg.callback)
         device = distributed.init(default_device())
         if not distributed.is_main():
             if not resumed:
@@ -222,7 +228,7 @@ class _Fit:
                         f"{self.small_epochs} epoch(s) train at {cfg.progressive_size}px, the others at {cfg.size}px; "
                         f"validation at {cfg.size}px")
         # the trackers record what rank 0 sees: the other processes train into a scratch folder
-        tracker_cbs, self.trackers = tracker_callbacks(cfg.log, run_dir, cfg.out, resumed is not None) \
+        tracker_cbs, self.trackers = tracker_callbacks(cfg.log, run_dir, run_dir.parent, resumed is not None) \
             if distributed.is_main() else ([], [])
         self.cbs += tracker_cbs
 

@@ -248,11 +248,16 @@ def tracker_callbacks(log, run_dir: Path, out, resumed: bool) -> tuple[list, lis
     return cbs, runs
 
 
+def callback_list(specs) -> list[str]:
+    """``--callback``'s value as a list (a config made in Python may give one str)."""
+    return [specs] if isinstance(specs, str) else list(specs or [])
+
+
 def user_callbacks(specs) -> list:
     """The callbacks ``--callback`` names (``module:Class`` or ``path/to/file.py:Class``), each created
     without arguments. Importing them runs their code: the flag is the user's explicit word."""
     found = []
-    for spec in [specs] if isinstance(specs, str) else list(specs or []):
+    for spec in callback_list(specs):
         source, _, class_name = spec.rpartition(":")
         try:
             if source.endswith(".py"):
