@@ -155,3 +155,39 @@ def test_a_bad_callback_is_one_line_naming_it_and_leaves_no_run_folder(make_z2g,
                                     "16", "--out", tmp_path / "runs", "--callback", spec)
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --callback {spec}: ") and message in err
     assert not (tmp_path / "runs").exists()
+
+
+def interrupt_after_first_epoch():
+    """A callback that presses Ctrl-C right after the first epoch's checkpoint."""
+    from fastai.callback.core import Callback
+
+    class Interrupt(Callback):
+        order = 100  # after the epoch's checkpoint
+
+        def after_epoch(self):
+            raise KeyboardInterrupt
+
+    return Interrupt()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_goes_on_in_the_same_mlflow_run(make_z2g, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from hpa_fastai.training import train as train_door
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cfg = tiny(make_z2g(n=16), tmp_path / "runs", log=["mlflow"], lr="1e-3")
+    cfg.epochs = 3
+    with pytest.raises(KeyboardInterrupt):
+        train_door(cfg, cbs=[interrupt_after_first_epoch()])
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if (p / "status.json").is_file()]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run_id = read_json(run_dir / "trackers.json")["mlflow"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    train(TrainConfig(resume=str(run_dir)))
+    (run,) = client.search_runs([client.get_experiment_by_name("hpa_fastai").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "f1_macro")] == [1, 2, 3]  # each epoch once

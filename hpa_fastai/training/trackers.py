@@ -104,8 +104,12 @@ class _TrackerRun(Callback):
         if not self.started and not hasattr(self.learn, "lr_finder"):
             self.started = True
             self._guard(self._start, read_json(self.run_dir / CONFIG))
-            if self.logged_rows is None:  # a resumed run's earlier epochs are in the tracker already
-                self.logged_rows = len(self.learn.run_history.rows)
+
+    def before_train(self):
+        # the first epoch that trains: a resumed run's history is back by now (the checkpoint puts it
+        # back when the fit starts), and its earlier epochs are in the tracker already
+        if self.started and self.logged_rows is None:
+            self.logged_rows = len(self.learn.run_history.rows)
 
     def after_epoch(self):
         rows = getattr(getattr(self.learn, "run_history", None), "rows", [])
