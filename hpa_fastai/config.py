@@ -78,9 +78,10 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")  # --log: training/trackers.py sta
 
 
 def trackers(log) -> list[str]:
-    """The trackers a ``log`` value names, in order, each once (``none``: none)."""
-    names = [log] if isinstance(log, str) else list(log or [])
-    return [name for name in dict.fromkeys(names) if name != "none"]
+    """The known trackers a ``log`` value names, in order, each once (``none``: none); anything else
+    in it (a hand-edited config.json) names none."""
+    names = [log] if isinstance(log, str) else list(log) if isinstance(log, (list, tuple)) else []
+    return [name for name in dict.fromkeys(n for n in names if isinstance(n, str)) if name in TRACKERS]
 
 
 def tracker_names(v):
