@@ -60,7 +60,7 @@ newest:
 	rm -rf .venv-newest && $(PYTHON) -m venv .venv-newest
 	.venv-newest/bin/pip install -q --upgrade pip
 	.venv-newest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
-	.venv-newest/bin/pip freeze --exclude-editable | grep -v -x -F -f constraints.txt | sed 's/^/newer than the lock: /' || true
+	.venv-newest/bin/pip freeze --exclude-editable | grep -v -x -F -f constraints.txt | sed 's/^/not as locked: /' || true
 	.venv-newest/bin/python -m pytest -q -m 'not slow' tests/test_architecture.py tests/test_formats.py tests/test_trackers.py
 	.venv-newest/bin/python -m pytest -q tests/test_install.py -k newest_smoke
 
