@@ -194,24 +194,24 @@ class WandbRun(_TrackerRun):
 
     def _start(self, config: dict):
         config = {k: v for k, v in config.items() if k not in ("mean", "std")}
-        self.wandb_run = wandb_init(self.run_dir, self.resume_id, config)
+        self.session = wandb_init(self.run_dir, self.resume_id, config)
         if self.resume_id is None:
-            _save_id(self.run_dir, self.tracker, self.wandb_run.id)
+            _save_id(self.run_dir, self.tracker, self.session.id)
         if (self.run_dir / LR_FIND_PLOT).is_file():
             import wandb
 
-            self.wandb_run.log({"lr_find": wandb.Image(str(self.run_dir / LR_FIND_PLOT))}, commit=False)
+            self.session.log({"lr_find": wandb.Image(str(self.run_dir / LR_FIND_PLOT))}, commit=False)
 
     def _log_epoch(self, row: dict):
         pass  # fastai's WandbCallback logs each epoch's metrics and each batch's loss
 
     def _end(self, status: str, metrics: dict):
-        self.wandb_run.summary.update({f"final/{k}": v for k, v in _numbers(metrics).items()})
-        self.wandb_run.summary["status"] = status
+        self.session.summary.update({f"final/{k}": v for k, v in _numbers(metrics).items()})
+        self.session.summary["status"] = status
         for name in FINAL_FILES:
             if (self.run_dir / name).is_file():
-                self.wandb_run.save(str(self.run_dir / name), base_path=str(self.run_dir), policy="now")
-        self.wandb_run.finish(exit_code=0 if status in ("finished", "stopped early") else 1)
+                self.session.save(str(self.run_dir / name), base_path=str(self.run_dir), policy="now")
+        self.session.finish(exit_code=0 if status in ("finished", "stopped early") else 1)
 
 
 def wandb_metrics_callback():
