@@ -70,6 +70,43 @@ def not_empty(v):
     return None if v.strip() else "is empty: give the folder that holds the run folders"
 
 
+def not_blank(v):
+    return None if v.strip() and v.isprintable() else f"must be a path (got {v!r:.80})"
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # --log: training/trackers.py starts each
+
+
+def trackers(log) -> list[str]:
+    """The known trackers a ``log`` value names, in order, each once (``none``: none); anything else
+    in it (a hand-edited config.json) names none."""
+    names = [log] if isinstance(log, str) else list(log) if isinstance(log, (list, tuple)) else []
+    return [name for name in dict.fromkeys(n for n in names if isinstance(n, str)) if name in TRACKERS]
+
+
+def tracker_names(v):
+    names = [v] if isinstance(v, str) else v
+    if not names or not all(isinstance(n, str) for n in names):
+        return f"must be tracker names (got {v!r:.80})"
+    bad = next((n for n in names if n not in ("none", *TRACKERS)), None)
+    if bad is not None:
+        return f"must be none or any of {', '.join(TRACKERS)} (got {bad!r:.40})"
+    if "none" in names and len(names) > 1:
+        return "none cannot be combined with a tracker"
+    return None
+
+
+def callback_specs(v):
+    specs = [v] if isinstance(v, str) else v
+    for spec in specs:
+        if not isinstance(spec, str):
+            return f"must be module:Class (got {spec!r:.80})"
+        module, _, name = spec.rpartition(":")
+        if not module or not name.isidentifier() or not spec.isprintable():
+            return f"must be module:Class or path/to/file.py:Class (got {spec!r:.80})"
+    return None
+
+
 def size_check(low=MIN_SIZE):
     return in_range(low, MAX_SIZE, " pixels")
 
@@ -80,7 +117,7 @@ SEED = in_range(0, 2**32 - 1)  # numpy's seed range
 
 @dataclass
 class TrainConfig:
-    data: str | None = opt(None, "competition folder (train.csv + train/); default: the bundled sample in data/sample")
+    data: str | None = opt(None, "competition folder (train.csv + train/); default: the bundled sample")
     # str | list: the command line gives a list (nargs); from Python one folder may be a str
     extra_data: str | list | None = opt(None, "external labelled folder(s) trained on together with --data, "
                                               "e.g. HPAv18 images: train.csv (Id,Target) + train/{Id}_{stain}.jpg "
@@ -135,7 +172,18 @@ class TrainConfig:
     skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
     keep_checkpoint: bool = opt(False, "keep checkpoint.pth and best.pth once the run has finished and exported "
                                        "(failed, stopped and interrupted runs always keep them for --resume)")
-    log: str = opt("none", "extra logger", choices=["none", "tensorboard"])
+    # str | list: the command line gives a list (nargs); config.json before trackers could be combined a str
+    log: str | list = opt("none", "experiment trackers, any of: tensorboard mlflow wandb (e.g. --log mlflow wandb); "
+                                  "mlflow records into $MLFLOW_TRACKING_URI or else <--out>/mlflow.db, wandb into "
+                                  "$WANDB_PROJECT (offline with WANDB_MODE=offline)", tracker_names, nargs="+")
+    callback: str | list | None = opt(None, "add your own fastai callback to every fit: module:Class or "
+                                            "path/to/file.py:Class, created without arguments. This imports and runs "
+                                            "that code: name only code you trust", callback_specs, nargs="+")
+    cache: str | None = opt(None, "folder for the preprocessed cache of a read-only data folder (a folder of its "
+                                  "own per data set); default: $HPA_FASTAI_CACHE, else the data folder when it is "
+                                  "writable, else ~/.cache/hpa_fastai", not_blank)
+    duplicates: str | None = opt(None, "near-duplicate list to keep together in the split (dedup's CSV); default: "
+                                       "the one dedup wrote for --data, if any", not_blank)
     resume: str | None = opt(None, "continue the interrupted run in this folder from its last complete epoch "
                                    "(its saved config is used; other flags are ignored)")
 
@@ -187,7 +235,7 @@ class _Scoring:
 @dataclass
 class PredictConfig(_Scoring):
     learner: str | list = opt("runs/latest", "run folder, model.json, or export.pkl of a trained model; "
-                                             "several (--learner A B), or a cv folder (run.py cv), average "
+                                             "several (--learner A B), or a cv folder (hpa-fastai cv), average "
                                              "their probabilities as an ensemble", nargs="+")
     data: str | None = opt(None, "competition folder, folder of images, or one image; default: the bundled sample")
     out: str = opt("submission.csv", "output CSV")
@@ -275,9 +323,15 @@ class ExportConfig:
     out: str | None = opt(None, "output file; default: model.onnx in the run folder")
 
 
+CACHE_HELP = ("folder for the cache when the data folder is read-only or should stay untouched (a folder of its own "
+              "per data set); default: $HPA_FASTAI_CACHE, else the data folder when it is writable, else "
+              "~/.cache/hpa_fastai")
+
+
 @dataclass
 class PreprocessConfig:
     data: str | None = opt(None, "competition folder to cache; default: the bundled sample")
+    cache: str | None = opt(None, CACHE_HELP, not_blank)
     size: int = opt(256, "image side of the cached copy", size_check())
     channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
                         choices=["auto", "rgb", "rgby"])
@@ -293,7 +347,11 @@ class DedupConfig:
     data: str | None = opt(None, "competition folder to search; default: the bundled sample")
     max_distance: int = opt(8, "largest Hamming distance (of 64 bits) between perceptual hashes that counts as a "
                                "duplicate", in_range(0, HASH_BITS, " bits"))
-    out: str | None = opt(None, "output CSV; default: duplicates.csv in the data folder")
+    out: str | None = opt(None, "output CSV; default: duplicates.csv in the data folder when it is writable, else in "
+                                "the data set's cache folder (--cache), where training finds it")
+    cache: str | None = opt(None, "folder for the duplicates list of a read-only data folder (a folder of its own "
+                                  "per data set, shared with preprocess's cache); default: $HPA_FASTAI_CACHE, else "
+                                  "~/.cache/hpa_fastai", not_blank)
 
 
 HPA2018_CLASSES = 28  # the HPA 2018 vocabulary (data/vocab.py), which HPAv18 shares

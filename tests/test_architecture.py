@@ -22,6 +22,7 @@ RANKS = {
     "cli": 8,
     "fastai_api": 8,  # the fastai-native door for notebooks and scripts; nothing in the library imports it
     "__init__": 9,  # the package's public doors (load_predictor)
+    "__main__": 9,  # python -m hpa_fastai: the command line
 }
 # Only the command line writes to the console; the library speaks through logging and callbacks.
 CONSOLE_USERS = {"cli"}

@@ -84,7 +84,7 @@ def test_sigterm_stops_with_a_checkpoint_and_a_resume_hint(data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    assert f"python run.py --resume {run_dir}" in out + err
+    assert f"hpa-fastai --resume {run_dir}" in out + err
     status = read_json(run_dir / "status.json")
     assert status["status"] == "interrupted" and status["epochs_done"] >= 1
     ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)

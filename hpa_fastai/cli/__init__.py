@@ -1,4 +1,4 @@
-"""The command line: ``python run.py [COMMAND] [FLAGS]`` (``hpa-fastai`` once installed)."""
+"""The command line: ``hpa-fastai [COMMAND] [FLAGS]`` (``python -m hpa_fastai``, or ``python run.py`` in a checkout)."""
 from .flags import entry, main
 
 __all__ = ["entry", "main"]

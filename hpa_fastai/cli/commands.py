@@ -35,13 +35,18 @@ def show_run(result) -> Path:
 
 
 def _report(run_dir: Path, metrics: dict) -> None:
-    """report.html of a finished run and, with --log tensorboard, its TensorBoard summary."""
-    from ..reporting import log_tensorboard_summary, write_report
+    """report.html of a finished run; with --log tensorboard its TensorBoard summary, with --log mlflow
+    or wandb the report in those runs too."""
+    from ..config import trackers
+    from ..reporting import log_report_to_trackers, log_tensorboard_summary, write_report
     from ..runs.files import read_config
 
     log(f"report {write_report(run_dir)}")
-    if read_config(run_dir).get("log") == "tensorboard":
+    names = trackers(read_config(run_dir).get("log"))
+    if "tensorboard" in names:
         log_tensorboard_summary(run_dir, metrics)
+    if added := log_report_to_trackers(run_dir):
+        log(f"report and scores recorded in {' and '.join(added)}")
 
 
 def _show_per_class(title: str, per_class) -> None:
@@ -89,7 +94,7 @@ def cv(cfg: TrainConfig) -> Path:
         _report(fold.run_dir, fold.metrics)
     _show_cv(result.summary)
     log(f"out-of-fold predictions and scores in {result.cv_dir}; {result.cv_dir.parent / LATEST} now points at it")
-    log(f"predict with the {result.summary['n_folds']}-model ensemble: python run.py predict --learner {result.cv_dir}")
+    log(f"predict with the {result.summary['n_folds']}-model ensemble: hpa-fastai predict --learner {result.cv_dir}")
     return result.cv_dir
 
 
@@ -231,7 +236,7 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
         check_output(cfg.csv, "--csv", run_dirs=df["path"])
     if df.empty:
         why = "the folder does not exist" if not folder.exists() else "no run folders in it"
-        log(f"no runs in {folder} ({why}); train one with: python run.py --out {folder}")
+        log(f"no runs in {folder} ({why}); train one with: hpa-fastai --out {folder}")
         return df
     t = table(f"{len(df)} run(s) in {folder}, by {cfg.sort}", display_frame(df))
     for column in t.columns:
@@ -268,15 +273,15 @@ def report(cfg: ReportConfig) -> Path:
 def preprocess(cfg: PreprocessConfig) -> Path:
     from ..data.cache import preprocess as make_cache
 
-    return make_cache(cfg.data, cfg.size, cfg.channels, cfg.workers)
+    return make_cache(cfg.data, cfg.size, cfg.channels, cfg.workers, cfg.cache)
 
 
 def dedup(cfg: DedupConfig) -> Path:
     from ..config import HASH_BITS
-    from ..data.dedup import DUPLICATES_CSV, dedup as find_duplicates
+    from ..data.dedup import dedup as find_duplicates, duplicates_to_read
     from ..paths import resolve_data_dir
 
-    out, dups, n_images = find_duplicates(cfg.data, cfg.max_distance, cfg.out)
+    out, dups, n_images = find_duplicates(cfg.data, cfg.max_distance, cfg.out, cfg.cache)
     n_groups = dups["group"].nunique()
     if n_groups:
         first_ids = lambda s: " ".join(s.iloc[:4]) + (" ..." if len(s) > 4 else "")  # noqa: E731
@@ -287,10 +292,12 @@ def dedup(cfg: DedupConfig) -> Path:
     log(f"{len(dups)} of {n_images} images fall in {n_groups} near-duplicate group(s) "
         f"(Hamming distance <= {cfg.max_distance} of {HASH_BITS} bits); wrote {out}")
     data_dir = resolve_data_dir(cfg.data)
-    if out.resolve() == (data_dir / DUPLICATES_CSV).resolve():
-        log("training splits of this folder now keep each group on one side")
+    found = duplicates_to_read(data_dir, cache=cfg.cache)
+    cache = f" --cache {cfg.cache}" if cfg.cache is not None else ""
+    if found is not None and found.resolve() == out.resolve():
+        log(f"training on {data_dir}{cache} now keeps each group on one side of the split")
     else:
-        log(f"training reads only {data_dir / DUPLICATES_CSV}; copy the file there to keep the groups together")
+        log(f"to keep the groups together, train with --duplicates {out}")
     return out
 
 
@@ -321,7 +328,7 @@ def download_hpav18(cfg: DownloadHPAv18Config) -> Path:
         log(f"listed in {result.out / FAILED_CSV}; run the same command again to retry them")
     log(f"fetched {result.fetched} files ({result.bytes / 1e6:.1f} MB) in {result.seconds:.0f} s; "
         f"{result.complete} complete images in {result.out / 'train.csv'}; train with: "
-        f"python run.py --data <HPA 2018 folder> --extra-data {result.out}")
+        f"hpa-fastai --data <HPA 2018 folder> --extra-data {result.out}")
     return result.out
 
 

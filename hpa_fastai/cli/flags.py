@@ -45,21 +45,33 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
+PROG = "hpa-fastai"  # the installed command; a checkout's run.py and `python -m hpa_fastai` say their own name
+
+
+def program_name(argv0: str | None = None) -> str:
+    """How the user started the command line, for its usage lines: ``hpa-fastai``, ``run.py`` or
+    ``python -m hpa_fastai``."""
+    name = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    if name == "__main__.py":
+        return "python -m hpa_fastai"
+    return name if name in ("run.py", PROG) else PROG
+
+
+def build_parser(command: str, prog: str = PROG) -> argparse.ArgumentParser:
     cls, help_text, _ = COMMANDS[command]
-    prog = "run.py" if command == "train" else f"run.py {command}"
     epilog = None
     if command == "train":
         width = max(map(len, COMMANDS))
-        epilog = "other commands (run.py COMMAND --help):\n" + "\n".join(
+        epilog = f"other commands ({prog} COMMAND --help):\n" + "\n".join(
             f"  {name:{width}s} {text}" for name, (_, text, _) in COMMANDS.items() if name != "train")
-    parser = OneLineParser(prog=prog, description=help_text, epilog=epilog,
+    parser = OneLineParser(prog=prog if command == "train" else f"{prog} {command}", description=help_text,
+                          epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, cls)
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = PROG) -> int:
     # torch and fastai warn about their own deprecations on import; users can do nothing about them.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="fastai")
@@ -68,7 +80,7 @@ def main(argv=None) -> int:
     console.quiet = os.environ.get("RANK", "0") not in ("", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    args = build_parser(command).parse_args(argv)  # exits 2 with a message on a bad flag
+    args = build_parser(command, prog).parse_args(argv)  # exits 2 with a message on a bad flag
     cls, _, run = COMMANDS[command]
     cfg = cls(**vars(args))
     try:
@@ -84,10 +96,11 @@ def main(argv=None) -> int:
 
 
 def entry() -> int:
-    """``run.py`` and the ``hpa-fastai`` script: ``main``, then a quick exit. With torch loaded the
-    interpreter's final garbage collection walks millions of objects (a second or two); every file
-    is closed by then, so the objects are frozen out of it (``gc.freeze``) and the process ends."""
-    code = main()
+    """``hpa-fastai``, ``python -m hpa_fastai`` and a checkout's ``run.py``: ``main``, then a quick exit.
+    With torch loaded the interpreter's final garbage collection walks millions of objects (a second
+    or two); every file is closed by then, so the objects are frozen out of it (``gc.freeze``) and
+    the process ends."""
+    code = main(prog=program_name())
     sys.stdout.flush()
     sys.stderr.flush()
     import gc

@@ -2,12 +2,14 @@
 instead of decoding full-size PNGs every epoch.
 
 Each training image becomes one uint8 ``.npy`` of shape (C, H, W), the layout of the tensors the
-loader hands on, under ``<data>/cache/<channels>_<size>/<id>.npy``; ``cache.json`` beside them
+loader hands on, under ``<data>/cache/<channels>_<size>/<id>.npy`` (or, for a read-only data folder
+or with ``--cache DIR`` / ``$HPA_FASTAI_CACHE``, under a folder of that data set's own elsewhere:
+``paths.derived_dir``); ``cache.json`` beside them
 (size, channels, count) is written last. Images are resized by ``read_image`` itself, so batches
 from the cache are identical to batches decoded from the PNGs. Every file is written atomically
 and files that are already there and valid are skipped, so an interrupted run just continues.
 
-The cache lives in the data folder, where anyone may have put anything: every entry is checked as
+The cache lives in a folder where anyone may have put anything: every entry is checked as
 an untrusted file before it is used (``images.cached_array_shape``: a regular file, not a link, a
 FIFO or a folder; a .npy header of uint8 (C, size, size); exactly the size that header calls for),
 and so is ``cache.json``. ``preprocess`` writes a bad entry again; training reads the originals of
@@ -29,7 +31,7 @@ from ..atomic import atomic_path, write_json
 from ..config import MIN_SIZE
 from ..errors import HPAError
 from ..jsonfile import read_json
-from ..paths import resolve_data_dir
+from ..paths import CACHE_ENV, derived_dir, resolve_data_dir
 from .images import cached_array_shape, read_image
 from .layouts import CHANNEL_SETS, detect_format, key_files, read_items
 from .pipeline import available_cores, bound_workers
@@ -39,8 +41,17 @@ logger = logging.getLogger(__name__)
 CACHE_JSON = "cache.json"
 
 
-def cache_dir(data_dir, channels: str, size: int) -> Path:
-    return Path(data_dir) / "cache" / f"{channels}_{size}"
+def cache_dir(data_dir, channels: str, size: int, cache=None) -> Path:
+    """The cache folder of ``data_dir`` at (channels, size) that ``preprocess`` writes; ``cache``:
+    the ``--cache`` flag (see ``paths.derived_dir``)."""
+    return derived_dir(data_dir, cache)[0] / "cache" / f"{channels}_{size}"
+
+
+def _cache_dirs_to_read(data_dir: Path, channels: str, size: int, cache=None) -> list[Path]:
+    """Where training looks for a cache of ``data_dir``: where ``preprocess`` writes it now, then the
+    data folder's own (one made before the folder became read-only, or shipped with the data set)."""
+    own = Path(data_dir) / "cache" / f"{channels}_{size}"
+    return list(dict.fromkeys([cache_dir(data_dir, channels, size, cache), own]))
 
 
 def cached_file(folder: Path, image_id: str) -> Path:
@@ -98,13 +109,14 @@ def _writable_cache_dir(folder: Path, data_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise HPAError(f"{data_dir}: cannot write the cache folder {folder} ({e.strerror or e}); preprocess writes "
-                       "its resized copy inside the data folder, so make that folder writable (or copy the data "
-                       "set to a place you can write) and run it again") from None
+        raise HPAError(f"{data_dir}: cannot write the cache folder {folder} ({e.strerror or e}); pass --cache DIR "
+                       f"(or set ${CACHE_ENV}) to a folder that is writable and run it again") from None
 
 
-def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int | None = None) -> Path:
-    """Cache the training images of ``data`` at ``size``; returns the cache folder."""
+def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int | None = None,
+               cache=None) -> Path:
+    """Cache the training images of ``data`` at ``size``; returns the cache folder. ``cache``: the
+    ``--cache`` flag (default: the data folder when writable, else the per-user cache)."""
     if size < MIN_SIZE:
         raise HPAError(f"--size must be at least {MIN_SIZE} pixels (got {size})")
     data_dir = resolve_data_dir(data)
@@ -115,7 +127,8 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
                        "Zero-to-GANs RGB: use --channels rgb")
     # bad rows are left out as `train --skip-bad` leaves them out; without it, training stops on them anyway
     items = read_items(data_dir, fmt, "train", skip_bad=True, channels=channels)
-    folder = cache_dir(data_dir, channels, size)
+    folder = cache_dir(data_dir, channels, size, cache)
+    logger.info(f"cache folder {folder} ({derived_dir(data_dir, cache)[1]})")
     _writable_cache_dir(folder, data_dir)
     tasks = [(key, cached_file(folder, image_id), channels, size) for image_id, key in zip(items["id"], items["key"])]
     todo = [t for t in tasks if not is_cached(t[1], t[0], channels, size)]
@@ -143,23 +156,28 @@ def preprocess(data=None, size: int = 256, channels: str = "auto", workers: int 
     return folder
 
 
-def cached_items(items: pd.DataFrame, channels: str, size: int) -> pd.DataFrame:
+def cached_items(items: pd.DataFrame, channels: str, size: int, cache=None) -> pd.DataFrame:
     """``items`` with keys switched to their cached .npy files, folder by folder (``--data`` and
     each ``--extra-data``): a folder's images switch when its cache for (channels, size) holds an
-    up-to-date copy of every one of them; otherwise they are decoded as before, with a note."""
+    up-to-date copy of every one of them; otherwise they are decoded as before, with a note.
+    ``cache``: the ``--cache`` flag, as ``preprocess`` took it."""
     keys = items["key"].to_numpy(dtype=object).copy()
     data_dirs = [Path(key).parent.parent for key in keys]  # keys are <data>/train/<file>
     for data_dir in dict.fromkeys(data_dirs):
         rows = [i for i, d in enumerate(data_dirs) if d == data_dir]
-        paths = _cached_paths(data_dir, items["id"].iloc[rows], keys[rows], channels, size)
+        paths = _cached_paths(data_dir, items["id"].iloc[rows], keys[rows], channels, size, cache)
         if paths is not None:
             keys[rows] = [str(p) for p in paths]
     return items.assign(key=keys)
 
 
-def _cached_paths(data_dir: Path, ids, keys, channels: str, size: int) -> list[Path] | None:
-    folder = cache_dir(data_dir, channels, size)
-    update = (f"update it with: python run.py preprocess --data {data_dir} --size {size} --channels {channels}")
+def _cached_paths(data_dir: Path, ids, keys, channels: str, size: int, cache=None) -> list[Path] | None:
+    folders = _cache_dirs_to_read(data_dir, channels, size, cache)
+    # the first that has an index (a link or a FIFO in its place counts: it is reported, never followed)
+    folder = next((f for f in folders if os.path.lexists(f / CACHE_JSON)), folders[0])
+    cache_flag = f" --cache {cache}" if cache is not None else ""
+    update = (f"update it with: hpa-fastai preprocess --data {data_dir} --size {size} --channels {channels}"
+              f"{cache_flag}")
     try:
         meta = read_json(folder / CACHE_JSON, "cache index", missing=None)
     except HPAError as e:

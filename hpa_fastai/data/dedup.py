@@ -1,12 +1,14 @@
 """Near-duplicate images: a perceptual hash of each image's green (protein) stain, the pairs within a
 Hamming distance, and the groups they form.
 
-``run.py dedup`` writes ``duplicates.csv`` into the data folder (columns ``id``, ``group``,
-``distance``: one row per image that has a near-duplicate, ``distance`` in bits to the group's
-first image in train.csv order). When that file is present, ``train``'s ``prepare`` gives every
-item its group, and the random split and the stratified folds keep each group on one side:
-otherwise validation rewards recognising a picture seen in training. The file written by
-``run.py synth`` for planted duplicates (``Id,duplicate_of``) is read the same way.
+``dedup`` writes ``duplicates.csv`` (columns ``id``, ``group``, ``distance``: one row per image that
+has a near-duplicate, ``distance`` in bits to the group's first image in train.csv order) into the
+data folder, or, where that is read-only or ``--cache`` / ``$HPA_FASTAI_CACHE`` is given, into the
+data set's folder there (``paths.derived_dir``, as the preprocessed cache). Training reads
+``--duplicates FILE``, or else the file where ``dedup`` writes it, or else the data folder's own,
+gives every item its group, and the random split and the stratified folds keep each group on one
+side: otherwise validation rewards recognising a picture seen in training. The file written by
+``synth`` for planted duplicates (``Id,duplicate_of``) is read the same way.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ..atomic import write_csv
 from ..config import HASH_BITS
 from ..errors import HPAError
 from ..outputs import check_output
-from ..paths import resolve_data_dir
+from ..paths import derived_dir, resolve_data_dir
 from .images import read_stain
 from .layouts import key_files, read_csv, read_items
 
@@ -127,13 +129,26 @@ def find_duplicates(ids, hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
                          "distance": np.bitwise_count(hashes[rows] ^ first_hash).astype(np.int64)})
 
 
-def dedup(data=None, max_distance: int = 8, out=None) -> tuple[Path, pd.DataFrame, int]:
+def duplicates_file(data_dir, cache=None) -> Path:
+    """Where ``dedup`` writes the duplicates list of ``data_dir`` by default (see ``paths.derived_dir``)."""
+    return derived_dir(data_dir, cache)[0] / DUPLICATES_CSV
+
+
+def dedup(data=None, max_distance: int = 8, out=None, cache=None) -> tuple[Path, pd.DataFrame, int]:
     """Hash every training image of ``data``, write the near-duplicate groups to ``out`` (default:
-    the data folder's duplicates.csv); returns (csv path, its rows, number of images hashed)."""
+    ``duplicates_file``: the data folder's duplicates.csv when it is writable); returns (csv path,
+    its rows, number of images hashed)."""
     data_dir = resolve_data_dir(data)
     items = read_items(data_dir, split="train", labelled=False)
-    out = check_output(data_dir / DUPLICATES_CSV if out is None else out, "--out",
-                       [data_dir / "train.csv", *(f for key in items["key"] for f in key_files(key))])
+    if out is None:
+        out = duplicates_file(data_dir, cache)
+        logger.info(f"duplicates list {out} ({derived_dir(data_dir, cache)[1]})")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HPAError(f"{data_dir}: cannot create {out.parent} for the duplicates list ({e.strerror or e}); "
+                           "pass --out FILE, or --cache DIR, in a folder that is writable") from None
+    out = check_output(out, "--out", [data_dir / "train.csv", *(f for key in items["key"] for f in key_files(key))])
     logger.info(f"hashing the green stain of {len(items)} images in {data_dir}")
     hashes = hash_images(items["key"])
     dups = find_duplicates(items["id"], hashes, max_distance)
@@ -141,24 +156,35 @@ def dedup(data=None, max_distance: int = 8, out=None) -> tuple[Path, pd.DataFram
     return out, dups, len(items)
 
 
-def duplicate_groups(data_dir, ids) -> np.ndarray | None:
-    """Each item's duplicate group from the data folder's duplicates.csv (an image without
+def duplicates_to_read(data_dir, duplicates=None, cache=None) -> Path | None:
+    """The duplicates list training reads: ``--duplicates FILE``; else the file where ``dedup``
+    writes it by default; else the data folder's own (one shipped with a read-only data set)."""
+    if duplicates is not None:
+        return Path(duplicates)
+    candidates = dict.fromkeys([duplicates_file(data_dir, cache), Path(data_dir) / DUPLICATES_CSV])
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def duplicate_groups(data_dir, ids, duplicates=None, cache=None) -> np.ndarray | None:
+    """Each item's duplicate group from the duplicates list (``duplicates_to_read``: an image without
     duplicates is a group of its own, named by its id; a group is named by its first image), or
     None without the file or any group among ``ids``.
 
-    Accepts ``run.py dedup``'s ``id,group`` and ``run.py synth``'s ``Id,duplicate_of``; ids the
-    file names but the items lack (rows dropped by --skip-bad) are ignored.
+    Accepts ``dedup``'s ``id,group`` and ``synth``'s ``Id,duplicate_of``; ids the file names but
+    the items lack (rows dropped by --skip-bad) are ignored.
     """
-    path = Path(data_dir) / DUPLICATES_CSV
-    if not path.is_file():
+    path = duplicates_to_read(data_dir, duplicates, cache)
+    if path is None:
         return None
+    if not path.is_file():  # --duplicates names something that is not a file
+        raise HPAError(f"--duplicates {path}: not a file (give the CSV that dedup wrote)")
     df = read_csv(path)
     if {"id", "group"} <= set(df.columns):
         pairs = zip(df["id"], df.groupby("group", sort=False)["id"].transform("first"))
     elif {"Id", "duplicate_of"} <= set(df.columns):
         pairs = zip(df["Id"], df["duplicate_of"])
     else:
-        raise HPAError(f"{path}: expected columns id,group (run.py dedup) or Id,duplicate_of, "
+        raise HPAError(f"{path}: expected columns id,group (hpa-fastai dedup) or Id,duplicate_of, "
                        f"found {','.join(df.columns) or 'none'}")
     ids = list(ids)
     row_of = {image_id: row for row, image_id in enumerate(ids)}

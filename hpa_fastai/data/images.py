@@ -224,7 +224,7 @@ def _open_cached(path: str, n_channels: int, side: int | None):
     try:
         fd = os.open(path, _CACHE_OPEN)
     except FileNotFoundError:
-        raise HPAError(f"{path}: cached image not found (run: python run.py preprocess)") from None
+        raise HPAError(f"{path}: cached image not found (run: hpa-fastai preprocess)") from None
     except OSError as e:  # ELOOP: the entry is a link
         what = "a link, not a file" if e.errno == errno.ELOOP else (e.strerror or str(e))
         raise HPAError(f"{path}: unreadable cached image ({what}); {_REDO}") from None

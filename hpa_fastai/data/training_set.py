@@ -64,7 +64,7 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
         items = items[~items["key"].isin(bad)].reset_index(drop=True)
     if len(items) < 2:
         raise HPAError(f"{data_dir}: at least 2 usable images are needed, found {len(items)}")
-    groups = duplicate_groups(data_dir, items["id"])  # the splits keep near-duplicates together
+    groups = duplicate_groups(data_dir, items["id"], cfg.duplicates, cfg.cache)  # splits keep near-duplicates together
     if groups is not None:
         items = items.assign(group=groups)
     size = cfg.size or min(native_size(items["key"].iloc[0], channels), MAX_AUTO_SIZE)
@@ -74,7 +74,7 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
     if cfg.progressive_size is not None and cfg.progressive_size >= size:  # --size was automatic
         raise HPAError(f"--progressive-size {cfg.progressive_size} must be smaller than the image size {size}; "
                        "lower it or pass a larger --size")
-    items = cached_items(items, channels, size)  # `run.py preprocess` copies, where they exist
+    items = cached_items(items, channels, size, cfg.cache)  # `preprocess` copies, where they exist
     workers = bound_workers(cfg.workers, len(items), default_workers(cuda))
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
     mean, std = stats or channel_stats(items["key"], channels, size, seed=cfg.seed)

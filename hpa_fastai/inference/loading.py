@@ -25,7 +25,7 @@ def load_predictor(path="runs/latest", trust: bool = False, cpu: bool | None = N
     A cross-validation folder (``run.py cv``) loads as the ``Ensemble`` of its folds."""
     path = Path(path)
     if not path.exists():
-        raise HPAError(f"--learner {path}: not found (train a model first: python run.py)")
+        raise HPAError(f"--learner {path}: not found (train a model first: hpa-fastai)")
     if path.is_dir():
         if (path / CV).is_file():
             return _load_cv(path, trust, cpu)

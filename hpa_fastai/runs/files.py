@@ -8,13 +8,15 @@ raise one ``HPAError`` line that names the file.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from .. import jsonfile
 from ..errors import HPAError
-from .folder import CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, VALID_PREDICTIONS, is_run_dir
+from .folder import (CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, TRACKERS, VALID_PREDICTIONS,
+                     is_run_dir)
 
 # a run's largest JSON (lr_find.json, metrics.json) is a few hundred KB; its config and status a few KB
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -119,7 +121,7 @@ def read_cv(cv_dir) -> dict:
     cv = read_json_file(where, "cross-validation summary")
     if isinstance(cv, dict) and cv.get("status") == "running":
         raise HPAError(f"{folder}: the cross-validation has not finished; continue it with: "
-                       f"python run.py cv --resume {folder}")
+                       f"hpa-fastai cv --resume {folder}")
     runs, thresholds = (cv.get("runs"), cv.get("thresholds")) if isinstance(cv, dict) else (None, None)
     if not isinstance(runs, list) or not runs:
         raise HPAError(f"{where}: lists no fold runs (expected a list of fold folder names)")
@@ -135,3 +137,15 @@ def read_cv(cv_dir) -> dict:
         if (folder / run / CV).exists():
             raise HPAError(f"{where}: run {run!r} is itself a cross-validation folder; nesting is not supported")
     return cv
+
+
+TRACKER_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def read_tracker_ids(run_dir) -> dict:
+    """``trackers.json``: the id of the run's MLflow and W&B runs by tracker name (``mlflow``,
+    ``wandb``), or {} without the file; lenient, and an id that is not a plain id is left out (where
+    the tracker is, comes from the environment, never from this file)."""
+    data = read_json(Path(run_dir) / TRACKERS)
+    return {name: value for name, value in data.items()
+            if name in ("mlflow", "wandb") and isinstance(value, str) and TRACKER_ID.fullmatch(value)}

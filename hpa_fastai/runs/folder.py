@@ -34,6 +34,11 @@ MODEL_JSON = "model.json"
 EXPORT_PKL = "export.pkl"
 ONNX = "model.onnx"
 TENSORBOARD = "tensorboard"
+WANDB = "wandb"  # --log wandb: Weights & Biases' own files (an offline run waits there for `wandb sync`)
+TRACKERS = "trackers.json"  # the MLflow and W&B run ids of a run, so --resume and its report go on in them
+# --log mlflow without $MLFLOW_TRACKING_URI: the SQLite store and its artifacts, beside the run folders
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
 CV = "cv.json"  # the fold run folders ("runs") and the out-of-fold "thresholds"
 OOF_PREDICTIONS = "oof_predictions.csv"
 EVALUATE = "evaluate"  # evaluate's default output folder inside a run
@@ -49,7 +54,7 @@ RESUME_FILES = (CHECKPOINT, BEST)
 # Everything training and cv write into a run folder: no other command may write over these.
 RUN_FILES = frozenset({CONFIG, STATUS, HISTORY, LR_FIND_PLOT, LR_FIND, CURVES, METRICS, PER_CLASS, PER_CLASS_PLOT,
                        VALID_PREDICTIONS, REPORT, BEST, CHECKPOINT, WEIGHTS, MODEL_JSON, EXPORT_PKL, ONNX,
-                       TENSORBOARD, CV, OOF_PREDICTIONS})
+                       TENSORBOARD, WANDB, TRACKERS, CV, OOF_PREDICTIONS})
 
 
 def is_run_dir(path) -> bool:

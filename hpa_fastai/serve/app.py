@@ -39,9 +39,7 @@ from .tempfolder import TempFolder, UploadCap
 
 logger = logging.getLogger(__name__)
 
-GRADIO_VERSION = "6.31.0"
-INSTALL = (f"pip install -e '.[serve]' && pip install --no-deps gradio=={GRADIO_VERSION}  "
-           "(gradio declares pillow<13; it runs with this project's pillow 13)")
+INSTALL = "pip install 'hpa_fastai[serve]'"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a 4096 px RGB PNG of noise is 50 MB; real HPA stain files are 1-3 MB
 MAX_SIDE = MAX_SIZE  # pixels a side, read from the header before decoding
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -330,7 +328,7 @@ def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a local tool
     if importlib.util.find_spec("gradio") is None:
-        raise HPAError(f"run.py serve needs gradio: {INSTALL}")
+        raise HPAError(f"hpa-fastai serve needs gradio: {INSTALL}")
     from ..inference.loading import load_predictor
     from ..inference.predictor import Ensemble
 

@@ -67,6 +67,8 @@ def cross_validate(cfg: TrainConfig, cbs=()) -> CvResult:
     t_start = time.time()
     if cfg.resume:
         cv_dir, fold_cfg, ts = _continue(Path(cfg.resume))
+        # code named in a folder's config.json is never imported: only the --callback given now
+        fold_cfg = dataclasses.replace(fold_cfg, callback=cfg.callback)
     else:
         cv_dir, fold_cfg, ts = _start(cfg)
     n_folds = fold_cfg.n_folds
@@ -114,10 +116,10 @@ def _continue(cv_dir: Path) -> tuple[Path, TrainConfig, TrainingSet]:
     """The cross-validation in ``cv_dir`` and the config its folds train with, checked as flags are."""
     if not cv_dir.is_dir() or (not (cv_dir / CV).is_file() and not (cv_dir / CONFIG).is_file()):
         raise HPAError(f"--resume {cv_dir}: not a cross-validation folder (no {CV}); "
-                       "`run.py --resume` continues a single run")
+                       "`hpa-fastai --resume` continues a single run")
     if is_run_dir(cv_dir):
         raise HPAError(f"--resume {cv_dir}: a single run, not a cross-validation; continue it with "
-                       f"python run.py --resume {cv_dir}")
+                       f"hpa-fastai --resume {cv_dir}")
     cfg = dataclasses.replace(TrainConfig.from_dict(read_config(cv_dir)), resume=None, out=str(cv_dir), fold=0)
     if cfg.n_folds < 2:
         raise HPAError(f"{cv_dir / CONFIG}: 'n_folds' must be 2 or more for a cross-validation (got {cfg.n_folds})")

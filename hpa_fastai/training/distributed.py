@@ -1,6 +1,6 @@
 """Several processes, one run: data-parallel training through fastai's ``distrib_ctx``, which uses
 Hugging Face accelerate. Launch with ``accelerate launch run.py ...`` or ``torchrun``; a plain
-``python run.py`` is one process and none of this applies."""
+``hpa-fastai`` is one process and none of this applies."""
 from __future__ import annotations
 
 import contextlib

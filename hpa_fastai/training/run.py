@@ -33,21 +33,22 @@ from ..errors import HPAError
 from ..evaluation import predictions_table, score, write_per_class
 from ..modelfile import export_learner, model_meta
 from ..models import check_arch, min_size, size_problem
-from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, TENSORBOARD, VALID_PREDICTIONS, make_run_dir, now,
-                           point_latest, remove_resume_files, run_lock, write_status)
+from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, VALID_PREDICTIONS, make_run_dir, now, point_latest,
+                           remove_resume_files, run_lock, write_status)
 from . import distributed
 from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, StopOnSignal, WarmupEarlyStopping
 from .history import RunHistory
 from .learner import default_device, run_learner
 from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
 from .schedule import auto_lr_find_iters, find_lr, learning_rate, phases
+from .trackers import callback_list, check_trackers, tracker_callbacks, user_callbacks
 
 logger = logging.getLogger(__name__)
 
 
 def validate(cfg: TrainConfig) -> None:
     """The config's own constraints, then what the environment must offer: a known architecture,
-    the ``--weights`` file, the TensorBoard package for ``--log tensorboard``, a GPU for fp16."""
+    the ``--weights`` and ``--duplicates`` files, the package of each ``--log`` tracker, a GPU for fp16."""
     config_checks.validate(cfg)
     training_precision(cfg.precision, default_device())
     try:
@@ -57,14 +58,10 @@ def validate(cfg: TrainConfig) -> None:
     for flag, size in (("--size", cfg.size), ("--progressive-size", cfg.progressive_size)):
         if size is not None and (problem := size_problem(cfg.arch, size)):
             raise HPAError(f"{flag} {size} {problem}: pass a larger {flag}, or another --arch")
-    if cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise HPAError(f"--weights {cfg.weights}: file not found")
-    if cfg.log == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise HPAError("--log tensorboard needs the tensorboard package: "
-                           "pip install 'hpa_fastai[tensorboard]'") from None
+    for flag, path in (("--weights", cfg.weights), ("--duplicates", cfg.duplicates)):
+        if path is not None and not Path(path).is_file():
+            raise HPAError(f"{flag} {path}: file not found")
+    check_trackers(cfg.log)
 
 
 def prepare(cfg: TrainConfig, stats: tuple | None = None) -> TrainingSet:
@@ -103,12 +100,13 @@ class RunResult:
 def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bool = True) -> RunResult | None:
     """Train one model as ``cfg`` says (or continue ``cfg.resume``) into ``cfg.out/run_name``
     (default ``cfg.out/<time>-<arch>``); ``cbs``: extra fastai callbacks for every fit of the run
-    (progress displays, a search's pruning; one that reads ``learn.run_history`` in ``after_epoch``
-    needs an ``order`` above ``RunHistory.order``); ``link_latest``: point ``cfg.out/latest`` at the run.
-    Returns None on the processes other than the first of a distributed run."""
+    (progress displays, a search's pruning), besides those ``cfg.callback`` names; one that reads
+    ``learn.run_history`` in ``after_epoch`` needs an ``order`` above ``RunHistory.order``;
+    ``link_latest``: point ``cfg.out/latest`` at the run. Returns None on the processes other than the
+    first of a distributed run."""
     t_start = time.time()
-    with _run_folder(cfg, run_name) as (ts, run_dir, resumed, device):
-        result = _train(ts, run_dir, resumed, device, list(cbs), t_start)
+    with _run_folder(cfg, run_name) as (ts, run_dir, resumed, device, own_cbs):
+        result = _train(ts, run_dir, resumed, device, [*cbs, *own_cbs], t_start)
     if result is not None and link_latest:
         point_latest(run_dir)
     return result
@@ -116,9 +114,10 @@ def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bo
 
 @contextlib.contextmanager
 def _run_folder(cfg: TrainConfig, run_name: str | None):
-    """The training set, the run folder (locked for this process), what a resumed run continues, and
-    this process's device. Under several processes only rank 0 writes the run folder; the others get
-    a scratch folder, removed at the end."""
+    """The training set, the run folder (locked for this process), what a resumed run continues, this
+    process's device, and the callbacks of ``--callback`` (imported before a run folder is made).
+    Under several processes only rank 0 writes the run folder; the others get a scratch folder,
+    removed at the end."""
     with contextlib.ExitStack() as stack:
         resumed = None
         if cfg.resume:
@@ -135,20 +134,26 @@ def _run_folder(cfg: TrainConfig, run_name: str | None):
             ts = prepare(run_cfg, stats)
         else:
             ts = prepare(cfg)
+        # code named in a run folder's config.json is never imported: a resumed run takes --callback anew
+        if resumed and ts.cfg.callback and not cfg.callback:
+            named = " ".join(callback_list(ts.cfg.callback))
+            logger.info(f"note: the run trained with --callback {named}; --resume imports no code named in a run "
+                        "folder: pass --callback again to add it")
+        own_cbs = user_callbacks(cfg.callback)
         device = distributed.init(default_device())
         if not distributed.is_main():
             if not resumed:
                 distributed.share(None)
             scratch = Path(tempfile.mkdtemp(prefix="hpa-rank-"))
             stack.callback(shutil.rmtree, scratch, ignore_errors=True)
-            yield ts, scratch, resumed, device
+            yield ts, scratch, resumed, device, own_cbs
             return
         if not resumed:
             run_dir = make_run_dir(ts.cfg.out, ts.cfg.arch, run_name)
             stack.enter_context(run_lock(run_dir))
             if distributed.world_size() > 1:
                 distributed.share(run_dir)
-        yield ts, run_dir, resumed, device
+        yield ts, run_dir, resumed, device, own_cbs
 
 
 def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs: list, t_start: float):
@@ -184,9 +189,10 @@ def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs:
         except Exception as write_error:
             logger.warning(f"the last checkpoint could not be written ({write_error})")
         _mark_stopped(run_dir, e, len(fit.history.rows))
+        fit.end_trackers("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         if isinstance(e, KeyboardInterrupt):
             logger.info(f"interrupted after {len(fit.history.rows)} complete epoch(s); continue with: "
-                        f"python run.py --resume {run_dir}")
+                        f"hpa-fastai --resume {run_dir}")
         raise
     finally:
         _restore_signals(previous_handlers)
@@ -196,6 +202,7 @@ def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs:
         return _finish(fit, ts, run_dir, pretrained, setup.precision, t_start)
     except BaseException as e:  # exporting on a full disk: the run is not finished
         _mark_stopped(run_dir, e, len(fit.history.rows))
+        fit.end_trackers("failed")
         raise
 
 
@@ -221,9 +228,14 @@ class _Fit:
             logger.info(f"progressive resizing: {'the frozen epochs and ' if len(self.phases) > 1 else ''}the first "
                         f"{self.small_epochs} epoch(s) train at {cfg.progressive_size}px, the others at {cfg.size}px; "
                         f"validation at {cfg.size}px")
-        if cfg.log == "tensorboard":
-            from fastai.callback.tensorboard import TensorBoardCallback
-            self.cbs.append(TensorBoardCallback(log_dir=run_dir / TENSORBOARD, trace_model=False))
+        # the trackers record what rank 0 sees: the other processes train into a scratch folder
+        tracker_cbs, self.trackers = tracker_callbacks(cfg.log, run_dir, run_dir.parent, resumed is not None) \
+            if distributed.is_main() else ([], [])
+        self.cbs += tracker_cbs
+
+    def end_trackers(self, status: str, metrics: dict | None = None) -> None:
+        for tracker in self.trackers:
+            tracker.end(status, metrics)
 
     def run(self) -> None:
         names = [name for name, _, _ in self.phases]
@@ -272,6 +284,7 @@ def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, precisi
     export_learner(learn, model_meta(ts, thresholds, precision), run_dir)
     status = "stopped early" if metrics["stopped_early"] else "finished"
     write_status(run_dir, status, finished=now(), seconds=round(time.time() - t_start, 1))
+    fit.end_trackers(status, metrics)
     if cfg.keep_checkpoint:
         fit.best.write()
     else:
