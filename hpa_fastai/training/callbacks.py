@@ -11,6 +11,7 @@ restart needs is ``Stateful``: it gives its state to the checkpoint and takes it
 from __future__ import annotations
 
 import math
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -129,8 +130,9 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
 
     def after_batch(self):
         if not self.training and getattr(self, "_collecting", False):
-            self._preds.append(self.learn.to_detach(self.pred))
-            self._targs.append(self.learn.to_detach(self.y))
+            # kept on the device: a copy to the host per batch would wait for the GPU every batch
+            self._preds.append(self.learn.to_detach(self.pred, cpu=False))
+            self._targs.append(self.learn.to_detach(self.y, cpu=False))
 
     def after_validate(self):
         self._collecting = False
@@ -144,7 +146,7 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in bare_model(self.learn).state_dict().items()}
             self.best_epoch, self.on_disk = self.trained_epochs, False
             activation = getattr(self.loss_func, "activation", torch.sigmoid)
-            self.best_preds = (activation(torch.cat(self._preds)), torch.cat(self._targs))
+            self.best_preds = (activation(torch.cat(self._preds)).cpu(), torch.cat(self._targs).cpu())
 
     @property
     def best_is_current(self) -> bool:
@@ -218,15 +220,50 @@ class ProgressiveResize(Callback):
         self._augmentation().size = None
 
 
-class NaNGuard(TerminateOnNaNCallback):
-    """fastai's TerminateOnNaNCallback, remembering where the loss went bad so the run can say so."""
+class NaNGuard(Callback):
+    """Stops the fit at the first training batch whose loss is not finite, remembering where (``nan``),
+    as fastai's ``TerminateOnNaNCallback`` does, without making the host wait for the GPU.
 
+    fastai's callback turns every batch's loss into a Python bool: the host waits for the GPU to
+    finish the step before it can queue the next one. Here each loss is copied, without blocking,
+    to page-locked host memory, and looked at once the GPU has written it (a CUDA event says when:
+    usually a batch or two later, by when the weights have taken those steps on a bad loss; the run
+    stops without exporting them anyway). The end of the epoch waits for the last copies. On a CPU
+    the copy is there at once, and the batch that went bad is the one that stops."""
+
+    order = TerminateOnNaNCallback.order
     nan = None  # {"loss", "epoch", "batch"} of the first non-finite loss
 
+    def before_fit(self):
+        self.nan, self._pending = None, deque()
+
     def after_batch(self):
-        if not torch.isfinite(self.loss):
-            self.nan = {"loss": float(self.loss), "epoch": self.epoch, "batch": self.iter}
-        super().after_batch()
+        if not self.training or getattr(self.learn, "loss", None) is None:
+            return
+        loss = self.learn.loss.detach().float().reshape(())
+        cuda = loss.device.type == "cuda"
+        host = torch.empty((), pin_memory=cuda)
+        host.copy_(loss.as_subclass(torch.Tensor), non_blocking=True)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self._pending.append((host, done, self.epoch, self.iter))
+        self._check(wait=False)
+
+    def after_train(self):
+        self._check(wait=True)
+
+    def _check(self, wait: bool):
+        while self._pending and (wait or self._pending[0][1] is None or self._pending[0][1].query()):
+            host, done, epoch, batch = self._pending.popleft()
+            if done is not None:
+                done.synchronize()  # at once when query() said so; at the epoch's end, the last ones
+            value = float(host)
+            if not math.isfinite(value):
+                self._pending.clear()
+                self.nan = {"loss": value, "epoch": epoch, "batch": batch}
+                raise CancelFitException()
 
 
 class StopOnSignal(Callback):

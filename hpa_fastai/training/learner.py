@@ -1,13 +1,12 @@
 """The one Learner factory, for ``run.py`` and the notebook door alike: the DataLoaders of a
 training set (rare classes oversampled unless turned off), the model from the registry, the loss
-from the loss registry, macro and samples F1, torch's AdamW under fastai's body/head parameter
-groups (``optimizer``), and what the device offers: mixed precision, channels-last, cuDNN's
-autotuner, ``torch.compile`` (``device``)."""
+from the loss registry, macro and samples F1 and the running losses (kept on the device: ``metrics``),
+torch's AdamW under fastai's body/head parameter groups (``optimizer``), and what the device offers:
+mixed precision, channels-last, cuDNN's autotuner, ``torch.compile`` (``device``)."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,10 +70,13 @@ def create_learner(dls, ts: TrainingSet, cfg: TrainConfig, device: torch.device 
     device = device or default_device()
     set_seed(cfg.seed, reproducible=True)
     model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained, cfg.weights)
-    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
-    learn = Learner(dls, model, loss_func=loss_from(cfg), opt_func=partial(adamw, fused=device.type == "cuda"),
+    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on their device
+    learn = Learner(dls, model, loss_func=loss_from(cfg), opt_func=adamw,
                     metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
                     splitter=splitter, **learner_kwargs)
+    # the Recorder's running losses stay on the device, read once an epoch (see metrics.py)
+    learn.recorder.smooth_loss = M.DeviceAvgSmoothLoss(beta=learn.recorder.smooth_loss.beta)
+    learn.recorder.loss = M.DeviceAvgLoss()
     precision = D.training_precision(cfg.precision, device)
     D.set_precision(learn, precision)
     if precision == "bf16" and device.type == "cpu":

@@ -40,7 +40,7 @@ from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, Sto
 from .history import RunHistory
 from .learner import default_device, run_learner
 from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
-from .schedule import auto_lr_find_iters, find_lr, learning_rate, phases
+from .schedule import auto_lr_find_iters, find_lr, fit_one_cycle, learning_rate, phases
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class _Fit:
                     raise HPAError(f"{self.run_dir / CHECKPOINT}: {start_epoch} epochs done in phase {phase}, which "
                                    f"has {n_epochs}; start the run again")
                 logger.info(f"continuing phase {phase} after epoch {start_epoch} of {n_epochs}")
-            self.learn.fit_one_cycle(n_epochs, phase_lr, cbs=[run_phase, *self.cbs], start_epoch=start_epoch)
+            fit_one_cycle(self.learn, n_epochs, phase_lr, cbs=[run_phase, *self.cbs], start_epoch=start_epoch)
             if self.stopper.requested:
                 raise KeyboardInterrupt
             if self.nan.nan is not None:
