@@ -23,7 +23,9 @@ class DeviceAvgSmoothLoss(AvgSmoothLoss):
     batch, which it needs to decide when to stop)."""
 
     def accumulate(self, learn):
-        loss = learn.loss.detach().mean().float()
+        loss = learn.loss.detach()
+        if loss.ndim or loss.dtype != torch.float32:  # a loss with reduction "none", or in half precision
+            loss = loss.float().mean()
         if self.val.device != loss.device:  # reset, or a resumed run's value: the first batch of a fit
             self.val = self.val.to(loss.device)
         self.count += 1

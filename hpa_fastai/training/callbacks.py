@@ -111,6 +111,7 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
     gives once the best weights are back, so the run need not predict those images once more."""
 
     best_preds = None  # (probabilities, targets) of the best epoch trained in this process
+    run_train = False  # its after_batch collects validation predictions only
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -129,7 +130,7 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
         self._preds, self._targs = [], []
 
     def after_batch(self):
-        if not self.training and getattr(self, "_collecting", False):
+        if not self.learn.training and getattr(self, "_collecting", False):
             # kept on the device: a copy to the host per batch would wait for the GPU every batch
             self._preds.append(self.learn.to_detach(self.pred, cpu=False))
             self._targs.append(self.learn.to_detach(self.y, cpu=False))
@@ -240,10 +241,10 @@ class NaNGuard(Callback):
     def after_batch(self):
         if not self.training or getattr(self.learn, "loss", None) is None:
             return
-        loss = self.learn.loss.detach().float().reshape(())
+        loss = self.learn.loss.detach()
         cuda = loss.device.type == "cuda"
-        host = torch.empty((), pin_memory=cuda)
-        host.copy_(loss.as_subclass(torch.Tensor), non_blocking=True)
+        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=cuda)
+        host.copy_(loss, non_blocking=True)
         done = None
         if cuda:
             done = torch.cuda.Event()
@@ -259,7 +260,7 @@ class NaNGuard(Callback):
             host, done, epoch, batch = self._pending.popleft()
             if done is not None:
                 done.synchronize()  # at once when query() said so; at the epoch's end, the last ones
-            value = float(host)
+            value = host.item() if host.numel() == 1 else float(host.float().sum())  # reduction "none": any
             if not math.isfinite(value):
                 self._pending.clear()
                 self.nan = {"loss": value, "epoch": epoch, "batch": batch}

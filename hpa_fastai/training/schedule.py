@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.schedule import ParamScheduler, SchedCos, minimum, slide, steep, valley
+from fastai.callback.schedule import ParamScheduler, minimum, slide, steep, valley
 
 from .. import plots
 from ..atomic import write_json
@@ -19,6 +19,7 @@ from ..config import TrainConfig
 from ..errors import HPAError
 from ..runs.folder import LR_FIND, LR_FIND_PLOT
 from . import distributed
+from .optimizer import last_hyper
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +92,20 @@ def learning_rate(cfg: TrainConfig, learn, run_dir: Path, saved_config: dict | N
 
 def combined_cos(pct: float, start, middle, end):
     """fastai's ``combined_cos``: cosine annealing from ``start`` to ``middle`` over the first ``pct``
-    of training, then to ``end``. fastai's finds the segment and the position in it with CPU tensor
-    operations and ``.item()``, for every hyper-parameter before every batch: host time that a GPU
-    step then waits for. These are the same formulas in plain numbers (numpy arrays for the
-    learning rates of several layer groups)."""
-    up, down = SchedCos(start, middle), SchedCos(middle, end)
+    of training, then to ``end`` (each a number, or one per layer group). fastai's finds the segment
+    and the position in it with CPU tensor operations and ``.item()``, and anneals numpy arrays, for
+    every hyper-parameter before every batch: host time that a GPU step then waits for. These are
+    fastai's formulas (``sched_cos``) on plain Python numbers."""
+    many = np.ndim(start) > 0
+    start, middle, end = ([float(x) for x in np.atleast_1d(v)] for v in (start, middle, end))
+
+    def cos(a: list, b: list, pos: float):
+        w = (1 + math.cos(math.pi * (1 - pos))) / 2
+        return [x + w * (y - x) for x, y in zip(a, b)]
 
     def schedule(pos: float):
-        return up(pos / pct) if pos < pct else down((pos - pct) / (1 - pct))
+        values = cos(start, middle, pos / pct) if pos < pct else cos(middle, end, (pos - pct) / (1 - pct))
+        return values if many else values[0]
 
     return schedule
 
@@ -114,4 +121,13 @@ def fit_one_cycle(learn, n_epoch: int, lr_max, cbs=(), start_epoch: int = 0, div
     lr_max = np.array([h["lr"] for h in learn.opt.hypers])
     scheds = {"lr": combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final),
               "mom": combined_cos(pct_start, *learn.moms)}
-    learn.fit(n_epoch, cbs=[ParamScheduler(scheds), *cbs], start_epoch=start_epoch)
+    learn.fit(n_epoch, cbs=[HostParamScheduler(scheds), *cbs], start_epoch=start_epoch)
+
+
+class HostParamScheduler(ParamScheduler):
+    """fastai's ``ParamScheduler``, recording the values it set from one reading of the optimizer's
+    hyper-parameters per batch (fastai's reads them once per scheduled parameter)."""
+
+    def after_batch(self):
+        for name in self.scheds:
+            self.hps[name].append(last_hyper(self.learn.opt, name))
