@@ -76,6 +76,10 @@ class Learner(fastai_learner.Learner):
         self.add_cb(HostRecorder(add_time=recorder.add_time, train_metrics=recorder.train_metrics,
                                  valid_metrics=recorder.valid_metrics, beta=recorder.smooth_loss.beta))
 
+    def __getstate__(self):
+        # the callbacks of the last fit stay out of an export: they may hold a console or a thread
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_handlers", "_handlers_of")}
+
     def __call__(self, event_name):
         if isinstance(event_name, str):
             self._call_one(event_name)
