@@ -62,6 +62,13 @@ class _TrainedEpochsOnly:
     def before_train(self):
         self._trained = True
 
+    def _track_epoch(self) -> bool:
+        """The tracker's own update (``new_best``), for an epoch that trained; False for one skipped."""
+        if not self._trained:
+            return False
+        TrackerCallback.after_epoch(self)
+        return True
+
 
 class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
     """Early stopping that ignores the one-cycle warm-up, when a rising learning rate makes the
@@ -83,9 +90,8 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
             raise CancelFitException()
 
     def after_epoch(self):
-        if not self._trained:
+        if not self._track_epoch():
             return
-        TrackerCallback.after_epoch(self)
         if self.epoch + 1 <= max(math.ceil(self.warmup_pct * self.n_epoch), run_phase(self.learn).small_epochs):
             self.wait = 0
             return
@@ -139,9 +145,8 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
         self._collecting = False
 
     def after_epoch(self):
-        if not self._trained:
+        if not self._track_epoch():
             return
-        TrackerCallback.after_epoch(self)
         self.trained_epochs += 1
         if self.new_best:
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in bare_model(self.learn).state_dict().items()}
