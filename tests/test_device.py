@@ -4,6 +4,7 @@ the DataLoader's worker processes across epochs."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 from types import SimpleNamespace
@@ -336,6 +337,7 @@ def test_training_and_validation_workers_are_started_once_per_run(make_z2g, tmp_
     # epoch they would be 3 processes an epoch, 9 over the 3 epochs
     assert 2 <= len(set(workers)) <= 2 * 2, sorted(set(workers))
     assert (run_dir / "model.safetensors").is_file()
+    assert not multiprocessing.active_children()  # the run ended its workers: a loop of runs keeps none
 
 
 @pytest.mark.parametrize("size", [None, 12])  # the run's size, and progressive resizing's smaller one

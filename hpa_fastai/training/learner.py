@@ -129,7 +129,9 @@ class Learner(fastai_learner.Learner):
 class HostRecorder(fastai_learner.Recorder):
     """fastai's ``Recorder`` with its running losses on the device (``metrics.DeviceAvgSmoothLoss``,
     ``DeviceAvgLoss``: read once an epoch) and a shorter path for a training batch: the same values
-    recorded, without rebuilding its list of metrics and computing the smoothed loss twice."""
+    recorded, without rebuilding its list of metrics and computing the smoothed loss twice. The
+    smoothed loss of every batch (``losses``, what ``plot_loss`` draws) is copied to the host in one
+    piece when the epoch's training ends, or the fit."""
 
     name = "recorder"  # learn.recorder, where fastai and its callbacks look for it
 
@@ -146,6 +148,20 @@ class HostRecorder(fastai_learner.Recorder):
         value = self.smooth_loss.value
         self.losses.append(value)
         learn.smooth_loss = value
+
+    def after_train(self):
+        super().after_train()
+        self._losses_to_host()
+
+    def after_fit(self):
+        self._losses_to_host()  # a fit cancelled in an epoch's training (lr_find) skips after_train
+
+    def _losses_to_host(self):
+        first = len(self.losses)
+        while first and self.losses[first - 1].device.type != "cpu":
+            first -= 1
+        if first < len(self.losses):
+            self.losses[first:] = list(torch.stack(self.losses[first:]).cpu().unbind())
 
 
 def default_device() -> torch.device:
