@@ -135,7 +135,8 @@ def _numbers(values, low: float, high: float) -> bool:
 
 def _data_folder(key: str) -> str:
     """The data folder an item key belongs to: keys are ``<data>/<split>/<file>``."""
-    return os.path.dirname(os.path.dirname(key))
+    parts = key.rsplit(os.sep, 2)
+    return parts[0] if len(parts) == 3 else ""
 
 
 def verify_remembered(items: pd.DataFrame, channels: str, deep: bool = False) -> dict[str, str]:

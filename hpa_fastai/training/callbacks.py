@@ -240,21 +240,26 @@ class NaNGuard(Callback):
     order = TerminateOnNaNCallback.order
     nan = None  # {"loss", "epoch", "batch"} of the first non-finite loss
 
+    run_valid = False  # the loss that trains the weights
+
     def before_fit(self):
-        self.nan, self._pending = None, deque()
+        self.nan, self._pending, self._free = None, deque(), []
 
     def after_batch(self):
-        if not self.training or getattr(self.learn, "loss", None) is None:
+        learn = self.learn
+        loss = getattr(learn, "loss", None)
+        if loss is None:
             return
-        loss = self.learn.loss.detach()
+        loss = loss.detach()
         cuda = loss.device.type == "cuda"
-        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=cuda)
+        host = self._free.pop() if self._free and self._free[-1].shape == loss.shape else \
+            torch.empty(loss.shape, dtype=torch.float32, pin_memory=cuda)
         host.copy_(loss, non_blocking=True)
         done = None
         if cuda:
             done = torch.cuda.Event()
             done.record()
-        self._pending.append((host, done, self.epoch, self.iter))
+        self._pending.append((host, done, learn.epoch, learn.iter))
         self._check(wait=False)
 
     def after_train(self):
@@ -263,9 +268,10 @@ class NaNGuard(Callback):
     def _check(self, wait: bool):
         while self._pending and (wait or self._pending[0][1] is None or self._pending[0][1].query()):
             host, done, epoch, batch = self._pending.popleft()
-            if done is not None:
-                done.synchronize()  # at once when query() said so; at the epoch's end, the last ones
-            value = host.item() if host.numel() == 1 else float(host.float().sum())  # reduction "none": any
+            if done is not None and wait:
+                done.synchronize()  # the epoch's last copies (query() said the others were written)
+            value = host.item() if host.numel() == 1 else float(host.sum())  # reduction "none": any element
+            self._free.append(host)
             if not math.isfinite(value):
                 self._pending.clear()
                 self.nan = {"loss": value, "epoch": epoch, "batch": batch}
