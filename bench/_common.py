@@ -170,3 +170,33 @@ def _markdown(df: pd.DataFrame) -> str:
     rule = "| " + " | ".join("---" for _ in df.columns) + " |"
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body])
+
+
+# The real data beside the checkout (see ../shared/hpa_real/MANIFEST.md), or $HPA_REAL
+HPA_REAL = Path(os.environ.get("HPA_REAL", REPO.parent / "shared" / "hpa_real"))
+
+
+def full_size_layout(root: Path | None = None) -> Path:
+    """An HPA 2018 folder of full size, the competition's real ``train.csv`` (31,072 ids, their real
+    labels) over 124,288 real 512 px stain PNGs, made once by hard links: id ``i`` of train.csv gets
+    the four stains of image ``i mod 65`` of the real four-stain sample. The pixels do not match the
+    labels, which does not matter for start-up; the files take the sample's 29 MiB of disk once."""
+    real = HPA_REAL / "kaggle2018"
+    sample = real / "rgby_sample"
+    if not (real / "train.csv").is_file() or not (sample / "train.csv").is_file():
+        raise SystemExit(f"the full-size layout needs the real HPA data in {HPA_REAL} (or set HPA_REAL)")
+    out = Path(root or DATA_ROOT) / "hpa2018-real-full-31072"
+    if (out / "train.csv").is_file():  # written last
+        return out
+    print(f"making {out} (hard links, once)...", flush=True)
+    ids = [line.split(",", 1)[0] for line in (real / "train.csv").read_text().splitlines()[1:]]
+    sources = [line.split(",", 1)[0] for line in (sample / "train.csv").read_text().splitlines()[1:]]
+    folder = out / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image_id in enumerate(ids):
+        for stain in ("red", "green", "blue", "yellow"):
+            dest = folder / f"{image_id}_{stain}.png"
+            if not dest.exists():
+                os.link(sample / "train" / f"{sources[i % len(sources)]}_{stain}.png", dest)
+    (out / "train.csv").write_bytes((real / "train.csv").read_bytes())
+    return out

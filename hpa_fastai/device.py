@@ -23,6 +23,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # small CPU swap in "aot_eager", which traces and splits the graphs the same way in seconds, where
 # inductor's first C++ build takes over a minute.
 COMPILE_BACKEND = "inductor"
+# inductor's mode: None is its default. bench/gpu.py measures "reduce-overhead" (the step replayed as
+# CUDA graphs) on a GPU; it is not offered as a flag until a measurement says it pays.
+COMPILE_MODE = None
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -129,6 +132,8 @@ def tune_backend(device: torch.device) -> None:
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(model)``: the returned module shares the parameters of ``model``, which
     stays reachable as ``_orig_mod`` (see ``uncompiled``)."""
+    if COMPILE_BACKEND == "inductor" and COMPILE_MODE is not None:
+        return torch.compile(model, mode=COMPILE_MODE)
     return torch.compile(model, backend=COMPILE_BACKEND)
 
 

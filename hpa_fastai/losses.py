@@ -86,10 +86,26 @@ def register_loss(name: str, **flags: str):
     return wrap
 
 
+class PlainBCEWithLogitsLossFlat(BCEWithLogitsLossFlat):
+    """fastai's ``BCEWithLogitsLossFlat`` on plain tensors. fastai's wraps the predictions and targets
+    in its ``TensorBase`` subclass, whose Python-level dispatch then runs for every tensor operation
+    of the loss and of what reads it (the recorder, the NaN check): about a millisecond of host time
+    per training step. The values are the same: the mean over every image and class."""
+
+    def __call__(self, inp, targ, **kwargs):
+        if kwargs or inp.ndim != 2 or self.axis not in (-1, 1):  # what fastai's own does otherwise
+            return super().__call__(inp, targ, **kwargs)
+        func = self.func
+        return F.binary_cross_entropy_with_logits(inp.as_subclass(torch.Tensor).reshape(-1),
+                                                  targ.as_subclass(torch.Tensor).reshape(-1).float(),
+                                                  weight=func.weight, pos_weight=func.pos_weight,
+                                                  reduction=func.reduction)
+
+
 @register_loss("bce")
 def bce(thresh: float = 0.5) -> nn.Module:
-    """Binary cross-entropy on logits: fastai's ``BCEWithLogitsLossFlat``."""
-    return BCEWithLogitsLossFlat(thresh=thresh)
+    """Binary cross-entropy on logits: fastai's ``BCEWithLogitsLossFlat`` (on plain tensors)."""
+    return PlainBCEWithLogitsLossFlat(thresh=thresh)
 
 
 @register_loss("focal", gamma="focal_gamma")

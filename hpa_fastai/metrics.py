@@ -1,18 +1,73 @@
 """Metrics of multi-label classification: F1 as Kaggle scored it, thresholds per class, and the order
-of the worst mistakes. (The losses are in ``losses``.)"""
+of the worst mistakes; the running losses and metrics of a fit, kept on the device. (The losses are in
+``losses``.)"""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from fastai.metrics import skm_to_fastai
+import torch
+from fastai.learner import AvgLoss, AvgSmoothLoss
+from fastai.metrics import AccumMetric, ActivationType
+from fastai.torch_core import find_bs
 from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+# fastai's Recorder and metrics copy every batch's loss, predictions and targets to the host
+# (``to_detach`` with ``cpu=True``): a copy to the host waits for the GPU to finish the step, so the
+# host can no longer queue the next step's kernels while the GPU works. The three classes below are
+# fastai's, accumulating on the device instead; their value is read once, at the end of the epoch.
+
+
+class DeviceAvgSmoothLoss(AvgSmoothLoss):
+    """fastai's ``AvgSmoothLoss`` (the training loss, exponentially smoothed) on the device. Its value
+    is a device tensor: the Recorder reads it as a number after the epoch (and ``lr_find`` after every
+    batch, which it needs to decide when to stop)."""
+
+    def accumulate(self, learn):
+        loss = learn.loss.detach()
+        if loss.ndim or loss.dtype != torch.float32:  # a loss with reduction "none", or in half precision
+            loss = loss.float().mean()
+        if self.val.device != loss.device:  # reset, or a resumed run's value: the first batch of a fit
+            self.val = self.val.to(loss.device)
+        self.count += 1
+        self.val = torch.lerp(loss, self.val, self.beta)
+
+
+class DeviceAvgLoss(AvgLoss):
+    """fastai's ``AvgLoss`` (the validation loss, averaged over images) summed on the device."""
+
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        self.total = learn.to_detach(learn.loss.detach().mean().float(), cpu=False) * bs + self.total
+        self.count += bs
+
+    @property
+    def value(self):
+        return self.total / self.count if self.count else None
+
+
+class DeviceAccumMetric(AccumMetric):
+    """fastai's ``AccumMetric`` (predictions and targets of the validation set, scored once at the
+    end) keeping them on the device until they are scored, then copied to the host in one piece."""
+
+    def accum_values(self, preds, targs, learn=None):
+        preds, targs = (learn.to_detach(t, cpu=False) if learn is not None else t.detach() for t in (preds, targs))
+        self.preds.append(preds)
+        self.targs.append(targs)
+
+    @property
+    def value(self):
+        if len(self.preds) == 0:
+            return None
+        preds, targs = torch.cat(self.preds).cpu().numpy(), torch.cat(self.targs).cpu().numpy()
+        return self.func(targs, preds, **self.kwargs)
 
 
 def f1_metric(average: str, thresh: float = 0.5):
-    """sklearn's F1 as a fastai metric. ``zero_division=0`` scores a class that is neither present
-    nor predicted as 0, as the HPA 2018 leaderboard did, and keeps sklearn from warning every epoch."""
-    return skm_to_fastai(f1_score, thresh=thresh, flatten=False, average=average, zero_division=0,
-                         name=f"f1_{average}")
+    """sklearn's F1 as a fastai metric (what ``skm_to_fastai(f1_score, thresh=...)`` makes, kept on the
+    device). ``zero_division=0`` scores a class that is neither present nor predicted as 0, as the HPA
+    2018 leaderboard did, and keeps sklearn from warning every epoch."""
+    return DeviceAccumMetric(f1_score, activation=ActivationType.Sigmoid, thresh=thresh, flatten=False,
+                             average=average, zero_division=0, name=f"f1_{average}")
 
 
 def binary_f1(preds: np.ndarray, targets: np.ndarray) -> np.ndarray:

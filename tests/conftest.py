@@ -161,3 +161,13 @@ def console_logging():
     from hpa_fastai.console import attach_logging
 
     attach_logging()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def user_cache_folder(tmp_path_factory):
+    """The user's cache folder (where start-up remembers what it checked of each data set) in the
+    session's temporary folder, for this process and the commands it starts: tests leave ~/.cache
+    alone."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+        yield

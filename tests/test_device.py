@@ -4,6 +4,8 @@ the DataLoader's worker processes across epochs."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 from types import SimpleNamespace
 
@@ -19,7 +21,7 @@ from hpa_fastai import load_predictor
 from hpa_fastai import modelfile
 from hpa_fastai.config import TrainConfig
 from hpa_fastai.data.layouts import read_items
-from hpa_fastai.data.pipeline import NonBlockingDL, make_dls
+from hpa_fastai.data.pipeline import NonBlockingDL, augmentations, close_workers, make_dls
 from hpa_fastai.data.vocab import class_names, vocab_for
 from hpa_fastai.errors import HPAError
 from hpa_fastai.inference.predictor import dihedral
@@ -293,10 +295,73 @@ def test_non_blocking_loader_gives_fastais_batches(make_z2g):
 
 @pytest.mark.slow
 def test_training_loader_workers_draw_a_new_order_every_epoch(make_z2g):
-    """fastai's DataLoader starts its worker processes afresh each epoch (``persistent_workers`` has
-    no effect on it). Workers kept alive would replay the index list they were forked with, the
-    first epoch's order, every epoch: so they are not kept."""
-    dl = dls_for(make_z2g(n=24, size=16), workers=2, bs=2, augment=False).train
-    orders = [[round(float(x.sum()), 3) for xb, _ in dl for x in xb] for _ in range(2)]  # each image's pixel sum
-    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == len(orders[0])
-    assert orders[0] != orders[1]
+    """The worker processes live across epochs (fastai's own loader starts them afresh each epoch,
+    handing them that epoch's index list); each epoch still gets its own order, drawn in the main
+    process, as without workers."""
+    dls = dls_for(make_z2g(n=24, size=16), workers=2, bs=2, augment=False)
+    dl = dls.train
+    try:
+        orders = [[round(float(x.sum()), 3) for xb, _ in dl for x in xb] for _ in range(2)]  # each image's pixel sum
+        assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == len(orders[0])
+        assert orders[0] != orders[1]
+        # the order the same loader gives without worker processes, from the same random state
+        dl.rng.setstate(rng := dl.rng.getstate())
+        with dl.fake_l.no_multiproc():
+            single = [round(float(x.sum()), 3) for xb, _ in dl for x in xb]
+        dl.rng.setstate(rng)
+        assert [round(float(x.sum()), 3) for xb, _ in dl for x in xb] == single
+    finally:
+        close_workers(dls)
+
+
+@pytest.mark.slow
+def test_training_and_validation_workers_are_started_once_per_run(make_z2g, tmp_path, monkeypatch):
+    """Each image is read by a worker process; over three epochs the same processes read them all."""
+    from hpa_fastai.data import pipeline
+
+    log, real = tmp_path / "readers.txt", pipeline.ReadImage.__call__
+
+    def read_and_log(self, key):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(self, key)
+
+    monkeypatch.setattr(pipeline.ReadImage, "__call__", read_and_log)
+    data = make_z2g(n=24, size=16)
+    run_dir = train(TrainConfig(data=str(data), out=str(tmp_path / "runs"), arch="cnn", epochs=3, bs=4,
+                                pretrained=False, lr="1e-3", seed=0, workers=2))
+    readers = [int(pid) for pid in log.read_text().split()]
+    workers = [pid for pid in readers if pid != os.getpid()]  # this process reads a sample while setting up
+    assert len(workers) >= 3 * 24  # each epoch's training and validation images
+    # 2 workers per loader (the one validation batch keeps one of them busy); started afresh each
+    # epoch they would be 3 processes an epoch, 9 over the 3 epochs
+    assert 2 <= len(set(workers)) <= 2 * 2, sorted(set(workers))
+    assert (run_dir / "model.safetensors").is_file()
+    assert not multiprocessing.active_children()  # the run ended its workers: a loop of runs keeps none
+
+
+@pytest.mark.parametrize("size", [None, 12])  # the run's size, and progressive resizing's smaller one
+def test_batch_augmentation_gives_fastais_pixels_from_the_same_draws(size):
+    """The augmentation that reads nothing back from the device resamples exactly as fastai's own
+    affine transform does (its lookup tables and its shrink-first rule reworked, not its draws)."""
+    from fastai.vision.augment import aug_transforms
+    from fasttransform import Pipeline
+
+    from hpa_fastai.data.pipeline import SyncFreeAffine, TensorRGBY
+
+    ours = augmentations(32)
+    fastais = aug_transforms(do_flip=True, flip_vert=True, max_rotate=10.0, max_zoom=1.0, max_lighting=0.1,
+                             max_warp=0.0, pad_mode="reflection", size=None)
+    assert isinstance(ours[0], SyncFreeAffine) and not isinstance(fastais[0], SyncFreeAffine)
+    for tfm in fastais:
+        tfm.split_idx = 0
+    ours[0].size = fastais[0].size = size
+    for seed in range(4):
+        x = TensorRGBY(torch.rand(8, 4, 32, 32))
+        out = []
+        for tfms in (ours, fastais):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            out.append(Pipeline(tfms, split_idx=0)(x.clone()))
+        assert torch.equal(*out) and type(out[0]) is TensorRGBY
+        assert out[0].shape[-1] == (size or 32)

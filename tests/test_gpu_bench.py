@@ -23,9 +23,15 @@ def test_gpu_bench_smoke_run_measures_every_part(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = json.loads(out.read_text())
     variants = [r["variant"] for r in got["training"]]
-    assert variants == ["fp32", "bf16", "bf16 + channels-last", "bf16 + channels-last + compile"]
+    assert variants == ["fp32", "bf16", "bf16 + channels-last", "bf16 + channels-last + compile",
+                        "bf16 + channels-last + compile, CUDA graphs"]
     for row in got["training"]:
         assert row["Learner images/s"] > 0 and row["plain AMP loop images/s"] > 0, row
+    # two epochs from the cache and the same steps on batches already on the device
+    assert [r["pass"].split(" (")[0] for r in got["epoch"]] == ["epoch 1 from the cache", "epoch 2 from the cache",
+                                                                "the same steps, batches on the device"], got["epoch"]
+    assert all(r["seconds"] > 0 for r in got["epoch"])
+    assert any("the Learner with compile / without" in n for n in got["notes"])
     sources = {(r["source"].split()[0], r["workers"]) for r in got["data"]}
     assert {("PNG", 0), ("preprocess", 0)} <= sources
     for row in got["data"]:
@@ -48,4 +54,4 @@ def test_gpu_bench_parts_measure_only_what_is_asked(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = json.loads(out.read_text())
     assert [r["variant"] for r in got["training"]] == ["fp32", "bf16", "bf16 + channels-last"]  # no compile row
-    assert got["data"] == [] and got["end_to_end"] == []
+    assert got["data"] == [] and got["epoch"] == [] and got["end_to_end"] == []

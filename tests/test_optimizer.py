@@ -36,8 +36,8 @@ def test_adamw_is_set_up_as_fastais_adam_without_decay_on_norm_and_bias(resnet):
     without_decay = ids(p for g in opt.opt.param_groups if g["weight_decay"] == 0 for p in g["params"])
     assert without_decay == ids(norm_bias_params(resnet.model, with_bias=True))  # fastai's wd_bn_bias=False
     assert ids(p for g in opt.param_lists for p in g) == ids(resnet.model.parameters())
-    # CPU: the multi-tensor kernels; CUDA would get the fused one
-    assert all(g["foreach"] and not g["fused"] for g in opt.opt.param_groups)
+    # the fused kernel on the CPU as on CUDA: its step count stays beside the weights, never read by the host
+    assert all(g["fused"] and not g["foreach"] for g in opt.opt.param_groups)
     # a weight decay set later (fit(wd=...)) reaches only the decaying groups
     opt.set_hyper("wd", 0.1)
     assert sorted(g["weight_decay"] for g in opt.opt.param_groups) == [0.0, 0.0, 0.1, 0.1]

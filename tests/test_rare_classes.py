@@ -183,9 +183,12 @@ def test_progressive_resizing_trains_small_then_full_and_exports_the_full_size(d
 
 @pytest.mark.slow
 @pytest.mark.learning
-@pytest.mark.parametrize("stop_after", [1, 2])  # inside the small phase, and at the switch to the full size
-def test_interrupted_oversampled_progressive_run_resumes_to_the_same_result(data, tmp_path, monkeypatch, stop_after):
-    reference = train(_cfg(data, tmp_path / "ref"))
+# inside the small phase, and at the switch to the full size with worker processes (kept from epoch to
+# epoch in the uninterrupted run, started anew by the resumed one)
+@pytest.mark.parametrize("stop_after, workers", [(1, 0), (2, 2)])
+def test_interrupted_oversampled_progressive_run_resumes_to_the_same_result(data, tmp_path, monkeypatch, stop_after,
+                                                                             workers):
+    reference = train(_cfg(data, tmp_path / "ref", workers=workers))
     from hpa_fastai.training import callbacks
 
     real_after_epoch = callbacks.StopOnSignal.after_epoch
@@ -197,7 +200,7 @@ def test_interrupted_oversampled_progressive_run_resumes_to_the_same_result(data
 
     monkeypatch.setattr(callbacks.StopOnSignal, "after_epoch", ctrl_c_after)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(data, tmp_path / "cut"))
+        train(_cfg(data, tmp_path / "cut", workers=workers))
     monkeypatch.setattr(callbacks.StopOnSignal, "after_epoch", real_after_epoch)
     (run_dir,) = [p for p in (tmp_path / "cut").iterdir() if p.is_dir()]
     assert read_json(run_dir / "status.json")["status"] == "interrupted"

@@ -133,7 +133,8 @@ def test_export_loads_in_fresh_process_without_training_data(z2g_data, tmp_path)
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's package, as run_cli uses
     assert res.returncode == 0, res.stderr
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("labels")][0]
     assert line.endswith(" 10") and "[]" not in line

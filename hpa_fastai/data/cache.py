@@ -162,10 +162,10 @@ def cached_items(items: pd.DataFrame, channels: str, size: int, cache=None) -> p
     up-to-date copy of every one of them; otherwise they are decoded as before, with a note.
     ``cache``: the ``--cache`` flag, as ``preprocess`` took it."""
     keys = items["key"].to_numpy(dtype=object).copy()
-    data_dirs = [Path(key).parent.parent for key in keys]  # keys are <data>/train/<file>
+    data_dirs = [os.path.dirname(os.path.dirname(key)) for key in keys]  # keys are <data>/train/<file>
     for data_dir in dict.fromkeys(data_dirs):
         rows = [i for i, d in enumerate(data_dirs) if d == data_dir]
-        paths = _cached_paths(data_dir, items["id"].iloc[rows], keys[rows], channels, size, cache)
+        paths = _cached_paths(Path(data_dir), items["id"].iloc[rows], keys[rows], channels, size, cache)
         if paths is not None:
             keys[rows] = [str(p) for p in paths]
     return items.assign(key=keys)

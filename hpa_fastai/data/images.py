@@ -321,5 +321,9 @@ def verify_images(df: pd.DataFrame, channels: str, deep: bool = False, workers: 
         except HPAError as e:
             return str(e)
 
+    keys = df["key"].tolist()
+    # in chunks: a thread pool's bookkeeping per task costs more than checking one image's header
+    chunks = [keys[i:i + 64] for i in range(0, len(keys), 64)]
     with ThreadPoolExecutor(workers) as pool:
-        return {key: msg for key, msg in zip(df["key"], pool.map(check, df["key"])) if msg}
+        messages = [msg for part in pool.map(lambda chunk: [check(key) for key in chunk], chunks) for msg in part]
+    return {key: msg for key, msg in zip(keys, messages) if msg}

@@ -198,17 +198,35 @@ def parse_labels(text: str, n_classes: int, where: str) -> list[int]:
     return sorted(set(labels))
 
 
-def item_key(folder: Path, image_id: str, fmt: Format) -> str:
+def item_key(folder: Path, image_id: str, fmt: Format, is_file=os.path.isfile) -> str:
+    """The key of image ``image_id`` in ``folder``; ``is_file(path)`` says whether a file exists."""
+    prefix = os.path.join(str(folder), image_id)
     if fmt.channel_files:
-        png = str(folder / f"{image_id}_{{channel}}.png")
-        if not os.path.isfile(png.replace("{channel}", "green")):
+        png = f"{prefix}_{{channel}}.png"
+        if not is_file(f"{prefix}_green.png"):
             # the Kaggle set is PNG, the HPAv18 external images are usually JPEG
             for ext in IMAGE_EXTS[1:]:
-                key = str(folder / f"{image_id}_{{channel}}{ext}")
-                if os.path.isfile(key.replace("{channel}", "green")):
-                    return key
+                if is_file(f"{prefix}_green{ext}"):
+                    return f"{prefix}_{{channel}}{ext}"
         return png
-    return str(folder / f"{image_id}.png")
+    return f"{prefix}.png"
+
+
+def _file_lookup(folder: Path):
+    """``is_file(path)`` for paths in ``folder``, from one listing of it (a folder of the full HPA
+    2018 set holds 124,288 files: one call of ``stat`` each took seconds of every start-up); falls
+    back to ``os.path.isfile`` where the folder cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            names = {entry.name for entry in entries if entry.is_file()}  # follows links, as isfile does
+    except OSError:
+        return os.path.isfile
+    prefix = os.path.join(str(folder), "")
+
+    def is_file(path: str) -> bool:
+        return path.startswith(prefix) and path[len(prefix):] in names
+
+    return is_file
 
 
 def key_files(key: str, channels=CHANNELS) -> list[str]:
@@ -279,6 +297,7 @@ def _checked_items(records, csv_path: Path, folder: Path, fmt: Format, labelled:
     n_classes = len(vocab_for(fmt.name))
     channel_names = CHANNEL_SETS[channels or fmt.default_channels]
     rows, bad, seen = [], [], {}
+    is_file = _file_lookup(folder)
     for line, fields, problem in itertools.chain([first], records):
         where = f"{csv_path}, line {line}"
         try:
@@ -288,11 +307,11 @@ def _checked_items(records, csv_path: Path, folder: Path, fmt: Format, labelled:
             if image_id in seen:
                 raise HPAError(f"{where}: duplicated id {image_id!r} (first at line {seen[image_id]})")
             seen[image_id] = line
-            row = {"id": image_id, "key": item_key(folder, image_id, fmt)}
+            row = {"id": image_id, "key": item_key(folder, image_id, fmt, is_file)}
             if labelled:
                 row["labels"] = " ".join(map(str, parse_labels(fields[label_at], n_classes, where)))
             for f in key_files(row["key"], channel_names):
-                if not os.path.isfile(f):
+                if not is_file(f):
                     raise HPAError(f"{where}: image file {f} not found")
             rows.append(row)
         except HPAError as e:

@@ -1,7 +1,8 @@
 """A training run's data, checked before any model is built: the resolved config, the items of
 ``--data`` and ``--extra-data`` (bad rows and unreadable images refused or, with ``--skip-bad``,
 dropped), their near-duplicate groups, the image size, the preprocessed cache where one exists,
-and the per-channel statistics."""
+and the per-channel statistics. What was checked and measured before, of files that have not changed
+since, is not checked again (``checked``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,9 @@ from ..config import MIN_SIZE, TrainConfig, validate
 from ..errors import HPAError
 from ..paths import resolve_data_dir
 from .cache import cached_items
+from .checked import remembered_stats, verify_remembered
 from .dedup import duplicate_groups
-from .images import channel_stats, native_size, verify_images
+from .images import native_size
 from .layouts import detect_format, read_items, with_extra_items
 from .pipeline import bound_workers, default_workers
 from .vocab import class_names, vocab_for
@@ -53,7 +55,7 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
                        "Zero-to-GANs RGB: use --channels rgb")
     items = read_items(data_dir, fmt, "train", skip_bad=cfg.skip_bad, channels=channels)
     items = with_extra_items(items, cfg.extra_data, fmt, channels, skip_bad=cfg.skip_bad)
-    bad = verify_images(items, channels, deep=cfg.skip_bad)
+    bad = verify_remembered(items, channels, deep=cfg.skip_bad)  # only images new or changed since the last run
     if bad:
         if not cfg.skip_bad:
             first = next(iter(bad.values()))
@@ -77,5 +79,5 @@ def load_training_set(cfg: TrainConfig, stats: tuple | None = None, cuda: bool =
     items = cached_items(items, channels, size, cfg.cache)  # `preprocess` copies, where they exist
     workers = bound_workers(cfg.workers, len(items), default_workers(cuda))
     resolved = dataclasses.replace(cfg, data=str(data_dir), channels=channels, size=size, workers=workers)
-    mean, std = stats or channel_stats(items["key"], channels, size, seed=cfg.seed)
+    mean, std = stats or remembered_stats(data_dir, items["key"], channels, size, seed=cfg.seed)
     return TrainingSet(resolved, data_dir, fmt.name, items, vocab_for(fmt.name), class_names(fmt.name), mean, std)

@@ -11,6 +11,7 @@ restart needs is ``Stateful``: it gives its state to the checkpoint and takes it
 from __future__ import annotations
 
 import math
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -116,6 +117,7 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
     gives once the best weights are back, so the run need not predict those images once more."""
 
     best_preds = None  # (probabilities, targets) of the best epoch trained in this process
+    run_train = False  # its after_batch collects validation predictions only
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -134,9 +136,10 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
         self._preds, self._targs = [], []
 
     def after_batch(self):
-        if not self.training and getattr(self, "_collecting", False):
-            self._preds.append(self.learn.to_detach(self.pred))
-            self._targs.append(self.learn.to_detach(self.y))
+        if not self.learn.training and getattr(self, "_collecting", False):
+            # kept on the device: a copy to the host per batch would wait for the GPU every batch
+            self._preds.append(self.learn.to_detach(self.pred, cpu=False))
+            self._targs.append(self.learn.to_detach(self.y, cpu=False))
 
     def after_validate(self):
         self._collecting = False
@@ -149,7 +152,7 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in bare_model(self.learn).state_dict().items()}
             self.best_epoch, self.on_disk = self.trained_epochs, False
             activation = getattr(self.loss_func, "activation", torch.sigmoid)
-            self.best_preds = (activation(torch.cat(self._preds)), torch.cat(self._targs))
+            self.best_preds = (activation(torch.cat(self._preds)).cpu(), torch.cat(self._targs).cpu())
 
     @property
     def best_is_current(self) -> bool:
@@ -223,15 +226,56 @@ class ProgressiveResize(Callback):
         self._augmentation().size = None
 
 
-class NaNGuard(TerminateOnNaNCallback):
-    """fastai's TerminateOnNaNCallback, remembering where the loss went bad so the run can say so."""
+class NaNGuard(Callback):
+    """Stops the fit at the first training batch whose loss is not finite, remembering where (``nan``),
+    as fastai's ``TerminateOnNaNCallback`` does, without making the host wait for the GPU.
 
+    fastai's callback turns every batch's loss into a Python bool: the host waits for the GPU to
+    finish the step before it can queue the next one. Here each loss is copied, without blocking,
+    to page-locked host memory, and looked at once the GPU has written it (a CUDA event says when:
+    usually a batch or two later, by when the weights have taken those steps on a bad loss; the run
+    stops without exporting them anyway). The end of the epoch waits for the last copies. On a CPU
+    the copy is there at once, and the batch that went bad is the one that stops."""
+
+    order = TerminateOnNaNCallback.order
     nan = None  # {"loss", "epoch", "batch"} of the first non-finite loss
 
+    run_valid = False  # the loss that trains the weights
+
+    def before_fit(self):
+        self.nan, self._pending, self._free = None, deque(), []
+
     def after_batch(self):
-        if not torch.isfinite(self.loss):
-            self.nan = {"loss": float(self.loss), "epoch": self.epoch, "batch": self.iter}
-        super().after_batch()
+        learn = self.learn
+        loss = getattr(learn, "loss", None)
+        if loss is None:
+            return
+        loss = loss.detach()
+        cuda = loss.device.type == "cuda"
+        host = self._free.pop() if self._free and self._free[-1].shape == loss.shape else \
+            torch.empty(loss.shape, dtype=torch.float32, pin_memory=cuda)
+        host.copy_(loss, non_blocking=True)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self._pending.append((host, done, learn.epoch, learn.iter))
+        self._check(wait=False)
+
+    def after_train(self):
+        self._check(wait=True)
+
+    def _check(self, wait: bool):
+        while self._pending and (wait or self._pending[0][1] is None or self._pending[0][1].query()):
+            host, done, epoch, batch = self._pending.popleft()
+            if done is not None and wait:
+                done.synchronize()  # the epoch's last copies (query() said the others were written)
+            value = host.item() if host.numel() == 1 else float(host.sum())  # reduction "none": any element
+            self._free.append(host)
+            if not math.isfinite(value):
+                self._pending.clear()
+                self.nan = {"loss": value, "epoch": epoch, "batch": batch}
+                raise CancelFitException()
 
 
 class StopOnSignal(Callback):

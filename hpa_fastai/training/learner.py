@@ -1,18 +1,22 @@
 """The one Learner factory, for ``run.py`` and the notebook door alike: the DataLoaders of a
 training set (rare classes oversampled unless turned off), the model from the registry, the loss
-from the loss registry, macro and samples F1, torch's AdamW under fastai's body/head parameter
-groups (``optimizer``), and what the device offers: mixed precision, channels-last, cuDNN's
-autotuner, ``torch.compile`` (``device``)."""
+from the loss registry, macro and samples F1 and the running losses (kept on the device: ``metrics``),
+torch's AdamW under fastai's body/head parameter groups (``optimizer``), and what the device offers:
+mixed precision, channels-last, cuDNN's autotuner, ``torch.compile`` (``device``)."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
-from fastai.learner import Learner
+from fastai import learner as fastai_learner
+from fastai.callback.core import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
+                                  CancelFitException, CancelStepException, CancelTrainException,
+                                  CancelValidException, _inner_loop)
 from fastai.torch_core import set_seed
+from fastcore.basics import noop
+from fastcore.xtras import modify_exception
 
 from .. import device as D
 from .. import metrics as M
@@ -25,7 +29,7 @@ from ..losses import loss_from
 from ..models import create_model, splitter
 from ..runs.folder import HISTORY
 from .history import RunHistory
-from .optimizer import adamw
+from .optimizer import adamw, last_hyper
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,126 @@ class LearnerSetup:
     pretrained: bool
     channels_last: bool = False
     compiled: bool = False
+
+
+# fastai's Callback.__call__ lets a cancelling exception through and words any other one this way
+_CANCELS = (CancelBatchException, CancelBackwardException, CancelEpochException, CancelFitException,
+            CancelStepException, CancelTrainException, CancelValidException)
+_INNER_LOOP = frozenset(_inner_loop)
+
+
+class Learner(fastai_learner.Learner):
+    """fastai's ``Learner``, with less host work per batch (on a GPU the step waits for it when the
+    model is fast; ``bench/train_step.py`` measures it). fastai sends each of a batch's nine events
+    to every callback (about fifteen in a run, 135 calls a batch, each looking the event up and
+    asking the Learner, through fastcore's attribute forwarding, whether it is training), re-sorting
+    the callbacks by order for every event; it moves every batch to the device again although the
+    loader already did, and ``CastToTensor`` then turns fastai's tensor types back into plain
+    tensors through fastcore's generic ``cast``.
+
+    Here each event goes, in fastai's order, only to the callbacks that handle it (worked out once
+    per set of callbacks), with ``Callback.__call__``'s rules (``run``, ``run_train``, ``run_valid``,
+    the wording of an error) applied in this one loop; a batch already on the model's device is only
+    made of plain tensors, in place of ``CastToTensor``; and the recorder is ``HostRecorder``.
+    Everything else is fastai's."""
+
+    _handlers: dict = {}
+    _handlers_of: tuple = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.remove_cbs(self.cbs.filter(lambda cb: isinstance(cb, fastai_learner.CastToTensor)))
+        recorder = self.recorder
+        self.remove_cb(recorder)
+        self.add_cb(HostRecorder(add_time=recorder.add_time, train_metrics=recorder.train_metrics,
+                                 valid_metrics=recorder.valid_metrics, beta=recorder.smooth_loss.beta))
+
+    def __getstate__(self):
+        # the callbacks of the last fit stay out of an export: they may hold a console or a thread
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_handlers", "_handlers_of")}
+
+    def __call__(self, event_name):
+        if isinstance(event_name, str):
+            self._call_one(event_name)
+        else:
+            for name in event_name:
+                self._call_one(name)
+
+    def _call_one(self, event_name):
+        cbs = tuple(self.cbs.items)
+        if cbs != self._handlers_of:  # callbacks added or removed (each fit adds its own)
+            self._handlers, self._handlers_of = {}, cbs
+        handlers = self._handlers.get(event_name)
+        if handlers is None:
+            if not hasattr(fastai_learner.event, event_name):
+                raise Exception(f"missing {event_name}")
+            # every callback sees after_fit: fastai's Callback resets its ``run`` flag there
+            handlers = self._handlers[event_name] = [
+                cb for cb in self.cbs.sorted("order")
+                if event_name == "after_fit" or hasattr(type(cb), event_name) or event_name in vars(cb)]
+        inner, training = event_name in _INNER_LOOP, getattr(self, "training", None)
+        for cb in handlers:
+            if type(cb).__call__ is not Callback.__call__:
+                cb(event_name)
+                continue
+            if cb.run and (not inner or (cb.run_train and (training is None or training))
+                           or (cb.run_valid and not training)):
+                try:
+                    getattr(cb, event_name, noop)()
+                except _CANCELS:
+                    raise
+                except Exception as e:
+                    raise modify_exception(e, f"Exception occured in `{cb.__class__.__name__}` when calling event "
+                                              f"`{event_name}`:\n\t{e.args[0]}", replace=True)
+            if event_name == "after_fit":
+                cb.run = True
+
+    def _set_device(self, b):
+        device = next(self.model.parameters()).device
+        if not all(t.device == device for t in b if isinstance(t, torch.Tensor)):
+            b = super()._set_device(b)
+        # as_subclass on a fastai tensor would first run fastai's Python-level dispatch for the call
+        with torch._C.DisableTorchFunctionSubclass():
+            return tuple(t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor
+                         else t for t in b)
+
+
+class HostRecorder(fastai_learner.Recorder):
+    """fastai's ``Recorder`` with its running losses on the device (``metrics.DeviceAvgSmoothLoss``,
+    ``DeviceAvgLoss``: read once an epoch) and a shorter path for a training batch: the same values
+    recorded, without rebuilding its list of metrics and computing the smoothed loss twice. The
+    smoothed loss of every batch (``losses``, what ``plot_loss`` draws) is copied to the host in one
+    piece when the epoch's training ends, or the fit."""
+
+    name = "recorder"  # learn.recorder, where fastai and its callbacks look for it
+
+    def __init__(self, *args, beta: float = 0.98, **kwargs):
+        super().__init__(*args, beta=beta, **kwargs)
+        self.loss, self.smooth_loss = M.DeviceAvgLoss(), M.DeviceAvgSmoothLoss(beta=beta)
+
+    def after_batch(self):
+        learn = self.learn
+        if not (learn.training and len(learn.yb)) or self.train_metrics or getattr(self, "cancel_train", False):
+            return super().after_batch()
+        self.smooth_loss.accumulate(learn)
+        self.lrs.append(last_hyper(learn.opt, "lr"))
+        value = self.smooth_loss.value
+        self.losses.append(value)
+        learn.smooth_loss = value
+
+    def after_train(self):
+        super().after_train()
+        self._losses_to_host()
+
+    def after_fit(self):
+        self._losses_to_host()  # a fit cancelled in an epoch's training (lr_find) skips after_train
+
+    def _losses_to_host(self):
+        first = len(self.losses)
+        while first and self.losses[first - 1].device.type != "cpu":
+            first -= 1
+        if first < len(self.losses):
+            self.losses[first:] = list(torch.stack(self.losses[first:]).cpu().unbind())
 
 
 def default_device() -> torch.device:
@@ -71,8 +195,8 @@ def create_learner(dls, ts: TrainingSet, cfg: TrainConfig, device: torch.device 
     device = device or default_device()
     set_seed(cfg.seed, reproducible=True)
     model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained, cfg.weights)
-    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on the GPU
-    learn = Learner(dls, model, loss_func=loss_from(cfg), opt_func=partial(adamw, fused=device.type == "cuda"),
+    model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on their device
+    learn = Learner(dls, model, loss_func=loss_from(cfg), opt_func=adamw,
                     metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
                     splitter=splitter, **learner_kwargs)
     precision = D.training_precision(cfg.precision, device)

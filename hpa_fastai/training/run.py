@@ -27,6 +27,7 @@ from .. import config as config_checks
 from .. import plots
 from ..atomic import write_csv, write_json
 from ..config import TrainConfig
+from ..data.pipeline import close_workers
 from ..data.training_set import TrainingSet, load_training_set
 from ..device import training_precision
 from ..errors import HPAError
@@ -40,7 +41,7 @@ from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, Sto
 from .history import RunHistory
 from .learner import default_device, run_learner
 from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
-from .schedule import auto_lr_find_iters, find_lr, learning_rate, phases
+from .schedule import auto_lr_find_iters, find_lr, fit_one_cycle, learning_rate, phases
 from .trackers import callback_list, check_trackers, tracker_callbacks, user_callbacks
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bo
     ``link_latest``: point ``cfg.out/latest`` at the run. Returns None on the processes other than the
     first of a distributed run."""
     t_start = time.time()
-    with _run_folder(cfg, run_name) as (ts, run_dir, resumed, device, own_cbs):
-        result = _train(ts, run_dir, resumed, device, [*cbs, *own_cbs], t_start)
+    with _run_folder(cfg, run_name) as (ts, run_dir, resumed, device, own_cbs), _closing_workers() as learners:
+        result = _train(ts, run_dir, resumed, device, [*cbs, *own_cbs], t_start, learners)
     if result is not None and link_latest:
         point_latest(run_dir)
     return result
@@ -156,7 +157,21 @@ def _run_folder(cfg: TrainConfig, run_name: str | None):
         yield ts, run_dir, resumed, device, own_cbs
 
 
-def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs: list, t_start: float):
+@contextlib.contextmanager
+def _closing_workers():
+    """A list for the Learners a run builds, whose DataLoader worker processes (kept from epoch to
+    epoch) end with the run, however it ends: a loop of runs (cross-validation, a search) would
+    otherwise keep every finished run's workers until garbage collection finds them."""
+    learners = []
+    try:
+        yield learners
+    finally:
+        for learn in learners:
+            close_workers(learn.dls)
+
+
+def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs: list, t_start: float,
+           learners: list):
     cfg = ts.cfg
     logger.info(f"{'resuming' if resumed else 'run folder'} {run_dir}")
     logger.info(f"data {ts.data_dir} ({ts.format}, {len(ts.items)} images, {cfg.channels}, {cfg.size}px)")
@@ -165,6 +180,7 @@ def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs:
     write_status(run_dir, "running", started=now())
     try:
         learn, setup = run_learner(ts, run_dir, device)
+        learners.append(learn)
         pretrained = resumed.config["pretrained_used"] if resumed else setup.pretrained
         logger.info(f"model {cfg.arch} ({'ImageNet weights' if pretrained else cfg.weights or 'random init'}), "
                     f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
@@ -259,7 +275,7 @@ class _Fit:
                     raise HPAError(f"{self.run_dir / CHECKPOINT}: {start_epoch} epochs done in phase {phase}, which "
                                    f"has {n_epochs}; start the run again")
                 logger.info(f"continuing phase {phase} after epoch {start_epoch} of {n_epochs}")
-            self.learn.fit_one_cycle(n_epochs, phase_lr, cbs=[run_phase, *self.cbs], start_epoch=start_epoch)
+            fit_one_cycle(self.learn, n_epochs, phase_lr, cbs=[run_phase, *self.cbs], start_epoch=start_epoch)
             if self.stopper.requested:
                 raise KeyboardInterrupt
             if self.nan.nan is not None:
@@ -362,5 +378,8 @@ def lr_find(cfg: TrainConfig) -> LrFindResult:
     run_dir = make_run_dir(ts.cfg.out, f"lr_find-{ts.cfg.arch}")
     learn, _ = run_learner(ts, run_dir)
     write_json(run_dir / CONFIG, ts.cfg.to_json())
-    suggestions = find_lr(learn, run_dir, ts.cfg.lr_find_iters or auto_lr_find_iters(learn))
+    try:
+        suggestions = find_lr(learn, run_dir, ts.cfg.lr_find_iters or auto_lr_find_iters(learn))
+    finally:
+        close_workers(learn.dls)
     return LrFindResult(run_dir, suggestions)

@@ -1,15 +1,17 @@
 """Training policies as small functions: fastai's learning-rate finder with its four suggestions,
-the learning rate a run uses, and the one-cycle phases of a run (for a pretrained model, a fit with
+the learning rate a run uses, the one-cycle phases of a run (for a pretrained model, a fit with
 the body frozen, then one of everything with discriminative learning rates: the two steps of
-fastai's ``fine_tune``, with this module's own rates and one-cycle defaults)."""
+fastai's ``fine_tune``, with this module's own rates and one-cycle defaults), and the one-cycle fit
+itself (fastai's, its schedules computed in plain numbers)."""
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
-from fastai.callback.schedule import minimum, slide, steep, valley
+from fastai.callback.schedule import ParamScheduler, minimum, slide, steep, valley
 
 from .. import plots
 from ..atomic import write_json
@@ -17,6 +19,7 @@ from ..config import TrainConfig
 from ..errors import HPAError
 from ..runs.folder import LR_FIND, LR_FIND_PLOT
 from . import distributed
+from .optimizer import last_hyper
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +88,46 @@ def learning_rate(cfg: TrainConfig, learn, run_dir: Path, saved_config: dict | N
                            if distributed.is_main() else None)
     logger.info(f"learning rate {lr:.3e} (lr_find valley)")
     return lr
+
+
+def combined_cos(pct: float, start, middle, end):
+    """fastai's ``combined_cos``: cosine annealing from ``start`` to ``middle`` over the first ``pct``
+    of training, then to ``end`` (each a number, or one per layer group). fastai's finds the segment
+    and the position in it with CPU tensor operations and ``.item()``, and anneals numpy arrays, for
+    every hyper-parameter before every batch: host time that a GPU step then waits for. These are
+    fastai's formulas (``sched_cos``) on plain Python numbers."""
+    many = np.ndim(start) > 0
+    start, middle, end = ([float(x) for x in np.atleast_1d(v)] for v in (start, middle, end))
+
+    def cos(a: list, b: list, pos: float):
+        w = (1 + math.cos(math.pi * (1 - pos))) / 2
+        return [x + w * (y - x) for x, y in zip(a, b)]
+
+    def schedule(pos: float):
+        values = cos(start, middle, pos / pct) if pos < pct else cos(middle, end, (pos - pct) / (1 - pct))
+        return values if many else values[0]
+
+    return schedule
+
+
+def fit_one_cycle(learn, n_epoch: int, lr_max, cbs=(), start_epoch: int = 0, div: float = 25.0,
+                  div_final: float = 1e5, pct_start: float = 0.25) -> None:
+    """fastai's ``Learner.fit_one_cycle`` (learning rate up from ``lr_max / div`` to ``lr_max`` over
+    the first ``pct_start`` of the fit, then down to ``lr_max / div_final``; momentum the other way),
+    with ``combined_cos`` above."""
+    if learn.opt is None:
+        learn.create_opt()
+    learn.opt.set_hyper("lr", lr_max)
+    lr_max = np.array([h["lr"] for h in learn.opt.hypers])
+    scheds = {"lr": combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final),
+              "mom": combined_cos(pct_start, *learn.moms)}
+    learn.fit(n_epoch, cbs=[HostParamScheduler(scheds), *cbs], start_epoch=start_epoch)
+
+
+class HostParamScheduler(ParamScheduler):
+    """fastai's ``ParamScheduler``, recording the values it set from one reading of the optimizer's
+    hyper-parameters per batch (fastai's reads them once per scheduled parameter)."""
+
+    def after_batch(self):
+        for name in self.scheds:
+            self.hps[name].append(last_hyper(self.learn.opt, name))
