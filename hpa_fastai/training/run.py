@@ -31,6 +31,7 @@ from ..data.training_set import TrainingSet, load_training_set
 from ..device import training_precision
 from ..errors import HPAError
 from ..evaluation import predictions_table, score, write_per_class
+from ..losses import set_thresholds
 from ..modelfile import export_learner, model_meta
 from ..models import check_arch, min_size, size_problem
 from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, TENSORBOARD, VALID_PREDICTIONS, make_run_dir, now,
@@ -268,6 +269,7 @@ def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, precisi
             valid_preds = learn.get_preds(dl=learn.dls.valid)
     metrics, thresholds = _score_best_epoch(ts, learn.dls.valid.items, valid_preds, history, run_dir, pretrained,
                                             t_start)
+    set_thresholds(learn.loss_func, thresholds)  # learn.predict and export.pkl decode as predict does
     export_learner(learn, model_meta(ts, thresholds, precision), run_dir)
     status = "stopped early" if metrics["stopped_early"] else "finished"
     write_status(run_dir, status, finished=now(), seconds=round(time.time() - t_start, 1))
