@@ -97,8 +97,7 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", **kwargs) -> Learne
     options = {k: kwargs.pop(k) for k in LEARNER_OPTIONS if k in kwargs}
     if options.get("weights") is not None:
         options["weights"] = str(options["weights"])
-    cfg = dataclasses.replace(ts.cfg, arch=arch, **options)
-    validate(cfg)
+    cfg = validate(dataclasses.replace(ts.cfg, arch=arch, **options))
     kwargs.setdefault("path", Path("."))
     device = dls.device if dls.device is not None else default_device()
     learn, setup = create_learner(dls, ts, cfg, device, **kwargs)

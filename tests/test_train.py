@@ -203,7 +203,7 @@ def test_same_seed_gives_same_split_and_metrics(z2g_data, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--arch", "resnet1000"], "unknown architecture"),
-    (["--arch", "timm:no_such_model"], "unknown timm model"),
+    (["--arch", "timm:no_such_model"], "unknown architecture 'timm:no_such_model'"),
     (["--epochs", "-3"], "--epochs"),
     (["--size", "abc"], "--size"),
     (["--size", "0"], "--size"),

@@ -46,15 +46,19 @@ from .schedule import auto_lr_find_iters, find_lr, learning_rate, phases
 logger = logging.getLogger(__name__)
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig) -> TrainConfig:
     """The config's own constraints, then what the environment must offer: a known architecture,
-    the ``--weights`` file, the TensorBoard package for ``--log tensorboard``, a GPU for fp16."""
+    the ``--weights`` file, the TensorBoard package for ``--log tensorboard``, a GPU for fp16.
+    Returns ``cfg`` with the architecture under its registry name (a bare timm name gets ``timm:``)."""
     config_checks.validate(cfg)
     training_precision(cfg.precision, default_device())
     try:
-        check_arch(cfg.arch)
+        arch = check_arch(cfg.arch)
     except ValueError as e:
         raise HPAError(f"--arch: {e}") from None
+    if arch != cfg.arch:
+        logger.info(f"--arch {cfg.arch}: the timm model {arch}")
+        cfg = dataclasses.replace(cfg, arch=arch)
     for flag, size in (("--size", cfg.size), ("--progressive-size", cfg.progressive_size)):
         if size is not None and (problem := size_problem(cfg.arch, size)):
             raise HPAError(f"{flag} {size} {problem}: pass a larger {flag}, or another --arch")
@@ -66,11 +70,12 @@ def validate(cfg: TrainConfig) -> None:
         except ImportError:
             raise HPAError("--log tensorboard needs the tensorboard package: "
                            "pip install 'hpa_fastai[tensorboard]'") from None
+    return cfg
 
 
 def prepare(cfg: TrainConfig, stats: tuple | None = None) -> TrainingSet:
     """Check the flags and the data before any model is built (see ``load_training_set``)."""
-    validate(cfg)
+    cfg = validate(cfg)
     ts = load_training_set(cfg, stats, cuda=default_device().type == "cuda")
     size = ts.cfg.size
     if cfg.size is None and (problem := size_problem(cfg.arch, size)):  # the images' own size
@@ -128,7 +133,7 @@ def _run_folder(cfg: TrainConfig, run_name: str | None):
             stack.enter_context(run_lock(run_dir))  # before anything is read: it may be training elsewhere
             saved = read_resume_config(run_dir)
             run_cfg = dataclasses.replace(TrainConfig.from_dict(saved), resume=None)
-            validate(run_cfg)  # what it trains with is checked as flags are, then what else it takes
+            run_cfg = validate(run_cfg)  # what it trains with is checked as flags are, then what else it takes
             check_resumed_values(saved, run_dir / CONFIG)
             resumed = Resumed(saved, read_checkpoint(run_dir))
             stats = (saved["mean"], saved["std"]) if "mean" in saved and "std" in saved else None
