@@ -53,12 +53,12 @@ def finite_at_least(low):
 
 
 def learning_rate(v):
-    if v == "auto":
+    if v in ("auto", "valley"):
         return None
     try:
         lr = float(v)
     except ValueError:
-        return f"must be a number or 'auto' (got {v!r})"
+        return f"must be a number, 'auto' or 'valley' (got {v!r:.40})"
     return None if lr > 0 and math.isfinite(lr) else f"must be positive (got {v})"
 
 

@@ -59,7 +59,7 @@ def test_cli_run_writes_every_artifact_and_clean_log(z2g_data, tmp_path):
     assert len(epoch_lines) == 2 and "f1_macro" in epoch_lines[0]
     cfg = read_json(run_dir / "config.json")
     assert math.isfinite(cfg["lr_used"]) and cfg["lr_used"] > 0
-    assert read_json(run_dir / "lr_find.json")["suggestions"]["valley"] == pytest.approx(cfg["lr_used"])
+    assert read_json(run_dir / "lr_find.json")["suggestions"]["auto"] == pytest.approx(cfg["lr_used"])
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     metrics = read_json(run_dir / "metrics.json")

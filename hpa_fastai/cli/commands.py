@@ -2,6 +2,7 @@
 imported inside each command, so that ``run.py runs`` or ``--help`` never pay for torch."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -73,8 +74,9 @@ def lr_find(cfg: TrainConfig) -> Path:
     from ..training import lr_find as find
 
     result = find(cfg)
-    console.print(table("lr_find suggestions", pd.DataFrame(
-        {"method": list(result.suggestions), "lr": [f"{v:.3e}" for v in result.suggestions.values()]})))
+    console.print(table("lr_find suggestions (--lr auto takes auto; --lr valley fastai's valley)", pd.DataFrame(
+        {"method": list(result.suggestions),
+         "lr": [f"{v:.3e}" if math.isfinite(v) else "none found" for v in result.suggestions.values()]})))
     log(f"plot: {result.run_dir / LR_FIND_PLOT}")
     return result.run_dir
 
