@@ -136,6 +136,8 @@ class TrainConfig:
     keep_checkpoint: bool = opt(False, "keep checkpoint.pth and best.pth once the run has finished and exported "
                                        "(failed, stopped and interrupted runs always keep them for --resume)")
     log: str = opt("none", "extra logger", choices=["none", "tensorboard"])
+    per_class: bool = opt(False, "also print the per-class table (threshold, precision, recall, F1, support) when the "
+                                 "run ends; report.html and per_class.csv always hold it")
     resume: str | None = opt(None, "continue the interrupted run in this folder from its last complete epoch "
                                    "(its saved config is used; other flags are ignored)")
 

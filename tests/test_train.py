@@ -133,7 +133,10 @@ def test_export_loads_in_fresh_process_without_training_data(z2g_data, tmp_path)
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    # this checkout's package, whichever one the interpreter has installed
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env=env)
     assert res.returncode == 0, res.stderr
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("labels")][0]
     assert line.endswith(" 10") and "[]" not in line

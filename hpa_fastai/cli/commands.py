@@ -21,17 +21,19 @@ def train(cfg: TrainConfig) -> Path | None:
     result = train_run(cfg, cbs=[EpochProgress()])
     if result is None:  # a process other than the first of a distributed run
         return None
-    return show_run(result)
+    return show_run(result, cfg.per_class)
 
 
-def show_run(result) -> Path:
-    """What the console shows after a run, and the report it writes: the per-class table, report.html
-    (and the TensorBoard summary), the scores. Returns the run folder."""
-    _show_per_class(f"validation, per class (tuned thresholds; {result.metrics['valid_images']} images)",
-                    result.metrics["per_class"])
+def show_run(result, per_class: bool = False) -> Path:
+    """What the console shows after a run, and the report it writes: report.html (and the TensorBoard
+    summary), the scores, with ``per_class`` the per-class table. Returns the run folder."""
+    if per_class:
+        _show_per_class(f"validation, per class (tuned thresholds; {result.metrics['valid_images']} images)",
+                        result.metrics["per_class"])
     _report(result.run_dir, result.metrics)
     _show_run_summary(result)
-    log(f"artifacts in {result.run_dir} (exported model: export.pkl, model.safetensors + model.json)")
+    log(f"artifacts in {result.run_dir} (exported model: export.pkl, model.safetensors + model.json; per class: "
+        f"report.html, per_class.csv{'' if per_class else ', or --per-class on the console'})")
     return result.run_dir
 
 
@@ -119,6 +121,10 @@ def _log_precision(precision: str, requested: str) -> None:
         log(f"predicting in {precision} mixed precision, as the model trained (--precision fp32 for full precision)")
 
 
+PREDICTIONS_SHOWN_ALL = 20  # a folder of up to this many images is shown whole; a larger one, its first rows
+PREDICTIONS_SHOWN = 10
+
+
 def predict(cfg: PredictConfig) -> Path:
     from ..inference.loading import load_predictors
     from ..inference.predictor import Ensemble
@@ -148,8 +154,10 @@ def predict(cfg: PredictConfig) -> Path:
         log(f"wrote {written.out}: {len(written.table)} rows, {fmt.name} submission "
             f"({fmt.id_col},{fmt.submission_label_col})")
     else:
-        if len(written.table) <= 20:
-            console.print(table("predictions", written.table))
+        shown = written.table if len(written.table) <= PREDICTIONS_SHOWN_ALL else written.table.head(PREDICTIONS_SHOWN)
+        title = "predictions" if len(shown) == len(written.table) else \
+            f"predictions, the first {len(shown)} of {len(written.table)} images (all of them in {written.out})"
+        console.print(table(title, shown))
         log(f"wrote {written.out}: {len(written.table)} images")
     return written.out
 
