@@ -261,6 +261,7 @@ class RunsConfig:
     dir: str = opt("runs", "folder of run folders", positional=True, nargs="?")
     sort: str = opt("date", "column to sort by",
                     choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "f1_oos", "time", "status", "disk"])
+    folds: bool = opt(False, "also list each cross-validation's fold runs under its row")
     csv: str | None = opt(None, "also write the table to this CSV file")
 
 

@@ -65,13 +65,14 @@ def table(title: str, df: pd.DataFrame, floats: str = "{:.4f}") -> Table:
         key = {"no_wrap": True, "min_width": min(60, max([len(plain(v)) for v in df[col]] + [1]))} if i == 0 else {}
         t.add_column(escape(plain(col)), justify="right" if df[col].dtype.kind in "iuf" else "left", **key)
     for row in df.itertuples(index=False):
-        t.add_row(*[Text(plain(floats.format(v) if isinstance(v, float) else v)) for v in row])
+        t.add_row(*[Text(plain((floats.format(v) if math.isfinite(v) else "-") if isinstance(v, float) else v))
+                    for v in row])
     return t
 
 
 def fmt(v, spec: str = ".4f") -> str:
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else format(v, spec)
+        return "-" if math.isnan(v) else format(v, spec)
     return str(v)
 
 

@@ -84,6 +84,7 @@ def lr_find(cfg: TrainConfig) -> Path:
 
 
 def cv(cfg: TrainConfig) -> Path:
+    from ..reporting import write_report
     from ..runs.folder import LATEST
     from ..training import cross_validate
     from .epochs import EpochProgress
@@ -91,25 +92,31 @@ def cv(cfg: TrainConfig) -> Path:
     result = cross_validate(cfg, cbs=[EpochProgress()])
     for fold in result.trained:
         _report(fold.run_dir, fold.metrics)
-    _show_cv(result.summary)
+    _show_cv(result.summary, cfg.per_class)
+    log(f"report {write_report(result.cv_dir)}")
     log(f"out-of-fold predictions and scores in {result.cv_dir}; {result.cv_dir.parent / LATEST} now points at it")
     log(f"predict with the {result.summary['n_folds']}-model ensemble: python run.py predict --learner {result.cv_dir}")
     return result.cv_dir
 
 
-def _show_cv(result: dict) -> None:
+def _show_cv(result: dict, per_class: bool = False) -> None:
+    oof = result["oof"]
+    if per_class and oof.get("per_class"):
+        _show_per_class(f"out-of-fold, per class (thresholds tuned on all folds; {oof['images']} images)",
+                        oof["per_class"])
     at = "threshold 0.5" if result["threshold"] == 0.5 else f"threshold {result['threshold']}"
+    nan = float("nan")
     rows = [{"": f["run"], "images": f["images"], f"macro F1, {at}": f["f1_macro"],
-             "macro F1, tuned": f["f1_macro_tuned"]} for f in result["folds"]]
+             "tuned, in-sample": f["f1_macro_tuned"], "tuned, split-half": nan} for f in result["folds"]]
     fold_scores = pd.DataFrame(rows)
     rows.append({"": "mean of folds", "images": int(fold_scores["images"].sum()),
                  f"macro F1, {at}": float(fold_scores[f"macro F1, {at}"].mean()),
-                 "macro F1, tuned": float(fold_scores["macro F1, tuned"].mean())})
-    oof = result["oof"]
+                 "tuned, in-sample": float(fold_scores["tuned, in-sample"].mean()), "tuned, split-half": nan})
     rows.append({"": "out-of-fold", "images": oof["images"], f"macro F1, {at}": oof["f1_macro"],
-                 "macro F1, tuned": oof["f1_macro_tuned"]})
-    console.print(table(f"{result['n_folds']}-fold cross-validation (tuned: per-class thresholds "
-                        "from all out-of-fold predictions)", pd.DataFrame(rows)))
+                 "tuned, in-sample": oof["f1_macro_tuned"], "tuned, split-half": oof.get("f1_macro_tuned_oos", nan)})
+    console.print(table(f"{result['n_folds']}-fold cross-validation, macro F1 (tuned: per-class thresholds from the "
+                        "out-of-fold predictions of all folds; split-half: tuned on one half of them, scored on the "
+                        "other, both ways: the score to quote)", pd.DataFrame(rows)))
 
 
 def _tta(cfg) -> str | None:
@@ -236,7 +243,7 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
     from ..runs.table import NUMERIC, collect_runs, display_frame
 
     folder = Path(cfg.dir)
-    df = collect_runs(folder, cfg.sort)
+    df = collect_runs(folder, cfg.sort, cfg.folds)
     if cfg.csv is not None:
         check_output(cfg.csv, "--csv", run_dirs=df["path"])
     if df.empty:
@@ -250,7 +257,9 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
     thresholds = sorted(set(df["threshold"].dropna()))
     t.caption = (f"macro F1 on the validation images at threshold {', '.join(f'{x:g}' for x in thresholds) or '0.5'}"
                  " and with per-class tuned thresholds: tuned on the same images (in-sample, optimistic) and"
-                 " split-half (tuned on one half, scored on the other, both ways: out-of-sample)")
+                 " split-half (tuned on one half, scored on the other, both ways: out-of-sample); a row with folds"
+                 " is a cross-validation, scored on the out-of-fold predictions of all its folds"
+                 + ("" if cfg.folds or not df["folds"].notna().any() else " (--folds lists them)"))
     console.print(t)
     if cfg.csv is not None:
         write_csv(cfg.csv, for_spreadsheet(df))  # values from run files, for a spreadsheet
@@ -261,10 +270,10 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
 def report(cfg: ReportConfig) -> Path:
     from ..outputs import check_output
     from ..reporting import write_comparison, write_report
-    from ..runs.files import check_run_dir
+    from ..runs.files import check_report_dir
     from ..runs.folder import REPORT
 
-    runs = [check_run_dir(r) for r in cfg.runs]
+    runs = [check_report_dir(r) for r in cfg.runs]
     if len(runs) == 1:  # a run's report.html is this command's own output; the rest of the folder is not
         out = None if cfg.out is None else check_output(cfg.out, "--out", run_dirs=runs, own={REPORT})
         path = write_report(runs[0], out)
