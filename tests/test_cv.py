@@ -246,3 +246,11 @@ def test_a_killed_cross_validation_is_listed_as_interrupted(cv_run, tmp_path):
     assert row["status"] == "interrupted" and row["folds"] == N_FOLDS and pd.isna(row["f1_oos"])
     page = write_report(copy).read_text()
     assert "interrupted" in page and f"python run.py cv --resume {copy}" in page
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_cv_folder_on_its_own_data_warns_that_it_trained_on_every_image(cv_run, tmp_path, capsys):
+    data, parent = cv_run
+    code, out, err = cli_in_process(capsys, "evaluate", "--learner", parent, "--data", data, "--out", tmp_path / "e")
+    assert code == 0, err
+    assert f"warning: {data} is training data of {parent}: the model trained on 36 of its 36 images" in out
