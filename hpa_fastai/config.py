@@ -241,6 +241,9 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every network "
                                  "it is on", host_name)
     port: int = opt(7860, "port to listen on", in_range(1, 65535))
+    examples: str | None = opt(None, "folder of images the page offers as examples to click (for an RGBY model, "
+                                     "{id}_{red,green,blue,yellow} files); default: the bundled sample's test images, "
+                                     "for a model of Zero-to-GANs RGB images")
 
 
 @dataclass

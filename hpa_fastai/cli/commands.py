@@ -187,7 +187,7 @@ def explain(cfg: ExplainConfig) -> Path:
 def serve(cfg: ServeConfig) -> None:
     from ..serve.app import serve as serve_app
 
-    serve_app(cfg.learner, cfg.host, cfg.port)
+    serve_app(cfg.learner, cfg.host, cfg.port, cfg.examples)
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
