@@ -65,15 +65,12 @@ def check_report_dir(path) -> Path:
     """``path`` as what ``report`` takes: a training run's folder (see ``check_run_dir``) or a
     cross-validation's, with a readable config.json; an HPAError naming it otherwise."""
     path = Path(path)
-    if path.is_dir() and not is_run_dir(path) and is_cv_dir(path):
+    if path.is_dir() and not is_run_dir(path):
+        if not is_cv_dir(path):
+            raise HPAError(f"{path}: not a run folder or a cross-validation folder (no {STATUS} or {CV})")
         read_config(path)
         return path
-    try:
-        return check_run_dir(path)
-    except HPAError as e:
-        if path.is_dir():
-            raise HPAError(f"{path}: not a run folder or a cross-validation folder (no {STATUS} or {CV})") from None
-        raise e from None
+    return check_run_dir(path)
 
 
 def read_cv_summary(cv_dir) -> dict:

@@ -442,6 +442,8 @@ def serve(learner, host: str = "127.0.0.1", port: int = 7860, examples=None) -> 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a local tool
     if importlib.util.find_spec("gradio") is None:
         raise HPAError(f"run.py serve needs gradio: {INSTALL}")
+    if examples is not None and not Path(examples).is_dir():
+        raise HPAError(f"--examples {examples}: not a folder of images")
     from ..inference.loading import load_predictor
     from ..inference.predictor import Ensemble
 
@@ -451,8 +453,6 @@ def serve(learner, host: str = "127.0.0.1", port: int = 7860, examples=None) -> 
                        f"{pred.members[0].source}")
     # gradio is first imported here: some of its modules read GRADIO_TEMP_DIR on import. The signal
     # handlers are restored before the folder is removed, so a second SIGTERM cannot cut that short.
-    if examples is not None and not Path(examples).is_dir():
-        raise HPAError(f"--examples {examples}: not a folder of images")
     examples = Path(examples) if examples is not None else default_examples(pred)
     with TempFolder(MAX_HELD_BYTES, MAX_HELD_FILES) as folder, stopped_by_signals(), gradio_temp_dir(folder.path):
         app = build_app(pred, folder, examples=examples)
