@@ -39,11 +39,15 @@ def test_auto_takes_a_tenth_of_the_smoothed_minimum():
     assert 3e-4 <= choice.lr <= 3e-3
 
 
-def test_auto_falls_back_on_a_flat_curve_and_on_too_few_points():
+def test_auto_falls_back_on_a_flat_curve_and_on_too_few_points_or_iterations():
     flat = auto_lr(LRS, 0.7 + np.random.default_rng(1).normal(0, 0.002, len(LRS)))
     assert flat.lr == FALLBACK_LR and "flat" in flat.problem
     few = auto_lr(LRS[:5], [0.7, 0.6, 0.5, 0.4, 0.3])
     assert few.lr == FALLBACK_LR and "5 usable point(s)" in few.problem
+    falling = np.linspace(1.0, 0.5, 20)
+    short = auto_lr(LRS[:20], falling, iters=20)  # the bundled sample's 4 batches give lr_find 20 iterations
+    assert short.lr == FALLBACK_LR and "ran 20 iterations" in short.problem
+    assert auto_lr(LRS[:20], falling, iters=60).problem is None
 
 
 def test_auto_reads_the_curve_only_up_to_the_first_loss_that_is_not_finite():
@@ -85,7 +89,8 @@ def test_lr_find_plots_the_whole_range_and_writes_strict_json(tmp_path, capsys, 
 def test_a_flat_lr_find_warns_and_names_the_plot(tmp_path, capsys, monkeypatch):
     from hpa_fastai.training.schedule import LrChoice
 
-    monkeypatch.setattr(schedule, "auto_lr", lambda lrs, losses: LrChoice(FALLBACK_LR, "fallback", "the curve is flat"))
+    monkeypatch.setattr(schedule, "auto_lr",
+                        lambda lrs, losses, iters: LrChoice(FALLBACK_LR, "fallback", "the curve is flat"))
     data = make_dataset(tmp_path / "z2g", "z2g", n_train=24, n_test=0, size=16, seed=0, easy=True)
     code, out, err = cli_in_process(capsys, "--data", data, "--arch", "cnn", "--no-pretrained", "--bs", "8",
                                     "--epochs", "1", "--lr-find-iters", "8", "--out", tmp_path / "runs")

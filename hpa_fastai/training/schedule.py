@@ -29,6 +29,10 @@ SUGGESTIONS = {"valley": valley, "slide": slide, "minimum": minimum, "steep": st
 # default rate for fit_one_cycle, which trained every synthetic set of bench/quality.py
 FALLBACK_LR = 1e-3
 MIN_POINTS = 8  # fewer finite points than this are too few to read a curve from
+# Fewer lr_find iterations than this (a data set of fewer than 10 batches: the bundled sample has 4)
+# make a curve too noisy to read: bench/quality.py measured min/10 of such curves choosing 1e-2 or
+# 6e-4 by chance, and 1e-3 training better on both sample-sized sets
+MIN_ITERS = 50
 # the smoothed loss must fall by this share of its starting value before its minimum means anything:
 # a flat curve's minimum is noise
 MIN_DROP = 0.03
@@ -67,11 +71,14 @@ def smoothing_window(n_points: int) -> int:
     return max(3, n_points // 10) | 1
 
 
-def auto_lr(lrs, raw_losses) -> LrChoice:
+def auto_lr(lrs, raw_losses, iters: int | None = None) -> LrChoice:
     """``--lr auto``: a tenth of the learning rate at the minimum of the loss, smoothed over a tenth
     of the points (the rule fastai's ``minimum`` suggestion states, on a curve that does not lag);
-    ``FALLBACK_LR`` when the curve has fewer than ``MIN_POINTS`` finite points or its smoothed loss
-    never falls by ``MIN_DROP`` of where it started."""
+    ``FALLBACK_LR`` when lr_find ran fewer than ``MIN_ITERS`` iterations, the curve has fewer than
+    ``MIN_POINTS`` finite points or its smoothed loss never falls by ``MIN_DROP`` of where it started."""
+    if iters is not None and iters < MIN_ITERS:
+        return LrChoice(FALLBACK_LR, "fallback", f"lr_find ran {iters} iterations (a small data set), fewer than "
+                                                 f"the {MIN_ITERS} its curve needs to be read")
     lrs, losses = np.asarray(lrs, float), np.asarray(raw_losses, float)
     n = min(len(lrs), len(losses))
     finite = np.isfinite(losses[:n])
@@ -112,7 +119,7 @@ def find_lr(learn, run_dir: Path, iters: int) -> dict:
             suggestions[name] = float(func(t_lrs, t_losses, iters)[0])
         except (IndexError, RuntimeError, ValueError):
             suggestions[name] = float("nan")
-    choice = auto_lr(lrs, raw_losses)
+    choice = auto_lr(lrs, raw_losses, iters)
     suggestions["auto"] = choice.lr
     # the whole range tried: every batch's loss, and the curve the auto rule read (up to the first
     # loss that is not finite)
@@ -130,7 +137,8 @@ def find_lr(learn, run_dir: Path, iters: int) -> dict:
     logger.info("lr_find suggestions: " + ", ".join(found)
                 + (f" ({', '.join(missing)}: none found on {len(lrs)} points)" if missing else ""))
     if choice.problem:
-        logger.warning(f"--lr auto: {choice.problem}; using {FALLBACK_LR:g} (see {plot}, or pass --lr)")
+        logger.warning(f"--lr auto: {choice.problem}; using {FALLBACK_LR:g} (see {plot}, or pass --lr, or "
+                       f"--lr-find-iters)")
     return suggestions
 
 
