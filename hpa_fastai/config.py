@@ -89,7 +89,9 @@ class TrainConfig:
     epochs: int = opt(10, "training epochs (after the frozen epochs of a pretrained model)", at_least(1))
     size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256", size_check())
     bs: int = opt(32, "batch size", at_least(1))
-    lr: str = opt("auto", "learning rate: a number, or 'auto' for lr_find's valley suggestion", learning_rate)
+    lr: str = opt("auto", "learning rate: a number; 'auto': a tenth of where lr_find's smoothed loss is lowest "
+                          "(1e-3 when lr_find ran fewer than 50 iterations or its curve is flat); 'valley': "
+                          "fastai's valley suggestion", learning_rate)
     lr_find_iters: int | None = opt(None, "iterations of the learning-rate finder; default: 100, fewer on a tiny "
                                           "data set", at_least(1))
     seed: int = opt(42, "random seed: split, initialisation, augmentation order", SEED)
@@ -120,8 +122,11 @@ class TrainConfig:
     n_folds: int = opt(0, "multi-label stratified K-fold split: number of folds (0 = random split)", fold_count)
     fold: int = opt(0, "which fold is the validation set when --n-folds is set")
     patience: int = opt(5, "early stopping: epochs without improvement of --monitor", at_least(1))
-    monitor: str = opt("f1_macro", "metric for early stopping and best-epoch selection",
-                       choices=["f1_macro", "f1_samples", "valid_loss"])
+    # the validation loss: F1 at one fixed threshold can fall to 0 while the model learns (its
+    # probabilities drop below 0.5 before they separate), which exported untrained first epochs;
+    # bench/quality.py --study defaults measured the choice (README, "Defaults, measured")
+    monitor: str = opt("valid_loss", "metric for early stopping and best-epoch selection",
+                       choices=["valid_loss", "f1_macro", "f1_samples"])
     threshold: float = opt(0.5, "probability threshold of the F1 metrics during training", strictly_between(0, 1))
     precision: str = opt("auto", "auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU; bf16 also "
                                  "runs on CPU, fp16 only on CUDA", choices=["auto", "fp32", "fp16", "bf16"])

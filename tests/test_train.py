@@ -254,3 +254,22 @@ def test_the_training_door_runs_twice_in_one_process_quietly_with_an_extra_callb
         assert watch.scores == list(result.history["f1_macro"]) and len(watch.scores) == 2
         assert result.metrics["epochs_run"] == 2 and len(result.thresholds) == 10
     assert results[0].run_dir != results[1].run_dir
+
+
+def test_the_default_monitor_is_the_validation_loss():
+    assert TrainConfig().monitor == "valid_loss" and TrainConfig().lr == "auto"
+
+
+@pytest.mark.slow
+def test_the_default_run_exports_the_epoch_of_the_lowest_validation_loss(z2g_data, tmp_path):
+    """The defaults never export an epoch whose validation loss is above the first epoch's: while a
+    small model learns, its probabilities fall below 0.5 before they separate, so F1 at 0.5 can be
+    best in the first epoch, which the old default (--monitor f1_macro) exported."""
+    cfg = TrainConfig(data=str(z2g_data), out=str(tmp_path), arch="cnn", epochs=4, bs=8, pretrained=False,
+                      lr="2e-3", valid_pct=0.5, seed=0)
+    run_dir = train(cfg)
+    history = pd.read_csv(run_dir / "history.csv")
+    best = read_json(run_dir / "metrics.json")["best_epoch"]
+    assert read_json(run_dir / "metrics.json")["monitor"] == "valid_loss"
+    assert best == int(history["epoch"][history["valid_loss"].idxmin()])
+    assert history["valid_loss"][best - 1] <= history["valid_loss"][0]
