@@ -218,16 +218,15 @@ DEFAULTS_CASES = {
     "sample-balanced-weak": (BALANCED, 160, 32, 0.6, 10, 500),
     "steep-600": (STEEP, 600, 32, 1.0, 8, 500),
     "balanced-400-48px": (BALANCED, 400, 48, 1.0, 8, 400),
-    "skewed-1000": (SKEWED, 1000, 32, 1.0, 10, 500),       # quality.py's rare-class set, at 32 px
 }
 MONITORS = ("f1_macro", "valid_loss", "f1_macro_tuned", "f1_macro_tuned_oos")
 PATIENCE, WARMUP_PCT = 5, 0.25  # TrainConfig's --patience and WarmupEarlyStopping's warm-up
 
 
-def epoch_predictions_callback(test_items):
+def epoch_predictions_callback():
     """A fastai callback keeping each trained epoch's validation probabilities and targets and its
-    probabilities on ``test_items`` (the model in eval mode, no augmentation), for the monitors to
-    be compared after one run."""
+    weights (on the CPU), so that the epochs the monitors pick can be scored on the test set after
+    one run (``test_probabilities``)."""
     import torch
     from fastai.callback.core import Callback
 
@@ -235,7 +234,10 @@ def epoch_predictions_callback(test_items):
         order = 90
 
         def __init__(self):
-            self.epochs, self.test_dl = [], None
+            self.epochs, self.trained = [], None
+
+        def before_fit(self):
+            self.trained = self.learn  # fastai forgets the learner when the fit removes the callback
 
         def before_validate(self):
             self._on, self._p, self._t = self.learn.dl is self.dls.valid, [], []
@@ -249,16 +251,19 @@ def epoch_predictions_callback(test_items):
             if not getattr(self, "_on", False) or not self._p:
                 return
             self._on = False
-            if self.test_dl is None:
-                self.test_dl = self.dls.test_dl(test_items[["key"]].reset_index(drop=True), rm_type_tfms=0, bs=64)
-            model, was_training = self.learn.model, self.learn.model.training
-            model.eval()
-            with torch.no_grad():
-                test = torch.cat([torch.sigmoid(model(xb.as_subclass(torch.Tensor)).float()).cpu()
-                                  for (xb,) in self.test_dl])
-            model.train(was_training)
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.learn.model.state_dict().items()}
             self.epochs.append({"valid_probs": torch.cat(self._p).numpy(), "valid_targets": torch.cat(self._t).numpy(),
-                                "test_probs": test.numpy()})
+                                "state": state})
+
+        def test_probabilities(self, i: int, test_items):
+            """Probabilities of the model as it was after epoch ``i + 1`` on ``test_items``, in eval mode."""
+            model = self.trained.model
+            model.load_state_dict(self.epochs[i]["state"])
+            model.eval()
+            dl = self.trained.dls.test_dl(test_items[["key"]].reset_index(drop=True), rm_type_tfms=0, bs=64)
+            with torch.no_grad():
+                return torch.cat([torch.sigmoid(model(xb.as_subclass(torch.Tensor)).float()).cpu()
+                                  for (xb,) in dl]).numpy()
 
     return EpochPredictions()
 
@@ -303,7 +308,7 @@ def run_defaults(case: str, lr_rule: str, seed: int, train_dir: Path, test_dir: 
 
     shares, n, size, signal, epochs, n_test = DEFAULTS_CASES[case]
     test_items = read_items(test_dir, detect_format(test_dir), split="train", channels="rgb")
-    keeper = epoch_predictions_callback(test_items)
+    keeper = epoch_predictions_callback()
     with tempfile.TemporaryDirectory() as tmp:
         # valid_loss with no early stopping: every epoch is trained and kept; each monitor's early
         # stopping and choice are replayed on the kept values below
@@ -314,22 +319,25 @@ def run_defaults(case: str, lr_rule: str, seed: int, train_dir: Path, test_dir: 
         seconds = time.time() - t0
         lr_used = json.loads((result.run_dir / "config.json").read_text())["lr_used"]
     history = result.history
-    # every epoch's predictions, to replay other monitors later without training again
+    # every epoch's validation predictions, to replay other monitors later without training again
     arrays = C.DATA_ROOT / "defaults-runs"
     arrays.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(arrays / f"{case}-{lr_rule}-{seed}.npz", valid_loss=history["valid_loss"].to_numpy(),
-                        **{f"{k}_{i}": e[k] for i, e in enumerate(keeper.epochs) for k in e})
+                        **{f"{k}_{i}": e[k] for i, e in enumerate(keeper.epochs) for k in ("valid_probs", "valid_targets")})
+    test_probs = {}
     test_targets = labels_matrix(test_items["labels"], 10).astype(bool)
     out = {"case": case, "lr_rule": lr_rule, "seed": seed, "lr": lr_used, "epochs": epochs, "n": n, "size": size,
            "signal": signal, "arch": args.arch, "seconds": round(seconds, 1), "machine": C.machine(),
-           "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "valid_loss": [float(v) for v in history["valid_loss"]]}
+           "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "valid_losses": [float(v) for v in history["valid_loss"]]}
     for monitor in MONITORS:
         values = [monitor_values(monitor, e, float(loss)) for e, loss in zip(keeper.epochs, history["valid_loss"])]
         i, run = exported_epoch(values, monitor != "valid_loss", epochs)
         e = keeper.epochs[i]
         thresholds = M.tune_thresholds(e["valid_probs"], e["valid_targets"].astype(bool))
+        if i not in test_probs:  # only the epochs some monitor picks go through the test set
+            test_probs[i] = keeper.test_probabilities(i, test_items)
         out[monitor] = {"epoch": i + 1, "epochs_run": run,
-                        "test_f1_macro_tuned": M.f1_scores(e["test_probs"], test_targets, thresholds)["macro"],
+                        "test_f1_macro_tuned": M.f1_scores(test_probs[i], test_targets, thresholds)["macro"],
                         "loss_above_first": bool(history["valid_loss"].iloc[i] > history["valid_loss"].iloc[0])}
     return out
 
@@ -359,19 +367,24 @@ def defaults_study(args) -> None:
     rows = []
     for (rule, monitor) in [(r, m) for r in rules for m in MONITORS]:
         row = {"--lr": rule, "--monitor": monitor}
-        spreads, above, total = [], 0, 0
+        spreads, above, total, means = [], 0, 0, []
         for case in cases:
             runs = [r for r in results if r["case"] == case and r["lr_rule"] == rule]
             if not runs:
+                row[case] = "-"
                 continue
             f1 = np.array([r[monitor]["test_f1_macro_tuned"] for r in runs])
             row[case] = f"{f1.mean():.3f} ({' '.join(f'{v:.2f}' for v in f1)})"
-            spreads.append(float(f1.max() - f1.min()))
+            means.append(f1.mean())
+            if len(f1) >= 3:
+                spreads.append(float(f1.max() - f1.min()))
             above += sum(r[monitor]["loss_above_first"] for r in runs)
             total += len(runs)
-        f1_all = [r[monitor]["test_f1_macro_tuned"] for r in results if r["lr_rule"] == rule]
-        row["mean"] = float(np.mean(f1_all))
-        row["mean spread over seeds"] = float(np.mean(spreads)) if spreads else float("nan")
+        if not total:
+            continue
+        # a rule measured on some cases only (min/10 at 20 iterations) gets no mean over cases
+        row["mean of cases"] = f"{np.mean(means):.3f}" if len(means) == len(cases) else "-"
+        row["mean spread over seeds"] = f"{np.mean(spreads):.3f}" if spreads else "-"
         row["loss above epoch 1"] = f"{above} of {total}"
         rows.append(row)
     lrs = pd.DataFrame([{"case": r["case"], "--lr": r["lr_rule"], "lr": r["lr"]} for r in results])
@@ -390,7 +403,8 @@ def defaults_study(args) -> None:
                     "training applies it); f1_macro: at threshold 0.5; f1_macro_tuned: at thresholds tuned on that "
                     "epoch's validation predictions (in-sample); f1_macro_tuned_oos: split-half",
                     "loss above epoch 1: runs whose exported epoch has a higher validation loss than the first epoch",
-                    "spread: largest minus smallest test macro F1 over the seeds of a case, averaged over cases",
+                    "spread: largest minus smallest test macro F1 over the seeds of a case (cases with 3 seeds), "
+                    "averaged over cases",
                     f"learning rates used: {lr_note}"],
              record=not args.no_record)
 
