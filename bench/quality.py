@@ -16,6 +16,15 @@ and is scored on the separate folder with the thresholds it tuned on its validat
 
 Each run's result is appended to ``data/synthetic/bench/quality.jsonl`` as soon as it is known, so
 an interrupted benchmark keeps what it measured; ``--report`` only rewrites the tables from it.
+
+``--study defaults`` measures the defaults that decide which epoch is exported and how fast it
+learns: the ``--monitor`` that picks the best epoch (F1 at 0.5, the validation loss, F1 at thresholds
+tuned on each epoch's validation predictions, in-sample or split-half) and the ``--lr`` rule
+(``valley``, ``auto``, a fixed 1e-3), on sets of the bundled sample's size and larger, with other
+class shares, signal strength and image size (``DEFAULTS_CASES``). Each (case, seed, lr rule)
+trains once, keeping every epoch's validation and test-set predictions, so every monitor's choice
+of epoch, with early stopping as training applies it, is scored on the same run. Its results go
+to ``data/synthetic/bench/defaults.jsonl``.
 """
 from __future__ import annotations
 
@@ -53,9 +62,10 @@ def draw_labels(shares: np.ndarray, n: int, rng: np.random.Generator) -> list[li
     return labels
 
 
-def labelled_folder(out: Path, shares: np.ndarray, n: int, size: int, seed: int) -> Path:
+def labelled_folder(out: Path, shares: np.ndarray, n: int, size: int, seed: int, signal: float = 1.0) -> Path:
     """A Zero-to-GANs folder (train.csv + train/) with the synthetic generator's images for labels
-    drawn with ``shares``; made once and reused."""
+    drawn with ``shares``; made once and reused. ``signal`` below 1 replaces that share of each
+    pixel with uniform noise (a weaker, noisier signal)."""
     import pandas as pd
     from PIL import Image
 
@@ -70,6 +80,9 @@ def labelled_folder(out: Path, shares: np.ndarray, n: int, size: int, seed: int)
     (out / "train").mkdir(parents=True, exist_ok=True)
     for i, lab in enumerate(labels):
         arr = draw_field(lab, "z2g", size, np.random.default_rng([seed, 8, i]))
+        if signal < 1:
+            noise = np.random.default_rng([seed, 9, i]).uniform(0, 255, arr.shape)
+            arr = np.clip(signal * arr + (1 - signal) * noise, 0, 255).astype(np.uint8)
         save_png(out / "train" / f"{i}.png", Image.fromarray(np.ascontiguousarray(arr[..., :3])))
     write_csv(out / "train.csv", pd.DataFrame({"Image": range(n), "Label": [" ".join(map(str, x)) for x in labels]}))
     return out
@@ -170,8 +183,13 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--report", action="store_true", help="only write the tables from quality.jsonl")
+    p.add_argument("--report", action="store_true", help="only write the tables from the results kept so far")
+    p.add_argument("--study", default="rare-classes", choices=["rare-classes", "defaults"],
+                   help="rare-classes: the oversampling and loss variants; defaults: --monitor and --lr rules")
+    p.add_argument("--lr-rules", default=",".join(LR_RULES), help="--study defaults: comma-separated --lr values")
     args = C.parse(p, argv)
+    if args.study == "defaults":
+        return defaults_study(args)
     if not args.report:
         for case in args.cases.split(","):
             train_dir, test_dir = case_folders(case, args.n_train, args.n_test, args.size)
@@ -187,6 +205,208 @@ def main(argv=None) -> None:
                and r["size"] == args.size and r["n_train"] == args.n_train and r["n_test"] == args.n_test]
     if results:
         tables(results, not args.no_record)
+
+
+# --- --study defaults -----------------------------------------------------------------------------
+
+DEFAULTS_LOG = C.DATA_ROOT / "defaults.jsonl"
+LR_RULES = ("valley", "auto", "1e-3")
+STEEP = np.geomspace(0.6, 0.01, 10)
+# name -> class shares, labelled images (80% train), image side, signal, epochs, separate test images
+DEFAULTS_CASES = {
+    "sample-skewed": (SKEWED, 160, 32, 1.0, 10, 500),        # the bundled sample's size: lr_find gets 20 batches
+    "sample-balanced-weak": (BALANCED, 160, 32, 0.6, 10, 500),
+    "steep-600": (STEEP, 600, 32, 1.0, 8, 500),
+    "balanced-400-48px": (BALANCED, 400, 48, 1.0, 8, 400),
+}
+MONITORS = ("f1_macro", "valid_loss", "f1_macro_tuned", "f1_macro_tuned_oos")
+PATIENCE, WARMUP_PCT = 5, 0.25  # TrainConfig's --patience and WarmupEarlyStopping's warm-up
+
+
+def epoch_predictions_callback():
+    """A fastai callback keeping each trained epoch's validation probabilities and targets and its
+    weights (on the CPU), so that the epochs the monitors pick can be scored on the test set after
+    one run (``test_probabilities``)."""
+    import torch
+    from fastai.callback.core import Callback
+
+    class EpochPredictions(Callback):
+        order = 90
+
+        def __init__(self):
+            self.epochs, self.trained = [], None
+
+        def before_fit(self):
+            self.trained = self.learn  # fastai forgets the learner when the fit removes the callback
+
+        def before_validate(self):
+            self._on, self._p, self._t = self.learn.dl is self.dls.valid, [], []
+
+        def after_batch(self):
+            if not self.training and getattr(self, "_on", False):
+                self._p.append(torch.sigmoid(self.pred.float()).detach().cpu())
+                self._t.append(self.y.detach().cpu())
+
+        def after_epoch(self):
+            if not getattr(self, "_on", False) or not self._p:
+                return
+            self._on = False
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.learn.model.state_dict().items()}
+            self.epochs.append({"valid_probs": torch.cat(self._p).numpy(), "valid_targets": torch.cat(self._t).numpy(),
+                                "state": state})
+
+        def test_probabilities(self, i: int, test_items):
+            """Probabilities of the model as it was after epoch ``i + 1`` on ``test_items``, in eval mode."""
+            model = self.trained.model
+            model.load_state_dict(self.epochs[i]["state"])
+            model.eval()
+            dl = self.trained.dls.test_dl(test_items[["key"]].reset_index(drop=True), rm_type_tfms=0, bs=64)
+            with torch.no_grad():
+                return torch.cat([torch.sigmoid(model(xb.as_subclass(torch.Tensor)).float()).cpu()
+                                  for (xb,) in dl]).numpy()
+
+    return EpochPredictions()
+
+
+def monitor_values(monitor: str, epoch: dict, valid_loss: float) -> float:
+    from hpa_fastai import metrics as M
+
+    probs, targets = epoch["valid_probs"], epoch["valid_targets"].astype(bool)
+    if monitor == "valid_loss":
+        return valid_loss
+    if monitor == "f1_macro":
+        return M.f1_scores(probs, targets, np.full(probs.shape[1], 0.5))["macro"]
+    if monitor == "f1_macro_tuned":
+        return M.f1_scores(probs, targets, M.tune_thresholds(probs, targets))["macro"]
+    return (M.out_of_sample_f1(probs, targets) or {"macro": 0.0})["macro"]
+
+
+def exported_epoch(values: list[float], higher: bool, n_epochs: int) -> tuple[int, int]:
+    """(index of the epoch training exports, epochs run) for a monitor's per-epoch values, with
+    KeepBestModel's strict comparison and WarmupEarlyStopping's patience after the warm-up."""
+    import math
+
+    best, best_i, wait = None, 0, 0
+    for i, v in enumerate(values):
+        better = best is None or (v > best if higher else v < best)
+        if better:
+            best, best_i = v, i
+        if i + 1 <= math.ceil(WARMUP_PCT * n_epochs):
+            wait = 0
+            continue
+        wait = 0 if better else wait + 1
+        if wait >= PATIENCE:
+            return best_i, i + 1
+    return best_i, len(values)
+
+
+def run_defaults(case: str, lr_rule: str, seed: int, train_dir: Path, test_dir: Path, args) -> dict:
+    from hpa_fastai import metrics as M
+    from hpa_fastai.config import TrainConfig
+    from hpa_fastai.data.layouts import detect_format, labels_matrix, read_items
+    from hpa_fastai.training import train
+
+    shares, n, size, signal, epochs, n_test = DEFAULTS_CASES[case]
+    test_items = read_items(test_dir, detect_format(test_dir), split="train", channels="rgb")
+    keeper = epoch_predictions_callback()
+    with tempfile.TemporaryDirectory() as tmp:
+        # valid_loss with no early stopping: every epoch is trained and kept; each monitor's early
+        # stopping and choice are replayed on the kept values below
+        cfg = TrainConfig(data=str(train_dir), out=tmp, arch=args.arch, pretrained=False, epochs=epochs, size=size,
+                          seed=seed, lr=lr_rule, monitor="valid_loss", patience=1000)
+        t0 = time.time()
+        result = train(cfg, cbs=[keeper])
+        seconds = time.time() - t0
+        lr_used = json.loads((result.run_dir / "config.json").read_text())["lr_used"]
+    history = result.history
+    # every epoch's validation predictions, to replay other monitors later without training again
+    arrays = C.DATA_ROOT / "defaults-runs"
+    arrays.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(arrays / f"{case}-{lr_rule}-{seed}.npz", valid_loss=history["valid_loss"].to_numpy(),
+                        **{f"{k}_{i}": e[k] for i, e in enumerate(keeper.epochs) for k in ("valid_probs", "valid_targets")})
+    test_probs = {}
+    test_targets = labels_matrix(test_items["labels"], 10).astype(bool)
+    out = {"case": case, "lr_rule": lr_rule, "seed": seed, "lr": lr_used, "epochs": epochs, "n": n, "size": size,
+           "signal": signal, "arch": args.arch, "seconds": round(seconds, 1), "machine": C.machine(),
+           "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "valid_losses": [float(v) for v in history["valid_loss"]]}
+    for monitor in MONITORS:
+        values = [monitor_values(monitor, e, float(loss)) for e, loss in zip(keeper.epochs, history["valid_loss"])]
+        i, run = exported_epoch(values, monitor != "valid_loss", epochs)
+        e = keeper.epochs[i]
+        thresholds = M.tune_thresholds(e["valid_probs"], e["valid_targets"].astype(bool))
+        if i not in test_probs:  # only the epochs some monitor picks go through the test set
+            test_probs[i] = keeper.test_probabilities(i, test_items)
+        out[monitor] = {"epoch": i + 1, "epochs_run": run,
+                        "test_f1_macro_tuned": M.f1_scores(test_probs[i], test_targets, thresholds)["macro"],
+                        "loss_above_first": bool(history["valid_loss"].iloc[i] > history["valid_loss"].iloc[0])}
+    return out
+
+
+def defaults_study(args) -> None:
+    import pandas as pd
+
+    cases = [c for c in args.cases.split(",") if c in DEFAULTS_CASES] if args.cases != "skewed,balanced" \
+        else list(DEFAULTS_CASES)
+    rules = args.lr_rules.split(",")
+    if not args.report:
+        for case in cases:
+            shares, n, size, signal, epochs, n_test = DEFAULTS_CASES[case]
+            tag = f"defaults-{case}"
+            train_dir = labelled_folder(C.DATA_ROOT / f"{tag}-train", shares, n, size, 200, signal)
+            test_dir = labelled_folder(C.DATA_ROOT / f"{tag}-test", shares, n_test, size, 201, signal)
+            for seed in map(int, args.seeds.split(",")):
+                for rule in rules:
+                    result = run_defaults(case, rule, seed, train_dir, test_dir, args)
+                    print(json.dumps({k: v for k, v in result.items() if k != "machine"}), flush=True)
+                    with open(DEFAULTS_LOG, "a") as f:
+                        f.write(json.dumps(result) + "\n")
+    results = [json.loads(line) for line in DEFAULTS_LOG.read_text().splitlines()] if DEFAULTS_LOG.is_file() else []
+    results = [r for r in results if r["case"] in cases and r["lr_rule"] in rules and r["arch"] == args.arch]
+    if not results:
+        return
+    rows = []
+    for (rule, monitor) in [(r, m) for r in rules for m in MONITORS]:
+        row = {"--lr": rule, "--monitor": monitor}
+        spreads, above, total, means = [], 0, 0, []
+        for case in cases:
+            runs = [r for r in results if r["case"] == case and r["lr_rule"] == rule]
+            if not runs:
+                row[case] = "-"
+                continue
+            f1 = np.array([r[monitor]["test_f1_macro_tuned"] for r in runs])
+            row[case] = f"{f1.mean():.3f} ({' '.join(f'{v:.2f}' for v in f1)})"
+            means.append(f1.mean())
+            if len(f1) >= 3:
+                spreads.append(float(f1.max() - f1.min()))
+            above += sum(r[monitor]["loss_above_first"] for r in runs)
+            total += len(runs)
+        if not total:
+            continue
+        # a rule measured on some cases only (min/10 at 20 iterations) gets no mean over cases
+        row["mean of cases"] = f"{np.mean(means):.3f}" if len(means) == len(cases) else "-"
+        row["mean spread over seeds"] = f"{np.mean(spreads):.3f}" if spreads else "-"
+        row["loss above epoch 1"] = f"{above} of {total}"
+        rows.append(row)
+    lrs = pd.DataFrame([{"case": r["case"], "--lr": r["lr_rule"], "lr": r["lr"]} for r in results])
+    lr_note = "; ".join(f"{case} {rule}: " + " ".join(f"{v:.1e}" for v in part["lr"])
+                        for (case, rule), part in lrs.groupby(["case", "--lr"], sort=False))
+    first = results[0]
+    C.record("Quality: the default --monitor and --lr", rows,
+             {"arch": first["arch"], "pretrained": False, "seeds": args.seeds, "cases": "; ".join(
+                 f"{c}: {n} images (80% train), {size} px, signal {sig}, {ep} epochs, shares "
+                 f"{sh.max():.2f} to {sh.min():.3f}, {nt} test images"
+                 for c, (sh, n, size, sig, ep, nt) in DEFAULTS_CASES.items() if c in cases)},
+             notes=["each cell: mean test macro F1 over seeds (each seed's value), at the per-class thresholds tuned on "
+                    "the exported epoch's validation predictions, on a separate labelled set of the same label "
+                    "distribution",
+                    "--monitor picks the exported epoch (with early stopping, patience 5 after the warm-up, as "
+                    "training applies it); f1_macro: at threshold 0.5; f1_macro_tuned: at thresholds tuned on that "
+                    "epoch's validation predictions (in-sample); f1_macro_tuned_oos: split-half",
+                    "loss above epoch 1: runs whose exported epoch has a higher validation loss than the first epoch",
+                    "spread: largest minus smallest test macro F1 over the seeds of a case (cases with 3 seeds), "
+                    "averaged over cases",
+                    f"learning rates used: {lr_note}"],
+             record=not args.no_record)
 
 
 if __name__ == "__main__":

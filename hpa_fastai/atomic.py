@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -80,8 +81,23 @@ def write_text(path, text: str, durable: bool = False) -> Path:
     return Path(path)
 
 
+def finite_json(obj):
+    """``obj`` with every float that is not finite (NaN, infinity) as None: JSON has no NaN, and
+    strict parsers refuse the bare ``NaN`` Python's json would write."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # a numpy or torch scalar
+        return finite_json(obj.item())
+    return obj
+
+
 def write_json(path, obj, durable: bool = False) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n", durable)
+    """``obj`` as JSON, NaN and infinity written as ``null`` (never a bare ``NaN``)."""
+    return write_text(path, json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False) + "\n", durable)
 
 
 def write_csv(path, df, **kwargs) -> Path:

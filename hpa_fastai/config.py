@@ -53,12 +53,12 @@ def finite_at_least(low):
 
 
 def learning_rate(v):
-    if v == "auto":
+    if v in ("auto", "valley"):
         return None
     try:
         lr = float(v)
     except ValueError:
-        return f"must be a number or 'auto' (got {v!r})"
+        return f"must be a number, 'auto' or 'valley' (got {v!r:.40})"
     return None if lr > 0 and math.isfinite(lr) else f"must be positive (got {v})"
 
 
@@ -126,7 +126,9 @@ class TrainConfig:
     epochs: int = opt(10, "training epochs (after the frozen epochs of a pretrained model)", at_least(1))
     size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256", size_check())
     bs: int = opt(32, "batch size", at_least(1))
-    lr: str = opt("auto", "learning rate: a number, or 'auto' for lr_find's valley suggestion", learning_rate)
+    lr: str = opt("auto", "learning rate: a number; 'auto': a tenth of where lr_find's smoothed loss is lowest "
+                          "(1e-3 when lr_find ran fewer than 50 iterations or its curve is flat); 'valley': "
+                          "fastai's valley suggestion", learning_rate)
     lr_find_iters: int | None = opt(None, "iterations of the learning-rate finder; default: 100, fewer on a tiny "
                                           "data set", at_least(1))
     seed: int = opt(42, "random seed: split, initialisation, augmentation order", SEED)
@@ -157,8 +159,11 @@ class TrainConfig:
     n_folds: int = opt(0, "multi-label stratified K-fold split: number of folds (0 = random split)", fold_count)
     fold: int = opt(0, "which fold is the validation set when --n-folds is set")
     patience: int = opt(5, "early stopping: epochs without improvement of --monitor", at_least(1))
-    monitor: str = opt("f1_macro", "metric for early stopping and best-epoch selection",
-                       choices=["f1_macro", "f1_samples", "valid_loss"])
+    # the validation loss: F1 at one fixed threshold can fall to 0 while the model learns (its
+    # probabilities drop below 0.5 before they separate), which exported untrained first epochs;
+    # bench/quality.py --study defaults measured the choice (README, "Defaults, measured")
+    monitor: str = opt("valid_loss", "metric for early stopping and best-epoch selection",
+                       choices=["valid_loss", "f1_macro", "f1_samples"])
     threshold: float = opt(0.5, "probability threshold of the F1 metrics during training", strictly_between(0, 1))
     precision: str = opt("auto", "auto: mixed precision on CUDA (bf16 where supported), fp32 on CPU; bf16 also "
                                  "runs on CPU, fp16 only on CUDA", choices=["auto", "fp32", "fp16", "bf16"])
@@ -184,6 +189,8 @@ class TrainConfig:
                                   "writable, else ~/.cache/hpa_fastai", not_blank)
     duplicates: str | None = opt(None, "near-duplicate list to keep together in the split (dedup's CSV); default: "
                                        "the one dedup wrote for --data, if any", not_blank)
+    per_class: bool = opt(False, "also print the per-class table (threshold, precision, recall, F1, support) when the "
+                                 "run ends; report.html and per_class.csv always hold it")
     resume: str | None = opt(None, "continue the interrupted run in this folder from its last complete epoch "
                                    "(its saved config is used; other flags are ignored)")
 
@@ -287,6 +294,9 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every network "
                                  "it is on", host_name)
     port: int = opt(7860, "port to listen on", in_range(1, 65535))
+    examples: str | None = opt(None, "folder of images the page offers as examples to click (for an RGBY model, "
+                                     "{id}_{red,green,blue,yellow} files); default: the bundled sample's test images, "
+                                     "for a model of Zero-to-GANs RGB images")
 
 
 @dataclass
@@ -307,6 +317,7 @@ class RunsConfig:
     dir: str = opt("runs", "folder of run folders", positional=True, nargs="?")
     sort: str = opt("date", "column to sort by",
                     choices=["date", "arch", "size", "epochs", "f1", "f1_tuned", "f1_oos", "time", "status", "disk"])
+    folds: bool = opt(False, "also list each cross-validation's fold runs under its row")
     csv: str | None = opt(None, "also write the table to this CSV file")
 
 

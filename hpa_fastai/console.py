@@ -11,11 +11,37 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+class _NoTrailingSpaces:
+    """What rich writes to a log or pipe, each line without the spaces rich pads it with (a table's
+    title is padded to the table's width). Written to whatever ``sys.stdout`` is at the time, as
+    rich's own default does, so a redirected stdout (a test's capture) still gets it."""
+
+    def __init__(self):
+        self.spaces = ""  # trailing spaces of an unfinished line: kept until the line goes on
+
+    def write(self, text: str) -> int:
+        import sys
+
+        lines = (self.spaces + text).split("\n")
+        last = lines.pop()
+        self.spaces = last[len(last.rstrip(" ")):]
+        sys.stdout.write("".join(line.rstrip(" ") + "\n" for line in lines) + last.rstrip(" "))
+        return len(text)
+
+    def flush(self) -> None:
+        import sys
+
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 console = Console(highlight=False)
 if not console.is_terminal:
     # a log file has no width; rich's 80-column default would fold tables and epoch lines (the runs
     # table, with a column per score, is about 170 columns wide)
-    console = Console(highlight=False, width=200)
+    console = Console(highlight=False, width=200, file=_NoTrailingSpaces())
 
 
 def plain(text) -> str:
@@ -39,13 +65,14 @@ def table(title: str, df: pd.DataFrame, floats: str = "{:.4f}") -> Table:
         key = {"no_wrap": True, "min_width": min(60, max([len(plain(v)) for v in df[col]] + [1]))} if i == 0 else {}
         t.add_column(escape(plain(col)), justify="right" if df[col].dtype.kind in "iuf" else "left", **key)
     for row in df.itertuples(index=False):
-        t.add_row(*[Text(plain(floats.format(v) if isinstance(v, float) else v)) for v in row])
+        t.add_row(*[Text(plain((floats.format(v) if math.isfinite(v) else "-") if isinstance(v, float) else v))
+                    for v in row])
     return t
 
 
 def fmt(v, spec: str = ".4f") -> str:
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else format(v, spec)
+        return "-" if math.isnan(v) else format(v, spec)
     return str(v)
 
 

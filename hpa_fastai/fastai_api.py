@@ -24,6 +24,7 @@ from fastai.learner import Learner
 from . import metrics as M
 from . import modelfile
 from .config import TrainConfig
+from .losses import set_thresholds
 from .inference.cam import explain, write_explanations
 from .inference.predictor import items_for_paths
 from .inference.submission import write_predictions
@@ -96,8 +97,7 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", **kwargs) -> Learne
     options = {k: kwargs.pop(k) for k in LEARNER_OPTIONS if k in kwargs}
     if options.get("weights") is not None:
         options["weights"] = str(options["weights"])
-    cfg = dataclasses.replace(ts.cfg, arch=arch, **options)
-    validate(cfg)
+    cfg = validate(dataclasses.replace(ts.cfg, arch=arch, **options))
     kwargs.setdefault("path", Path("."))
     device = dls.device if dls.device is not None else default_device()
     learn, setup = create_learner(dls, ts, cfg, device, **kwargs)
@@ -118,13 +118,15 @@ def description(learn: Learner) -> dict:
 
 def tune_thresholds(learn: Learner, dl=None) -> pd.DataFrame:
     """Per-class thresholds that maximise each class's F1 on the validation set (or ``dl``), kept in
-    the learner's description for ``export`` and ``export_safe``; returns the per-class table
-    (threshold, precision, recall, F1, support)."""
+    the learner: ``learn.predict`` decodes with them from now on, and ``export`` and ``export_safe``
+    carry them, so ``load_learner``, ``load_predictor`` and ``run.py predict`` give the same labels.
+    Returns the per-class table (threshold, precision, recall, F1, support)."""
     meta = description(learn)
     probs, targets = learn.get_preds(dl=dl if dl is not None else learn.dls.valid)
     probs, targets = probs.float().numpy(), targets.numpy().astype(bool)
     thresholds = M.tune_thresholds(probs, targets, default=0.5)
     meta["thresholds"] = [float(t) for t in thresholds]
+    set_thresholds(learn.loss_func, thresholds)
     return M.per_class_report(probs, targets, thresholds, meta["names"])
 
 

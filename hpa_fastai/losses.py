@@ -1,7 +1,12 @@
 """Loss registry: one small builder per loss, ``create_loss`` as the one door in, as ``models`` has
 for architectures. A builder takes the probability threshold its decoding uses and the loss's own
 parameters; every loss here works on independent sigmoids, one per class, and carries the
-activation and decoding that fastai's ``get_preds`` and ``predict`` look for."""
+activation and decoding that fastai's ``get_preds`` and ``predict`` look for.
+
+The decoding is the one every prediction path uses (``metrics.decode``): a class is predicted when
+its probability reaches its threshold (one per class once thresholds are tuned: ``set_thresholds``),
+and an image where none does gets its most probable class. So ``learn.predict``, a learner loaded
+from ``export.pkl`` and ``run.py predict`` give one image the same labels."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +18,28 @@ from torchvision.ops import sigmoid_focal_loss
 from .errors import HPAError
 
 
-class _SigmoidLoss(nn.Module):
+def decode(probs: torch.Tensor, thresh) -> torch.Tensor:
+    """Labels of ``probs`` (images x classes) as a boolean tensor: a class where its probability
+    reaches ``thresh`` (one number, or one per class), and in a row where none does, the most
+    probable class; as ``metrics.decode`` does for arrays."""
+    t = torch.as_tensor(thresh, dtype=probs.dtype, device=probs.device)
+    preds = probs >= t
+    if preds.ndim >= 1 and preds.shape[-1]:
+        empty = ~preds.any(-1, keepdim=True)
+        top = torch.zeros_like(preds).scatter_(-1, probs.argmax(-1, keepdim=True), True)
+        preds = preds | (empty & top)
+    return preds
+
+
+class ThresholdDecoding:
+    """The decoding fastai's ``get_preds(with_decoded=True)`` and ``predict`` call (``decodes``), with
+    the loss's ``thresh``: one probability threshold, or a tensor of one per class."""
+
+    def decodes(self, x):
+        return decode(x, self.thresh)
+
+
+class _SigmoidLoss(ThresholdDecoding, nn.Module):
     """A multi-label loss on independent sigmoids, with the activation and decoding fastai's
     get_preds and predict look for (as BCEWithLogitsLossFlat has them)."""
 
@@ -24,8 +50,22 @@ class _SigmoidLoss(nn.Module):
     def activation(self, x):
         return torch.sigmoid(x)
 
-    def decodes(self, x):
-        return x > self.thresh
+
+class BCEWithLogits(ThresholdDecoding, BCEWithLogitsLossFlat):
+    """fastai's ``BCEWithLogitsLossFlat`` with this module's decoding (per-class thresholds, the most
+    probable class for an image where none passes), on plain tensors. fastai's wraps the predictions
+    and targets in its ``TensorBase`` subclass, whose Python-level dispatch then runs for every tensor
+    operation of the loss and of what reads it (the recorder, the NaN check): about a millisecond of
+    host time per training step. The values are the same: the mean over every image and class."""
+
+    def __call__(self, inp, targ, **kwargs):
+        if kwargs or inp.ndim != 2 or self.axis not in (-1, 1):  # what fastai's own does otherwise
+            return super().__call__(inp, targ, **kwargs)
+        func = self.func
+        return F.binary_cross_entropy_with_logits(inp.as_subclass(torch.Tensor).reshape(-1),
+                                                  targ.as_subclass(torch.Tensor).reshape(-1).float(),
+                                                  weight=func.weight, pos_weight=func.pos_weight,
+                                                  reduction=func.reduction)
 
 
 class BinaryFocalLoss(_SigmoidLoss):
@@ -69,8 +109,6 @@ class AsymmetricLoss(_SigmoidLoss):
         return -loss.mean()
 
 
-
-
 LOSSES: dict = {}
 # each loss's parameters and the config field (flag) that sets it
 LOSS_FLAGS: dict[str, dict[str, str]] = {}
@@ -86,26 +124,10 @@ def register_loss(name: str, **flags: str):
     return wrap
 
 
-class PlainBCEWithLogitsLossFlat(BCEWithLogitsLossFlat):
-    """fastai's ``BCEWithLogitsLossFlat`` on plain tensors. fastai's wraps the predictions and targets
-    in its ``TensorBase`` subclass, whose Python-level dispatch then runs for every tensor operation
-    of the loss and of what reads it (the recorder, the NaN check): about a millisecond of host time
-    per training step. The values are the same: the mean over every image and class."""
-
-    def __call__(self, inp, targ, **kwargs):
-        if kwargs or inp.ndim != 2 or self.axis not in (-1, 1):  # what fastai's own does otherwise
-            return super().__call__(inp, targ, **kwargs)
-        func = self.func
-        return F.binary_cross_entropy_with_logits(inp.as_subclass(torch.Tensor).reshape(-1),
-                                                  targ.as_subclass(torch.Tensor).reshape(-1).float(),
-                                                  weight=func.weight, pos_weight=func.pos_weight,
-                                                  reduction=func.reduction)
-
-
 @register_loss("bce")
 def bce(thresh: float = 0.5) -> nn.Module:
     """Binary cross-entropy on logits: fastai's ``BCEWithLogitsLossFlat`` (on plain tensors)."""
-    return PlainBCEWithLogitsLossFlat(thresh=thresh)
+    return BCEWithLogits(thresh=thresh)
 
 
 @register_loss("focal", gamma="focal_gamma")
@@ -133,7 +155,17 @@ def loss_params(name: str, values) -> dict:
 
 
 def loss_from(values) -> nn.Module:
-    """The loss that ``values`` (a TrainConfig, or a model.json's description) names, with its parameters."""
+    """The loss that ``values`` (a TrainConfig, or a model.json's description) names, with its parameters;
+    a model.json's per-class ``thresholds`` decode its predictions."""
     get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
     name = get("loss", "bce") or "bce"
-    return create_loss(name, thresh=get("threshold", 0.5) or 0.5, **loss_params(name, values))
+    loss = create_loss(name, thresh=get("threshold", 0.5) or 0.5, **loss_params(name, values))
+    if isinstance(values, dict) and values.get("thresholds") is not None:
+        set_thresholds(loss, values["thresholds"])
+    return loss
+
+
+def set_thresholds(loss, thresholds) -> None:
+    """Decode ``loss``'s predictions (``learn.predict``, ``get_preds(with_decoded=True)``) with one
+    threshold per class. The learner's pickle (export.pkl) carries them."""
+    loss.thresh = torch.tensor([float(t) for t in thresholds], dtype=torch.float32)

@@ -100,20 +100,37 @@ def _timm(name: str):
 
 
 def check_arch(arch: str) -> str:
-    """Validate an architecture name (used by the CLI before anything is built)."""
+    """The registry's name for ``arch``: a registered name, ``timm:<name>``, or the bare name of a timm
+    model (``convnext_tiny``, as fastai users pass timm names: ``timm:convnext_tiny``; a registered
+    name wins, so ``resnet34`` stays the registry's). Anything else is a ValueError that names the
+    closest architectures."""
     if arch in ARCHS:
         return arch
-    if arch.startswith("timm:"):
+    name = arch[5:] if arch.startswith("timm:") else arch
+    if name and name.isprintable():
         import timm
 
-        if timm.is_model(arch[5:]):
-            return arch
-        raise ValueError(f"unknown timm model {arch[5:]!r} (see timm.list_models())")
-    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)} or timm:<name>")
+        if timm.is_model(name):
+            return f"timm:{name}"
+    raise ValueError(unknown_arch(arch))
+
+
+def unknown_arch(arch: str) -> str:
+    """Why ``arch`` is refused, with the registered names or timm models closest to it."""
+    import difflib
+
+    import timm
+
+    name = arch[5:] if arch.startswith("timm:") else arch
+    close = difflib.get_close_matches(name, list(ARCHS), n=2, cutoff=0.75)
+    close += [f"timm:{m}" for m in difflib.get_close_matches(name, timm.list_models(), n=3 - len(close), cutoff=0.75)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return (f"unknown architecture {arch!r:.80}{hint} (choose from {', '.join(ARCHS)}, or timm:<name> for a model "
+            "of timm.list_models())")
 
 
 def builder(arch: str):
-    check_arch(arch)
+    arch = check_arch(arch)
     return _timm(arch[5:]) if arch.startswith("timm:") else ARCHS[arch]
 
 

@@ -26,18 +26,34 @@ def plain_text(text) -> str:
     return str(text).replace("$", r"\$")
 
 
-def lr_find_plot(path, lrs, losses, suggestions: dict):
+def lr_find_plot(path, lrs, losses, smoothed, suggestions: dict, chosen: float | None = None):
+    """Every point lr_find tried: each batch's loss (dots), the smoothed curve ``--lr auto`` reads,
+    the suggestions, and the learning rate ``auto`` chose (a vertical line)."""
     fig, ax = subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
+    lrs_arr, losses_arr = np.asarray(lrs, float), np.asarray(losses, float)
+    shown = np.isfinite(losses_arr)
+    ax.plot(lrs_arr[shown], losses_arr[shown], ".", color="C7", alpha=0.6, label="loss of each batch")
+    if len(smoothed):
+        ax.plot(lrs_arr[: len(smoothed)], smoothed, color="C0", label="smoothed")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
-    lrs_arr = np.asarray(lrs)
-    for (name, lr), color in zip(suggestions.items(), ["C1", "C2", "C3", "C4"]):
-        i = int(np.argmin(np.abs(np.log(lrs_arr) - np.log(lr))))
-        ax.plot(lr, losses[i], "o", color=color, label=f"{name} {lr:.2e}")
-    ax.legend(loc="best")
-    ax.set_title("lr_find")
+    curve = np.asarray(smoothed, float) if len(smoothed) else losses_arr
+    for (name, lr), color in zip(suggestions.items(), ["C1", "C2", "C3", "C4", "C5"]):
+        if len(curve) and len(lrs_arr):
+            i = int(np.argmin(np.abs(np.log(lrs_arr[: len(curve)]) - np.log(lr))))
+            ax.plot(lr, curve[i], "o", color=color, label=f"{name} {lr:.2e}")
+    if chosen is not None:
+        ax.axvline(chosen, color="C3", linestyle="--", linewidth=1)
+    if shown.any():  # the diverging end leaves the plot upwards, as in fastai's: the rest keeps its scale
+        finite = losses_arr[shown]
+        low = float(finite.min())
+        high = float(max(np.median(finite[: max(1, len(finite) // 4)]), np.median(finite)))
+        span = max(high - low, 1e-6)
+        ax.set_ylim(low - 0.1 * span, high + 0.4 * span)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"lr_find: {len(lrs_arr)} iterations, {lrs_arr.min() if len(lrs_arr) else 0:.0e} to "
+                 f"{lrs_arr.max() if len(lrs_arr) else 0:.0e}")
     return save_figure(path, fig)
 
 

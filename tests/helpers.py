@@ -41,7 +41,7 @@ def train(cfg, cbs=(), **kwargs) -> Path:
     from hpa_fastai.cli.epochs import EpochProgress
     from hpa_fastai.training import train as train_door
 
-    return show_run(train_door(cfg, cbs=[EpochProgress(), *cbs], **kwargs))
+    return show_run(train_door(cfg, cbs=[EpochProgress(), *cbs], **kwargs), cfg.per_class)
 
 
 def build_learner(ts, device=None):

@@ -16,6 +16,7 @@ ids, label text and config values at 150 examples each, model.json at 60) + 2 su
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -1538,6 +1539,16 @@ def test_ids_that_a_spreadsheet_would_run_are_prefixed_in_csvs_for_people(safe_m
 
 
 # --- serve: uploads the web app cannot take --------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio not installed")
+@pytest.mark.parametrize("examples", ["missing", "file"])
+def test_serve_refuses_examples_that_are_not_a_folder(safe_model, tmp_path, capsys, examples):
+    path = tmp_path / "examples"
+    if examples == "file":
+        path.write_text("not a folder")
+    assert_cli_error(*cli_in_process(capsys, "serve", "--learner", safe_model, "--examples", path),
+                     f"--examples {path}: not a folder of images")
+
 
 def test_serve_names_an_upload_that_is_gone_by_its_own_name(safe_model, tmp_path):
     from hpa_fastai.inference.loading import load_predictor

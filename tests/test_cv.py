@@ -168,3 +168,89 @@ def test_predict_refuses_an_ensemble_of_different_vocabularies(cv_run, tmp_path,
     code, _, err = cli_in_process(capsys, "predict", "--learner", parent / "fold0", odd, "--data", data,
                                   "--out", tmp_path / "sub.csv")
     assert code == 2 and "vocabulary differs" in err and str(odd) in err
+
+
+@pytest.mark.slow
+def test_cv_json_holds_status_split_half_and_per_class(cv_run):
+    _, parent = cv_run
+    cv = read_json(parent / "cv.json")
+    assert cv["status"] == "finished" and cv["seconds"] > 0
+    assert 0 <= cv["oof"]["f1_macro_tuned_oos"] <= 1
+    assert [row["class"] for row in cv["oof"]["per_class"]] == list(range(N_CLASSES))
+    assert cv["oof"]["per_class"][0]["threshold"] == pytest.approx(cv["thresholds"][0])
+
+
+@pytest.mark.slow
+def test_runs_lists_a_cross_validation_as_one_row_and_its_folds_on_request(cv_run, capsys):
+    from hpa_fastai.runs.table import collect_runs
+
+    _, parent = cv_run
+    cv = read_json(parent / "cv.json")
+    table = collect_runs(parent.parent)
+    assert list(table["run"]) == [parent.name]
+    row = table.iloc[0]
+    assert row["folds"] == N_FOLDS and row["status"] == "finished" and row["arch"] == "cnn"
+    assert (row["f1"], row["f1_tuned"], row["f1_oos"]) == pytest.approx(
+        (cv["oof"]["f1_macro"], cv["oof"]["f1_macro_tuned"], cv["oof"]["f1_macro_tuned_oos"]))
+    with_folds = collect_runs(parent.parent, folds=True)
+    assert list(with_folds["run"]) == [parent.name] + [f"{parent.name}/fold{k}" for k in range(N_FOLDS)]
+    assert list(collect_runs(parent)["run"]) == list(with_folds["run"])  # the cv folder itself: it and its folds
+    code, out, err = cli_in_process(capsys, "runs", parent.parent)
+    assert code == 0, err
+    assert parent.name in out and "fold0" not in out and "--folds lists them" in out
+    code, out, err = cli_in_process(capsys, "runs", parent.parent, "--folds")
+    assert code == 0 and f"{parent.name}/fold2" in out
+
+
+@pytest.mark.slow
+def test_report_renders_a_cross_validation_page(cv_run, tmp_path, capsys):
+    _, parent = cv_run
+    copy = shutil.copytree(parent, tmp_path / parent.name)
+    cv = read_json(copy / "cv.json")
+    code, out, err = cli_in_process(capsys, "report", copy)
+    assert code == 0, err
+    page = (copy / "report.html").read_text()
+    assert f"Cross-validation {copy.name}" in page
+    for value in (cv["oof"]["f1_macro"], cv["oof"]["f1_macro_tuned"], cv["oof"]["f1_macro_tuned_oos"]):
+        assert f"{value:.4f}" in page
+    assert "split-half" in page and "in-sample" in page and "threshold 0.5" in page
+    folds = page.split('id="folds"')[1].split("<h2")[0]
+    for k, fold in enumerate(cv["folds"]):
+        assert f'<a href="fold{k}/report.html">fold{k}</a>' in folds or f"<td>fold{k}</td>" in folds
+        assert f"{fold['f1_macro']:.4f}" in folds
+    assert "Mitochondria" in page.split('id="per-class"')[1]  # the out-of-fold per-class table
+    assert f"python run.py predict --learner {copy}" in page
+
+
+@pytest.mark.slow
+def test_continuing_a_finished_cv_names_folds_as_their_folders_and_flags_do(cv_run, tmp_path, capsys):
+    _, parent = cv_run
+    copy = shutil.copytree(parent, tmp_path / parent.name)
+    code, out, err = cli_in_process(capsys, "cv", "--resume", copy)
+    assert code == 0, err
+    for k in range(N_FOLDS):
+        assert f"fold{k} (--fold {k} of 0..{N_FOLDS - 1}): finished before, kept" in out
+    assert " of 3)" not in out  # no 1-based count beside a 0-based name
+    assert "tuned, split-half" in out and (copy / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_cross_validation_is_listed_as_interrupted(cv_run, tmp_path):
+    from hpa_fastai.reporting import write_report
+    from hpa_fastai.runs.table import collect_runs
+
+    _, parent = cv_run
+    copy = shutil.copytree(parent, tmp_path / "runs" / parent.name)
+    (copy / "cv.json").write_text(json.dumps({"status": "running", "n_folds": N_FOLDS}))
+    row = collect_runs(copy.parent).iloc[0]
+    assert row["status"] == "interrupted" and row["folds"] == N_FOLDS and pd.isna(row["f1_oos"])
+    page = write_report(copy).read_text()
+    assert "interrupted" in page and f"python run.py cv --resume {copy}" in page
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_cv_folder_on_its_own_data_warns_that_it_trained_on_every_image(cv_run, tmp_path, capsys):
+    data, parent = cv_run
+    code, out, err = cli_in_process(capsys, "evaluate", "--learner", parent, "--data", data, "--out", tmp_path / "e")
+    assert code == 0, err
+    assert f"warning: {data} is training data of {parent}: the model trained on 36 of its 36 images" in out

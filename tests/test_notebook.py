@@ -3,6 +3,8 @@ runs it in well under a minute) and leaves what its text promises: plots, a thre
 exported model, a heatmap and a submission."""
 from __future__ import annotations
 
+import ast
+
 import nbformat
 import pandas as pd
 import pytest
@@ -44,3 +46,8 @@ def test_quickstart_notebook_runs_and_writes_its_outputs(tmp_path, monkeypatch):
     sub = pd.read_csv(out / "submission.csv")
     assert list(sub.columns) == ["Image", "Label"] and len(sub) == 24  # the bundled sample's test images
     assert not (REPO / "hpa_fastai" / "sample" / "models").exists()  # lr_find wrote nothing into the data folder
+    # learn.predict after tune_thresholds gives the labels the safe export's predictor gives
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "learn.predict(" in c.source)
+    text = next(o for o in cell.outputs if o.output_type == "execute_result")["data"]["text/plain"]
+    fastai_labels, predictor_labels = ast.literal_eval(text)
+    assert sorted(int(c) for c in fastai_labels) == predictor_labels

@@ -139,6 +139,21 @@ def test_evaluate_matches_sklearn_and_writes_report(z2g, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_evaluate_on_the_run_s_own_training_data_warns_once(z2g, tmp_path, capsys):
+    data, run = z2g
+    valid = len(pd.read_csv(run / "valid_predictions.csv"))
+    code, out, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", data, "--out", tmp_path / "e")
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {data} is training data of {run}: the model trained on {64 - valid} of its 64 "
+                        "images, so these scores are optimistic; evaluate on labelled images it never saw"]
+    other = make_dataset(tmp_path / "other", "z2g", n_train=12, n_test=0, size=32, seed=9, easy=True)
+    code, out, err = cli_in_process(capsys, "evaluate", "--learner", run, "--data", other, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "warning" not in out
+
+
+@pytest.mark.slow
 def test_python_api_predicts_labels_names_and_probabilities(hpa):
     data, run = hpa
     p = load_predictor(run)

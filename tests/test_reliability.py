@@ -251,7 +251,7 @@ def test_an_interrupted_cross_validation_continues_where_it_stopped(data, tmp_pa
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 600
-    while time.time() < deadline:  # fold1 has checkpointed an epoch: fold0 is finished
+    while time.time() < deadline:  # fold1 has trained and checkpointed an epoch: fold0 is finished
         hist = list((tmp_path / "runs").glob("*-cv-cnn/fold1/history.csv"))
         if hist and len(pd.read_csv(hist[0])) >= 1 and (hist[0].parent / "checkpoint.pth").is_file():
             break
@@ -267,7 +267,7 @@ def test_an_interrupted_cross_validation_continues_where_it_stopped(data, tmp_pa
 
     code, out, err = cli_in_process(capsys, "cv", "--resume", cv_dir)
     assert code == 0, err
-    assert "fold0 (1 of 2): finished before, kept" in out and "fold1 (2 of 2): continuing" in out
+    assert "fold0 (--fold 0 of 0..1): finished before, kept" in out and "fold1 (--fold 1 of 0..1): continuing" in out
     assert read_json(cv_dir / "fold0" / "metrics.json") == fold0  # the finished fold was not trained again
     assert list(pd.read_csv(cv_dir / "fold1" / "history.csv")["epoch"]) == [1, 2, 3]
     cv = read_json(cv_dir / "cv.json")

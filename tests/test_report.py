@@ -243,3 +243,27 @@ def test_page_renders_in_headless_chromium(which, runs, tmp_path):
     assert probe["requests"] == []
     console = [ln for ln in res.stderr.splitlines() if ":CONSOLE" in ln]
     assert console == []
+
+
+def test_comparison_ranks_by_the_split_half_score_and_says_so(runs, tmp_path):
+    """In-sample tuned F1 favours A, the split-half score and F1 at the threshold favour B: B is first
+    and in bold; a run written before the split-half score existed is ranked by F1 at its threshold."""
+    copies = {}
+    for name, source, scores in (("A", runs["rgb"], (0.0358, 0.0951, 0.0742)),
+                                 ("B", runs["rgb"], (0.0788, 0.0850, 0.0782)),
+                                 ("old", runs["rgby"], (0.0500, 0.0900, None))):
+        run = copies[name] = shutil.copytree(source, tmp_path / name)
+        metrics = read_json(run / "metrics.json")
+        metrics.update(f1_macro=scores[0], f1_macro_tuned=scores[1], f1_macro_tuned_oos=scores[2])
+        if scores[2] is None:
+            del metrics["f1_macro_tuned_oos"]
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    text = write_comparison([copies["A"], copies["old"], copies["B"]], tmp_path / "c.html").read_text()
+    summary = text.split('id="summary"')[1].split("<h2")[0]
+    rows = re.findall(r"<tr[^>]*><td class=num>(\d)</td><td>(?:<b>)?([^<]+)(?:</b>)?</td><td class=num>(?:<b>)?([^<]+)",
+                      summary)
+    assert [(rank, name, score.strip()) for rank, name, score in rows] == [
+        ("1", "B", "0.0782"), ("2", "A", "0.0742"), ("3", "old", "0.0500")]
+    assert "<b>B</b>" in summary and "<b>0.0951</b>" not in text
+    assert "score to believe" in summary and "split-half" in summary.split("<table>")[0]
+    assert "(at the threshold)" in summary  # the old run says what it is ranked by

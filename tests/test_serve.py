@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import importlib.util
 import os
 import shutil
@@ -73,6 +74,39 @@ def test_answer_shows_the_predicted_labels_probabilities_thresholds_and_heatmaps
     averaged = pred.predict(files[1], tta="mean")["all_probabilities"]
     assert "(TTA)" in with_tta.verdict
     np.testing.assert_allclose(with_tta.table.sort_values("class")["probability"], averaged, atol=1e-4)
+
+
+def test_an_all_zero_heatmap_says_no_region_speaks_for_the_class(run, monkeypatch):
+    from hpa_fastai.inference import cam
+
+    run_dir, data = run
+    real = cam.explain
+
+    def nothing_speaks(*args, **kwargs):
+        explanations = real(*args, **kwargs)
+        for e in explanations:
+            e.heatmaps = [np.zeros_like(h) for h in e.heatmaps]
+        return explanations
+
+    monkeypatch.setattr(cam, "explain", nothing_speaks)
+    shown = answer(load_predictor(run_dir), stain_files(data))
+    captions = [caption for _, caption in shown.heatmaps]
+    assert captions and all(c.endswith(": no region speaks for it") for c in captions), captions
+
+
+def test_the_preview_shows_an_upload_once_it_is_one_image_and_examples_are_the_folder_s_images(run):
+    from hpa_fastai.serve.app import PREVIEW_SIDE, example_images, preview
+
+    run_dir, data = run
+    pred = load_predictor(run_dir)
+    files = stain_files(data)
+    image = preview(pred, files)
+    assert image.ndim == 3 and image.shape[2] == 3 and max(image.shape[:2]) >= PREVIEW_SIDE
+    assert preview(pred, files[:3]) is None  # three stains of four: no image yet
+    examples = example_images(data / "test", "rgby")
+    ids = list(pd.read_csv(data / "sample_submission.csv")["Id"])
+    assert sorted(name for name, _ in examples) == sorted(ids)
+    assert all(sorted(f.name for f in found) == sorted(f"{name}_{s}.png" for s in STAINS) for name, found in examples)
 
 
 def write_16bit(path: Path) -> Path:
@@ -157,14 +191,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_process(run_dir, cwd: Path, temp: Path):
+def serve_process(run_dir, cwd: Path, temp: Path, *flags):
     """``run.py serve`` in a subprocess on a free port of 127.0.0.1, with ``temp`` as its system
     temp folder; (process, url, log), stopped (SIGTERM) at the end if still running."""
     port = free_port()
     log_path = cwd / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "serve", "--learner", str(run_dir),
-                                 "--port", str(port)], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                 "--port", str(port), *map(str, flags)], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False",
                                      "TMPDIR": str(temp)})
         try:
@@ -259,14 +293,15 @@ def test_an_answered_upload_leaves_no_bytes_on_disk_and_the_page_keeps_only_its_
     files = stain_files(run[1])
     uploaded = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     client = Client(url, verbose=False, download_files=False)
-    verdict, _, _, gallery, upload_list = client.predict([handle_file(str(f)) for f in files], False,
-                                                         api_name="/predict")
+    verdict, error, _, _, gallery, upload_list, image = client.predict([handle_file(str(f)) for f in files], False,
+                                                                       api_name="/predict")
+    assert error == ""
     assert "Predicted for" in verdict or "No class reaches" in verdict
     assert upload_list is None  # the page's upload list is cleared: the files are gone
     assert not uploaded & digests(folder)
-    shown = [Path(item["image"]["path"]) for item in gallery]
+    shown = [Path(item["image"]["path"]) for item in gallery] + [Path(image["path"])]  # heatmaps, the image as seen
     assert shown and all(path.is_file() for path in shown)
-    assert sorted(path for path, _ in folder.files()) == sorted(shown)  # nothing but the heatmaps on the page
+    assert sorted(path for path, _ in folder.files()) == sorted(shown)  # nothing but what the page shows
     client.predict([handle_file(str(f)) for f in files], True, api_name="/predict")  # the page moves on
     assert not any(path.exists() for path in shown) and not uploaded & digests(folder)
 
@@ -295,11 +330,12 @@ def test_a_bad_upload_is_named_by_its_own_name_only(run, live_app, tmp_path, cas
         files[1].write_text("not an image")
     else:
         write_16bit(files[1])
-    verdict = Client(url, verbose=False, download_files=False).predict([handle_file(str(f)) for f in files], False,
-                                                                        api_name="/predict")[0]
-    shown = verdict.replace("\\", "")
-    assert shown.startswith(f"**Cannot read this input.** {files[1].name}: {message}"), verdict
-    assert "/" not in shown and str(folder.path) not in shown and str(tmp_path) not in shown
+    verdict, error = Client(url, verbose=False, download_files=False).predict(
+        [handle_file(str(f)) for f in files], False, api_name="/predict")[:2]
+    assert verdict == ""  # an error is shown as an error, not as an answer
+    shown = html.unescape(error)
+    assert f"<b>Cannot read this input.</b> {files[1].name}: {message}" in shown and 'class="input-error"' in error
+    assert str(folder.path) not in shown and str(tmp_path) not in shown
     assert folder.usage() == (0, 0)
 
 
@@ -353,10 +389,11 @@ MISSING = [name for name, ok in [("chromium", CHROMIUM), ("chromedriver", CHROME
 
 @pytest.fixture
 def server(run, tmp_path):
-    """``run.py serve`` on a free port of 127.0.0.1, until the test ends; (url, log, temp folder)."""
+    """``run.py serve`` on a free port of 127.0.0.1, with the data's test images as examples, until the
+    test ends; (url, log, temp folder)."""
     temp = tmp_path / "tmp"
     temp.mkdir()
-    with serve_process(run[0], tmp_path, temp) as (_, url, log):
+    with serve_process(run[0], tmp_path, temp, "--examples", run[1] / "test") as (_, url, log):
         yield url, log, temp
 
 
@@ -377,23 +414,52 @@ def browser(tmp_path):
     driver.quit()
 
 
-def upload_and_predict(driver, url: str, files) -> str:
-    """Open the page, give the files to its upload input, press Predict; the verdict's text."""
+ANSWERED = ("Predicted for", "No class reaches")
+
+
+def shown_text(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text
+
+
+def names_cut_short(driver) -> list[str]:
+    """The file names of the upload list that the page shows cut (wider than their box)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#upload .filename .stem')]"
+        ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)")
+
+
+def preview_source(driver) -> str | None:
+    from selenium.webdriver.common.by import By
+
+    images = driver.find_elements(By.CSS_SELECTOR, "#preview img")
+    return images[0].get_attribute("src") if images else None
+
+
+def give_files(driver, files):
+    """Give the files to the page's upload input and wait until the list shows them."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(url)
     wait = WebDriverWait(driver, 120)
     upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#upload input[type=file]")))
     upload.send_keys("\n".join(str(f) for f in files))
-    stems = [Path(f).stem[-12:] for f in files]  # the list shows a long name cut, its suffix apart
-    wait.until(lambda d: all(s in d.find_element(By.ID, "upload").text for s in stems))  # uploaded
-    assert driver.find_elements(By.CSS_SELECTOR, "#upload .file-preview")  # the page lists them
+    wait.until(lambda d: all(Path(f).stem in shown_text(d, "upload") for f in files))  # every whole name
+
+
+def press_predict(driver) -> tuple[str, str]:
+    """Press Predict and wait for the answer or the error; (verdict, error) as the page shows them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver.find_element(By.CSS_SELECTOR, "#predict").click()
-    done = ("Predicted for", "No class reaches", "Cannot read this input")
-    wait.until(lambda d: any(t in d.find_element(By.ID, "verdict").text for t in done))
-    return driver.find_element(By.ID, "verdict").text
+    # answered: the upload list is cleared (the files are gone), and the answer or the error is shown
+    WebDriverWait(driver, 120).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#upload .file-preview")
+                                     and "processing" not in shown_text(d, "verdict") and (
+        any(t in shown_text(d, "verdict") for t in ANSWERED) or "Cannot read this input" in shown_text(d, "error")))
+    return shown_text(driver, "verdict"), shown_text(driver, "error")
 
 
 @pytest.mark.slow
@@ -401,36 +467,70 @@ def upload_and_predict(driver, url: str, files) -> str:
                                           "chromium-driver; pip install -e '.[test,serve]')")
 def test_the_page_labels_an_upload_shows_heatmaps_and_survives_a_bad_file(run, server, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     url, log, temp = server
-    assert f"at {url.rstrip('/')}" in log.read_text()  # the default: this machine only
+    text = log.read_text()
+    assert f"at {url.rstrip('/')}" in text  # the default: this machine only
+    assert "share=True" not in text  # Gradio's advice for a public link, which this app does not offer
     run_dir, data = run
-    files = stain_files(data)
-    expected = load_predictor(run_dir).predict(files[1])
-    verdict = upload_and_predict(browser, url, files)
-    shown = expected["names"] or [n for n in load_predictor(run_dir).names if n in verdict][:1]
-    assert shown and all(name in verdict for name in shown), verdict
+    pred = load_predictor(run_dir)
+    browser.get(url)
+    wait = WebDriverWait(browser, 120)
+    # before any answer the table shows its own columns, not placeholders
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#table th"))
+    headers = [h.text.strip() for h in browser.find_elements(By.CSS_SELECTOR, "#table th") if h.text.strip()]
+    assert headers[:5] == ["class", "name", "probability", "threshold", "predicted"], headers
+
+    # an example to click: its four stain files fill the upload list, whole names shown, and the image appears
+    example_ids = list(pd.read_csv(data / "sample_submission.csv")["Id"])
+    examples = browser.find_element(By.ID, "examples")
+    assert all(image_id in examples.text for image_id in example_ids)
+    examples.find_elements(By.CSS_SELECTOR, "button, tr, td, .gallery-item")[0].click()
+    first = [data / "test" / f"{example_ids[0]}_{stain}.png" for stain in STAINS]
+    wait.until(lambda d: all(f.stem in shown_text(d, "upload") for f in first))
+    wait.until(lambda d: preview_source(d))
+    assert not names_cut_short(browser)
+    verdict, error = press_predict(browser)
+    expected = pred.predict(first[1])
+    assert error == "" and all(name in verdict for name in expected["names"]), verdict
+
+    # the four stain files dropped by hand
+    files = stain_files(data, 1)
+    give_files(browser, files)
+    assert not names_cut_short(browser), names_cut_short(browser)  # "..._red", "..._green": every name whole
+    wait.until(lambda d: preview_source(d))
+    expected = pred.predict(files[1])
+    verdict, error = press_predict(browser)
+    assert error == "" and all(name in verdict for name in expected["names"]), verdict
     heatmaps = browser.find_elements(By.CSS_SELECTOR, "#heatmaps img")
     assert len(heatmaps) >= 1
-    table = browser.find_element(By.ID, "table").text
+    table = shown_text(browser, "table")
     assert all(name in table for name in expected["names"])
+    assert preview_source(browser)  # the image stays beside its answer
     shot = tmp_path / "serve.png"
     browser.save_screenshot(str(shot))
     assert Image.open(shot).size[0] >= 1000
     if os.environ.get("HPA_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["HPA_SCREENSHOTS"]) / "serve.png")
 
+    # a bad file: an error, styled as one, and no answer
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not an image")
-    verdict = upload_and_predict(browser, url, [text_file])
-    assert "Cannot read this input" in verdict and "notes.txt" in verdict, verdict
-    verdict = upload_and_predict(browser, url, files)  # the server goes on serving
-    assert all(name in verdict for name in shown), verdict
+    give_files(browser, [text_file])
+    verdict, error = press_predict(browser)
+    assert verdict.strip() == "" and "Cannot read this input" in error and "notes.txt" in error, (verdict, error)
+    box = browser.find_element(By.CSS_SELECTOR, "#error .input-error")
+    assert box.value_of_css_property("background-color") in ("rgba(255, 235, 233, 1)", "rgb(255, 235, 233)")
+    give_files(browser, files)
+    verdict, error = press_predict(browser)  # the server goes on serving
+    assert error == "" and all(name in verdict for name in expected["names"]), verdict
     assert not browser.find_elements(By.CSS_SELECTOR, "#upload .file-preview")  # the answered files are gone
     (folder,) = temp.glob(f"{PREFIX}*")
     held = [path for path in folder.rglob("*") if path.is_file()]
-    uploaded = {f.read_bytes() for f in files}
+    uploaded = {f.read_bytes() for f in files + first}
     assert held and all(path.suffix == ".png" and path.read_bytes() not in uploaded for path in held)  # heatmaps only
+    assert all(f.is_file() for f in first)  # the example's own files stay where they are
     browser.get("about:blank")  # the page closes: its heatmaps go (Gradio notices within a second or two)
     deadline = time.time() + 60
     while any(path.is_file() for path in folder.rglob("*")) and time.time() < deadline:

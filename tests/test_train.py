@@ -59,7 +59,7 @@ def test_cli_run_writes_every_artifact_and_clean_log(z2g_data, tmp_path):
     assert len(epoch_lines) == 2 and "f1_macro" in epoch_lines[0]
     cfg = read_json(run_dir / "config.json")
     assert math.isfinite(cfg["lr_used"]) and cfg["lr_used"] > 0
-    assert read_json(run_dir / "lr_find.json")["suggestions"]["valley"] == pytest.approx(cfg["lr_used"])
+    assert read_json(run_dir / "lr_find.json")["suggestions"]["auto"] == pytest.approx(cfg["lr_used"])
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     metrics = read_json(run_dir / "metrics.json")
@@ -204,7 +204,7 @@ def test_same_seed_gives_same_split_and_metrics(z2g_data, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--arch", "resnet1000"], "unknown architecture"),
-    (["--arch", "timm:no_such_model"], "unknown timm model"),
+    (["--arch", "timm:no_such_model"], "unknown architecture 'timm:no_such_model'"),
     (["--epochs", "-3"], "--epochs"),
     (["--size", "abc"], "--size"),
     (["--size", "0"], "--size"),
@@ -254,3 +254,22 @@ def test_the_training_door_runs_twice_in_one_process_quietly_with_an_extra_callb
         assert watch.scores == list(result.history["f1_macro"]) and len(watch.scores) == 2
         assert result.metrics["epochs_run"] == 2 and len(result.thresholds) == 10
     assert results[0].run_dir != results[1].run_dir
+
+
+def test_the_default_monitor_is_the_validation_loss():
+    assert TrainConfig().monitor == "valid_loss" and TrainConfig().lr == "auto"
+
+
+@pytest.mark.slow
+def test_the_default_run_exports_the_epoch_of_the_lowest_validation_loss(z2g_data, tmp_path):
+    """The defaults never export an epoch whose validation loss is above the first epoch's: while a
+    small model learns, its probabilities fall below 0.5 before they separate, so F1 at 0.5 can be
+    best in the first epoch, which the old default (--monitor f1_macro) exported."""
+    cfg = TrainConfig(data=str(z2g_data), out=str(tmp_path), arch="cnn", epochs=4, bs=8, pretrained=False,
+                      lr="2e-3", valid_pct=0.5, seed=0)
+    run_dir = train(cfg)
+    history = pd.read_csv(run_dir / "history.csv")
+    best = read_json(run_dir / "metrics.json")["best_epoch"]
+    assert read_json(run_dir / "metrics.json")["monitor"] == "valid_loss"
+    assert best == int(history["epoch"][history["valid_loss"].idxmin()])
+    assert history["valid_loss"][best - 1] <= history["valid_loss"][0]

@@ -2,6 +2,7 @@
 imported inside each command, so that ``run.py runs`` or ``--help`` never pay for torch."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -20,17 +21,19 @@ def train(cfg: TrainConfig) -> Path | None:
     result = train_run(cfg, cbs=[EpochProgress()])
     if result is None:  # a process other than the first of a distributed run
         return None
-    return show_run(result)
+    return show_run(result, cfg.per_class)
 
 
-def show_run(result) -> Path:
-    """What the console shows after a run, and the report it writes: the per-class table, report.html
-    (and the TensorBoard summary), the scores. Returns the run folder."""
-    _show_per_class(f"validation, per class (tuned thresholds; {result.metrics['valid_images']} images)",
-                    result.metrics["per_class"])
+def show_run(result, per_class: bool = False) -> Path:
+    """What the console shows after a run, and the report it writes: report.html (and the TensorBoard
+    summary), the scores, with ``per_class`` the per-class table. Returns the run folder."""
+    if per_class:
+        _show_per_class(f"validation, per class (tuned thresholds; {result.metrics['valid_images']} images)",
+                        result.metrics["per_class"])
     _report(result.run_dir, result.metrics)
     _show_run_summary(result)
-    log(f"artifacts in {result.run_dir} (exported model: export.pkl, model.safetensors + model.json)")
+    log(f"artifacts in {result.run_dir} (exported model: export.pkl, model.safetensors + model.json; per class: "
+        f"report.html, per_class.csv{'' if per_class else ', or --per-class on the console'})")
     return result.run_dir
 
 
@@ -78,13 +81,15 @@ def lr_find(cfg: TrainConfig) -> Path:
     from ..training import lr_find as find
 
     result = find(cfg)
-    console.print(table("lr_find suggestions", pd.DataFrame(
-        {"method": list(result.suggestions), "lr": [f"{v:.3e}" for v in result.suggestions.values()]})))
+    console.print(table("lr_find suggestions (--lr auto takes auto; --lr valley fastai's valley)", pd.DataFrame(
+        {"method": list(result.suggestions),
+         "lr": [f"{v:.3e}" if math.isfinite(v) else "none found" for v in result.suggestions.values()]})))
     log(f"plot: {result.run_dir / LR_FIND_PLOT}")
     return result.run_dir
 
 
 def cv(cfg: TrainConfig) -> Path:
+    from ..reporting import write_report
     from ..runs.folder import LATEST
     from ..training import cross_validate
     from .epochs import EpochProgress
@@ -92,25 +97,31 @@ def cv(cfg: TrainConfig) -> Path:
     result = cross_validate(cfg, cbs=[EpochProgress()])
     for fold in result.trained:
         _report(fold.run_dir, fold.metrics)
-    _show_cv(result.summary)
+    _show_cv(result.summary, cfg.per_class)
+    log(f"report {write_report(result.cv_dir)}")
     log(f"out-of-fold predictions and scores in {result.cv_dir}; {result.cv_dir.parent / LATEST} now points at it")
     log(f"predict with the {result.summary['n_folds']}-model ensemble: hpa-fastai predict --learner {result.cv_dir}")
     return result.cv_dir
 
 
-def _show_cv(result: dict) -> None:
+def _show_cv(result: dict, per_class: bool = False) -> None:
+    oof = result["oof"]
+    if per_class and oof.get("per_class"):
+        _show_per_class(f"out-of-fold, per class (thresholds tuned on all folds; {oof['images']} images)",
+                        oof["per_class"])
     at = "threshold 0.5" if result["threshold"] == 0.5 else f"threshold {result['threshold']}"
+    nan = float("nan")
     rows = [{"": f["run"], "images": f["images"], f"macro F1, {at}": f["f1_macro"],
-             "macro F1, tuned": f["f1_macro_tuned"]} for f in result["folds"]]
+             "tuned, in-sample": f["f1_macro_tuned"], "tuned, split-half": nan} for f in result["folds"]]
     fold_scores = pd.DataFrame(rows)
     rows.append({"": "mean of folds", "images": int(fold_scores["images"].sum()),
                  f"macro F1, {at}": float(fold_scores[f"macro F1, {at}"].mean()),
-                 "macro F1, tuned": float(fold_scores["macro F1, tuned"].mean())})
-    oof = result["oof"]
+                 "tuned, in-sample": float(fold_scores["tuned, in-sample"].mean()), "tuned, split-half": nan})
     rows.append({"": "out-of-fold", "images": oof["images"], f"macro F1, {at}": oof["f1_macro"],
-                 "macro F1, tuned": oof["f1_macro_tuned"]})
-    console.print(table(f"{result['n_folds']}-fold cross-validation (tuned: per-class thresholds "
-                        "from all out-of-fold predictions)", pd.DataFrame(rows)))
+                 "tuned, in-sample": oof["f1_macro_tuned"], "tuned, split-half": oof.get("f1_macro_tuned_oos", nan)})
+    console.print(table(f"{result['n_folds']}-fold cross-validation, macro F1 (tuned: per-class thresholds from the "
+                        "out-of-fold predictions of all folds; split-half: tuned on one half of them, scored on the "
+                        "other, both ways: the score to quote)", pd.DataFrame(rows)))
 
 
 def _tta(cfg) -> str | None:
@@ -120,6 +131,10 @@ def _tta(cfg) -> str | None:
 def _log_precision(precision: str, requested: str) -> None:
     if precision != "fp32" and requested == "auto":
         log(f"predicting in {precision} mixed precision, as the model trained (--precision fp32 for full precision)")
+
+
+PREDICTIONS_SHOWN_ALL = 20  # a folder of up to this many images is shown whole; a larger one, its first rows
+PREDICTIONS_SHOWN = 10
 
 
 def predict(cfg: PredictConfig) -> Path:
@@ -151,8 +166,10 @@ def predict(cfg: PredictConfig) -> Path:
         log(f"wrote {written.out}: {len(written.table)} rows, {fmt.name} submission "
             f"({fmt.id_col},{fmt.submission_label_col})")
     else:
-        if len(written.table) <= 20:
-            console.print(table("predictions", written.table))
+        shown = written.table if len(written.table) <= PREDICTIONS_SHOWN_ALL else written.table.head(PREDICTIONS_SHOWN)
+        title = "predictions" if len(shown) == len(written.table) else \
+            f"predictions, the first {len(shown)} of {len(written.table)} images (all of them in {written.out})"
+        console.print(table(title, shown))
         log(f"wrote {written.out}: {len(written.table)} images")
     return written.out
 
@@ -175,7 +192,7 @@ def explain(cfg: ExplainConfig) -> Path:
 def serve(cfg: ServeConfig) -> None:
     from ..serve.app import serve as serve_app
 
-    serve_app(cfg.learner, cfg.host, cfg.port)
+    serve_app(cfg.learner, cfg.host, cfg.port, cfg.examples)
 
 
 def evaluate(cfg: EvaluateConfig) -> Path:
@@ -231,7 +248,7 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
     from ..runs.table import NUMERIC, collect_runs, display_frame
 
     folder = Path(cfg.dir)
-    df = collect_runs(folder, cfg.sort)
+    df = collect_runs(folder, cfg.sort, cfg.folds)
     if cfg.csv is not None:
         check_output(cfg.csv, "--csv", run_dirs=df["path"])
     if df.empty:
@@ -245,7 +262,9 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
     thresholds = sorted(set(df["threshold"].dropna()))
     t.caption = (f"macro F1 on the validation images at threshold {', '.join(f'{x:g}' for x in thresholds) or '0.5'}"
                  " and with per-class tuned thresholds: tuned on the same images (in-sample, optimistic) and"
-                 " split-half (tuned on one half, scored on the other, both ways: out-of-sample)")
+                 " split-half (tuned on one half, scored on the other, both ways: out-of-sample); a row with folds"
+                 " is a cross-validation, scored on the out-of-fold predictions of all its folds"
+                 + ("" if cfg.folds or not df["folds"].notna().any() else " (--folds lists them)"))
     console.print(t)
     if cfg.csv is not None:
         write_csv(cfg.csv, for_spreadsheet(df))  # values from run files, for a spreadsheet
@@ -256,10 +275,10 @@ def runs(cfg: RunsConfig) -> pd.DataFrame:
 def report(cfg: ReportConfig) -> Path:
     from ..outputs import check_output
     from ..reporting import write_comparison, write_report
-    from ..runs.files import check_run_dir
+    from ..runs.files import check_report_dir
     from ..runs.folder import REPORT
 
-    runs = [check_run_dir(r) for r in cfg.runs]
+    runs = [check_report_dir(r) for r in cfg.runs]
     if len(runs) == 1:  # a run's report.html is this command's own output; the rest of the folder is not
         out = None if cfg.out is None else check_output(cfg.out, "--out", run_dirs=runs, own={REPORT})
         path = write_report(runs[0], out)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import typing
 import warnings
 
 from ..config import validate
-from ..console import attach_logging, console
+from ..console import attach_logging, console, plain
 from ..errors import HPAError
 from .commands import COMMANDS
 
@@ -38,11 +39,29 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
                                 metavar=None if "choices" in meta else f.name.upper(), **meta)
 
 
+def did_you_mean(word: str, choices) -> str:
+    """``; did you mean X?`` for the choice closest to a mistyped ``word``, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse prints its usage block before a bad-flag message; keep the project's one-line errors."""
+    """argparse prints its usage block before a bad-flag message; keep the project's one-line errors,
+    with the closest flag for one it does not know."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        if message.startswith("unrecognized arguments:"):
+            flags = [o for a in self._actions for o in a.option_strings]
+            unknown = next((w for w in message.split(":", 1)[1].split() if w.startswith("--")), None)
+            if unknown is not None:
+                message += did_you_mean(unknown.split("=")[0], flags)
+        self.exit(2, f"error: {plain(message)} (see {self.prog} --help)\n")
+
+
+def commands_text(prog: str) -> str:
+    width = max(map(len, COMMANDS))
+    return f"commands ({prog} COMMAND --help for a command's flags):\n" + "\n".join(
+        f"  {name:{width}s}  {text}" for name, (_, text, _) in COMMANDS.items())
 
 
 PROG = "hpa-fastai"  # the installed command; a checkout's run.py and `python -m hpa_fastai` say their own name
@@ -59,14 +78,13 @@ def program_name(argv0: str | None = None) -> str:
 
 def build_parser(command: str, prog: str = PROG) -> argparse.ArgumentParser:
     cls, help_text, _ = COMMANDS[command]
-    epilog = None
-    if command == "train":
-        width = max(map(len, COMMANDS))
-        epilog = f"other commands ({prog} COMMAND --help):\n" + "\n".join(
-            f"  {name:{width}s} {text}" for name, (_, text, _) in COMMANDS.items() if name != "train")
-    parser = OneLineParser(prog=prog if command == "train" else f"{prog} {command}", description=help_text,
-                          epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command == "train":  # --help: the commands first, then training's flags
+        parser = OneLineParser(prog=prog, usage=f"{prog} [COMMAND] [FLAGS]",
+                               description=f"{commands_text(prog)}\n\ntrain: {help_text}; its flags:",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        parser = OneLineParser(prog=f"{prog} {command}", description=help_text,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, cls)
     return parser
 
@@ -79,6 +97,11 @@ def main(argv=None, prog: str = PROG) -> int:
     # one process speaks for a distributed run (torchrun and accelerate set RANK in each process)
     console.quiet = os.environ.get("RANK", "0") not in ("", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        # training takes no positional argument: a first word that is no command is a mistyped one
+        print(f"error: unknown command {plain(argv[0])!r:.80}{did_you_mean(argv[0], COMMANDS)} "
+              f"(commands: {', '.join(COMMANDS)}; {prog} --help)", file=sys.stderr)
+        return 2
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     args = build_parser(command, prog).parse_args(argv)  # exits 2 with a message on a bad flag
     cls, _, run = COMMANDS[command]

@@ -17,6 +17,7 @@ from .. import metrics as M
 from ..data.layouts import distinct_ids, scan_images
 from ..data.pipeline import predict_dl
 from ..errors import HPAError
+from ..losses import set_thresholds
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,6 +48,8 @@ class Predictor:
 
     def __init__(self, learn: Learner, meta: dict, source: Path, safe: bool):
         self.learn, self.meta, self.source, self.safe = learn, meta, source, safe
+        # the learner's own decoding (learn.predict) with the thresholds this predictor decodes with
+        set_thresholds(self.learn.loss_func, meta["thresholds"])
         self.learn.remove_cbs(self.learn.cbs.filter(lambda c: isinstance(c, ProgressCallback)))
         self.learn.model.eval()
         self.device = D.model_device(self.learn.model)

@@ -24,9 +24,10 @@ from PIL import Image
 from .. import plots
 from ..atomic import write_text
 from ..errors import HPAError
-from ..runs.files import check_run_dir, read_history, read_json, read_lr_find, read_metrics
-from ..runs.folder import CONFIG, CURVES, LR_FIND_PLOT, MODEL_JSON, PER_CLASS_PLOT, REPORT, TENSORBOARD
-from ..runs.table import format_seconds, run_summary
+from ..runs.files import check_report_dir, read_cv_summary, read_history, read_json, read_lr_find, read_metrics
+from ..runs.folder import (CONFIG, CURVES, LR_FIND_PLOT, MODEL_JSON, PER_CLASS_PLOT, REPORT, TENSORBOARD, is_cv_dir,
+                           is_run_dir)
+from ..runs.table import cv_summary, fold_dirs, format_seconds, run_summary
 from .heatmaps import mistake_heatmaps
 from .samples import valid_samples
 
@@ -226,13 +227,61 @@ def report_values(run_dir: Path) -> dict:
 
 
 def render_report(run_dir: Path) -> str:
+    if is_cv(run_dir):
+        return TEMPLATES.get_template("cv.html").render(cv_report_values(Path(run_dir)))
     return TEMPLATES.get_template("run.html").render(report_values(run_dir))
 
 
 def write_report(run_dir, out=None) -> Path:
-    """Write the run's report (default ``run_dir/report.html``); returns its path."""
-    run_dir = check_run_dir(run_dir)
+    """Write the report of a run or of a cross-validation (default ``report.html`` in its folder);
+    returns its path."""
+    run_dir = check_report_dir(run_dir)
     return write_text(Path(out) if out else run_dir / REPORT, render_report(run_dir))
+
+
+# --- a cross-validation: report.html of its folder -----------------------------------------------
+
+def cv_report_values(cv_dir: Path) -> dict:
+    """What a cross-validation's report.html shows: its out-of-fold scores, each fold, the per-class
+    table of the out-of-fold predictions, the command that predicts with the ensemble, its config."""
+    config, summary, row = read_json(cv_dir / CONFIG), read_cv_summary(cv_dir), cv_summary(cv_dir)
+    oof = summary.get("oof") if isinstance(summary.get("oof"), dict) else {}
+    threshold = num(summary.get("threshold", config.get("threshold", 0.5)), "g")
+    listed = summary.get("folds") if isinstance(summary.get("folds"), list) else []
+    by_name = {f.get("run"): f for f in listed if isinstance(f, dict)}
+    folds = []
+    for fold_dir in fold_dirs(cv_dir):
+        scores, own, metrics = by_name.get(fold_dir.name, {}), run_summary(fold_dir), read_metrics(fold_dir)
+        folds.append({"run": fold_dir.name, "report": f"{fold_dir.name}/{REPORT}" if (fold_dir / REPORT).is_file()
+                      else None, "images": num(scores.get("images"), ".0f"),
+                      "f1": num(scores.get("f1_macro"), ".4f"), "f1_tuned": num(scores.get("f1_macro_tuned"), ".4f"),
+                      "own_oos": num(metrics.get("f1_macro_tuned_oos"), ".4f"),
+                      "best_epoch": num(own["best_epoch"]), "epochs": num(own["epochs"]), "status": own["status"],
+                      "time": format_seconds(own["time"])})
+    mean = {}
+    if listed:
+        for key in ("f1_macro", "f1_macro_tuned"):
+            values = [f.get(key) for f in listed if isinstance(f, dict) and num(f.get(key)) != "-"]
+            mean[key] = num(float(np.mean(values)) if values else None, ".4f")
+    per_class = per_class_values(cv_dir, {"per_class": oof.get("per_class"), "valid_images": oof.get("images")})
+    per_class["plot"] = None
+    return {
+        "name": run_label(cv_dir),
+        "sub": {**{k: fmt_value(config.get(k, "?")) for k in ("arch", "data", "channels", "size")},
+                "n_folds": fmt_value(summary.get("n_folds", config.get("n_folds", "?"))), **training_values(config)},
+        "status": row["status"], "time": format_seconds(row["time"]), "threshold": threshold,
+        "has_oof": bool(oof), "oof": {"images": num(oof.get("images"), ".0f"), "f1": num(oof.get("f1_macro"), ".4f"),
+                                      "f1_tuned": num(oof.get("f1_macro_tuned"), ".4f"),
+                                      "f1_oos": num(oof.get("f1_macro_tuned_oos"), ".4f"),
+                                      "samples": num(oof.get("f1_samples"), ".4f"),
+                                      "samples_tuned": num(oof.get("f1_samples_tuned"), ".4f"),
+                                      "samples_oos": num(oof.get("f1_samples_tuned_oos"), ".4f")},
+        "folds": folds, "mean": mean,
+        "per_class": per_class,
+        "predict": f"python run.py predict --learner {cv_dir} --data <folder of images or competition folder>",
+        "resume": f"python run.py cv --resume {cv_dir}",
+        "config": config_values(config),
+    }
 
 
 # --- several runs --------------------------------------------------------------------------------
@@ -267,12 +316,48 @@ def overlay_plot(histories: dict[str, pd.DataFrame]) -> bytes:
     return figure_png(fig)
 
 
+def score_to_believe(summary: dict) -> tuple[float | None, str]:
+    """The score a comparison ranks runs by, and its name: macro F1 with per-class thresholds tuned
+    split-half (out-of-sample), or, for a run without it (written before it existed), F1 at the
+    run's threshold. Never the in-sample tuned score, which flatters rare classes."""
+    if summary.get("f1_oos") is not None:
+        return summary["f1_oos"], "tuned, split-half"
+    return summary.get("f1"), "at the threshold"
+
+
 def comparison_summary_rows(labels: list[str], summaries: list[dict]) -> list[dict]:
-    best_f1 = max((s["f1_tuned"] for s in summaries if s["f1_tuned"] is not None), default=None)
+    scores = [score_to_believe(s)[0] for s in summaries]
+    best = max((v for v in scores if v is not None), default=None)
     return [{"run": label, **{k: fmt_value(s[k]) for k in ("data", "arch", "channels", "size", "epochs", "best_epoch")},
+             "rank": i + 1, "score": num(score, ".4f"), "score_kind": score_to_believe(s)[1],
              "f1": num(s["f1"], ".4f"), "f1_tuned": num(s["f1_tuned"], ".4f"), "f1_oos": num(s.get("f1_oos"), ".4f"),
-             "best": best_f1 is not None and s["f1_tuned"] == best_f1, "time": format_seconds(s["time"]),
-             "status": s["status"]} for label, s in zip(labels, summaries)]
+             "best": best is not None and score == best, "time": format_seconds(s["time"]),
+             "status": s["status"] + (f" ({s['folds']} folds, out-of-fold)" if s.get("folds") else "")}
+            for i, (label, s, score) in enumerate(zip(labels, summaries, scores))]
+
+
+def is_cv(path: Path) -> bool:
+    """A cross-validation's folder (not a run that happens to hold a cv.json)."""
+    return is_cv_dir(path) and not is_run_dir(path)
+
+
+def summary_of(path: Path) -> dict:
+    return cv_summary(path) if is_cv(path) else run_summary(path)
+
+
+def metrics_of(path: Path) -> dict:
+    """metrics.json of a run; for a cross-validation, its out-of-fold per-class table."""
+    if is_cv(path):
+        oof = read_cv_summary(path).get("oof")
+        return {"per_class": oof.get("per_class")} if isinstance(oof, dict) else {}
+    return read_metrics(path)
+
+
+def ranked(run_dirs: list[Path]) -> list[Path]:
+    """The runs best first by the score to believe (``score_to_believe``), runs without one last."""
+    scores = [score_to_believe(summary_of(d))[0] for d in run_dirs]
+    order = sorted(range(len(run_dirs)), key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
+    return [run_dirs[i] for i in order]
 
 
 def comparison_config_values(configs: list[dict]) -> dict:
@@ -303,14 +388,15 @@ def comparison_per_class_rows(metrics: list[dict]) -> list[dict]:
 
 
 def comparison_values(run_dirs: list[Path]) -> dict:
-    """What the comparison page shows, section by section."""
+    """What the comparison page shows, section by section, the runs ranked by the score to believe."""
+    run_dirs = ranked(run_dirs)
     labels = unique_labels(run_dirs)
     return {
         "labels": labels,
-        "summary": comparison_summary_rows(labels, [run_summary(d) for d in run_dirs]),
+        "summary": comparison_summary_rows(labels, [summary_of(d) for d in run_dirs]),
         "config": comparison_config_values([read_json(d / CONFIG) for d in run_dirs]),
         "curves": data_uri(overlay_plot({lb: read_history(d) for lb, d in zip(labels, run_dirs)})),
-        "per_class": comparison_per_class_rows([read_metrics(d) for d in run_dirs]),
+        "per_class": comparison_per_class_rows([metrics_of(d) for d in run_dirs]),
     }
 
 
@@ -319,6 +405,6 @@ def render_comparison(run_dirs: list[Path]) -> str:
 
 
 def write_comparison(run_dirs, out="comparison.html") -> Path:
-    """Write a page comparing ``run_dirs``; returns its path."""
-    run_dirs = [check_run_dir(d) for d in run_dirs]
+    """Write a page comparing ``run_dirs`` (runs or cross-validations); returns its path."""
+    run_dirs = [check_report_dir(d) for d in run_dirs]
     return write_text(Path(out), render_comparison(run_dirs))

@@ -16,6 +16,7 @@ import pandas as pd
 from .. import jsonfile
 from ..errors import HPAError
 from .folder import (CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, TRACKERS, VALID_PREDICTIONS,
+                     is_cv_dir,
                      is_run_dir)
 
 # a run's largest JSON (lr_find.json, metrics.json) is a few hundred KB; its config and status a few KB
@@ -60,6 +61,24 @@ def check_run_dir(path) -> Path:
         raise HPAError(f"{path}: not a run folder (no {STATUS})")
     read_config(path)
     return path
+
+
+def check_report_dir(path) -> Path:
+    """``path`` as what ``report`` takes: a training run's folder (see ``check_run_dir``) or a
+    cross-validation's, with a readable config.json; an HPAError naming it otherwise."""
+    path = Path(path)
+    if path.is_dir() and not is_run_dir(path):
+        if not is_cv_dir(path):
+            raise HPAError(f"{path}: not a run folder or a cross-validation folder (no {STATUS} or {CV})")
+        read_config(path)
+        return path
+    return check_run_dir(path)
+
+
+def read_cv_summary(cv_dir) -> dict:
+    """``cv.json`` of a cross-validation, lenient (for ``runs`` and ``report``): {} when it is missing or
+    damaged; a cross-validation still running has only ``status`` and ``n_folds``."""
+    return read_json(Path(cv_dir) / CV)
 
 
 def read_metrics(run_dir) -> dict:

@@ -13,7 +13,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from ..atomic import exclusive_lock, write_json
+from ..atomic import exclusive_lock, finite_json, write_json
 from ..errors import HPAError
 
 CONFIG = "config.json"
@@ -95,7 +95,7 @@ def write_status(run_dir, status: str, **fields) -> None:
     except HPAError:
         try:
             with open(path, "r+") as f:
-                f.write(json.dumps(payload, indent=2) + "\n")
+                f.write(json.dumps(finite_json(payload), indent=2, allow_nan=False) + "\n")
                 f.truncate()
         except OSError:
             pass

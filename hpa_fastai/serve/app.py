@@ -1,11 +1,12 @@
 """``run.py serve``: a Gradio page on a trained model's safe export. A person drops one RGB image, or
-the four stain files of one HPA image, and sees the predicted labels with their names, every
-class's probability and threshold, and a class activation map per predicted class; TTA on or off.
+the four stain files of one HPA image (or clicks one of the example images), sees it, and sees the
+predicted labels with their names, every class's probability and threshold, and a class activation
+map per predicted class; TTA on or off.
 
 What the page does with an upload is ``answer`` (plain Python, tested without a browser); Gradio
 only lays it out. Bad input (the wrong number of files, a text file, a 16-bit image, a huge image)
-becomes one message on the page that names the uploaded file by its own name, and the server goes
-on serving. Uploads are bounded in bytes by Gradio and in pixels here, from the image header, before
+becomes one message on the page, styled as an error, that names the uploaded file by its own name,
+and the server goes on serving. Uploads are bounded in bytes by Gradio and in pixels here, from the image header, before
 anything is decoded. Every text that comes from a file (class names, file names) is escaped before
 it reaches the page's Markdown.
 
@@ -33,8 +34,10 @@ from PIL import Image
 
 from .. import plots
 from ..config import MAX_SIZE
-from ..data.layouts import CHANNELS, scan_images
+from ..data.images import read_image
+from ..data.layouts import CHANNEL_SETS, CHANNELS, key_files, scan_images
 from ..errors import HPAError
+from ..paths import SAMPLE_DIR
 from .tempfolder import TempFolder, UploadCap
 
 logger = logging.getLogger(__name__)
@@ -48,17 +51,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MAX_HELD_BYTES = 512 * 2**20
 MAX_HELD_FILES = 500
 KEEP_SECONDS = 3600  # the longest any upload or heatmap stays
+PREVIEW_SIDE = 256  # the side an uploaded image is shown at (small model inputs enlarged, large images reduced)
+MAX_EXAMPLES = 8
+TABLE_COLUMNS = ["class", "name", "probability", "threshold", "predicted"]
+# the page's own styles: an error looks like one; an uploaded file's whole name shows (Gradio cuts a
+# long name's end, where an HPA stain file says which stain it is)
+CSS = """
+#error .input-error { border: 1px solid #cf222e; border-radius: 6px; background: #ffebe9; color: #82071e; padding: .6em .9em; }
+#upload .filename .stem { white-space: normal; overflow-wrap: anywhere; text-overflow: clip; }
+"""
 
 
 @dataclass
 class Answer:
-    """What the page shows for one upload: a Markdown verdict, the probabilities (top ones for a
-    bar chart, and a table of every class), and heatmap panels with captions."""
+    """What the page shows for one upload: a Markdown verdict (``error``: why the input cannot be
+    read), the probabilities (top ones for a bar chart, and a table of every class), heatmap panels
+    with captions, and the image as the model saw it."""
     verdict: str
     top: dict = field(default_factory=dict)
-    table: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
-        columns=["class", "name", "probability", "threshold", "predicted"]))
+    table: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TABLE_COLUMNS))
     heatmaps: list = field(default_factory=list)
+    error: str | None = None  # the plain text of why the input cannot be read
+    image: np.ndarray | None = None
 
 
 def md_escape(text) -> str:
@@ -158,7 +172,8 @@ def answer(pred, files, tta: bool = False, scratch: Path | None = None) -> Answe
             items = uploaded_items(files, pred.channels, workdir)
             (e,) = explain(pred, items, tta="mean" if tta else None, bs=1)
         except HPAError as err:
-            return Answer(f"**Cannot read this input.** {md_escape(own_names(str(err), files, workdir))}")
+            message = own_names(str(err), files, workdir)
+            return Answer(f"**Cannot read this input.** {md_escape(message)}", error=message)
     names, thresholds = pred.names, pred.thresholds
     order = np.argsort(-e.probs, kind="stable")
     table = pd.DataFrame({"class": order, "name": [names[c] for c in order],
@@ -172,12 +187,55 @@ def answer(pred, files, tta: bool = False, scratch: Path | None = None) -> Answe
         c = e.classes[0]
         verdict = (f"### No class reaches its threshold for {md_escape(e.id)}\nThe most probable is "
                    f"**{md_escape(names[c])}** (class {c}): probability {e.probs[c]:.2f}, threshold {thresholds[c]:.2f}.")
-    heatmaps = [(plots.cam_panel(e.image, plots.heatmap_overlay(e.image, heat), f"{names[c]} (class {c})\n"
-                                 f"p = {e.probs[c]:.2f}, threshold {thresholds[c]:.2f}"),
-                 f"{names[c]}: where the model saw it")
-                for c, heat in zip(e.classes, e.heatmaps)]
+    heatmaps = []
+    for c, heat in zip(e.classes, e.heatmaps):
+        # an all-zero map: nothing in the image speaks for the class (explain says the same)
+        where = "where the model saw it" if heat.max() > 0 else "no region speaks for it"
+        heatmaps.append((plots.cam_panel(e.image, plots.heatmap_overlay(e.image, heat), f"{names[c]} (class {c})\n"
+                                         f"p = {e.probs[c]:.2f}, threshold {thresholds[c]:.2f}, {where}"),
+                         f"{names[c]}: {where}"))
     top = {f"{c} {names[c]}": float(e.probs[c]) for c in order[:5]}
-    return Answer(verdict, top, table, heatmaps)
+    return Answer(verdict, top, table, heatmaps, image=e.image)
+
+
+def shown_size(rgb: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """``rgb`` enlarged by whole pixels (a small model input stays sharp) or reduced to about ``side``."""
+    image = Image.fromarray(rgb)
+    longest = max(image.size)
+    if longest < side:
+        scale = -(-side // longest)
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    elif longest > side:
+        image.thumbnail((side, side))
+    return np.asarray(image)
+
+
+def preview(pred, files, scratch: Path | None = None) -> np.ndarray | None:
+    """The uploaded image as a person sees it (RGBY in false colour, yellow as red + green); None
+    while the files do not make one image the model reads (three stains of four, a text file)."""
+    with tempfile.TemporaryDirectory(prefix="hpa-preview-", dir=scratch, ignore_cleanup_errors=True) as tmp:
+        try:
+            items = uploaded_items(files, pred.channels, Path(tmp))
+            image = read_image(items["key"].iloc[0], CHANNEL_SETS[pred.channels])
+        except HPAError:
+            return None
+    return shown_size(plots.false_colour(image))
+
+
+def example_images(folder, channels: str, limit: int = MAX_EXAMPLES) -> list[tuple[str, list[Path]]]:
+    """(name, files) of up to ``limit`` images in ``folder`` that a model of ``channels`` reads: one
+    file each for RGB, the four stain files for RGBY."""
+    try:
+        items = scan_images(Path(folder), channels)
+    except HPAError:
+        return []
+    return [(str(image_id), [Path(f) for f in key_files(key, CHANNEL_SETS[channels])])
+            for image_id, key in zip(items["id"][:limit], items["key"][:limit])]
+
+
+def default_examples(pred):
+    """The bundled sample's test images, for a model of Zero-to-GANs RGB images; None otherwise."""
+    return SAMPLE_DIR / "test" if pred.format == "z2g" and pred.channels == "rgb" else None
 
 
 def describe(pred) -> str:
@@ -208,17 +266,55 @@ def upload_paths(value) -> list[Path]:
     return [Path(f["path"] if isinstance(f, dict) else f) for f in value or []]
 
 
-def build_app(pred, folder: TempFolder, keep_seconds: int = KEEP_SECONDS):
-    """The Gradio page for ``pred``. Gradio must write into ``folder`` (``GRADIO_TEMP_DIR``, see
-    ``gradio_temp_dir``) when this is called and when the page is launched. Files older than
-    ``keep_seconds`` are deleted, whether or not a page still shows them."""
+def error_html(message: str) -> str:
+    """Why an input cannot be read, as the page's error box (the text escaped: it names files)."""
+    import html
+
+    return f'<div class="input-error" role="alert"><b>Cannot read this input.</b> {html.escape(message)}</div>'
+
+
+def image_file(folder: TempFolder, kind: str, rgb: np.ndarray) -> str | None:
+    """``rgb`` as a PNG written into ``folder`` (under ``kind``), for an image component; None without room."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    paths = folder.write(kind, [buffer.getvalue()], ".png")
+    return None if paths is None else str(paths[0])
+
+
+def build_app(pred, folder: TempFolder, keep_seconds: int = KEEP_SECONDS, examples=None):
+    """The Gradio page for ``pred``, with the images of the folder ``examples`` to click. Gradio must
+    write into ``folder`` (``GRADIO_TEMP_DIR``, see ``gradio_temp_dir``) when this is called and when
+    the page is launched. Files older than ``keep_seconds`` are deleted, whether or not a page still
+    shows them."""
     import gradio as gr
+
+    offered = example_images(examples, pred.channels) if examples is not None else []
 
     def session_of(request) -> str | None:
         return getattr(request, "session_hash", None)
 
+    def shown_image(session, rgb):
+        """The page's image: written into the folder, held for the session (its earlier one goes)."""
+        path = image_file(folder, "previews", rgb) if rgb is not None else None
+        folder.hold_for(session, "previews", [path] if path else [])
+        return path
+
     def on_files(value, request):
-        folder.hold_for(session_of(request), "uploads", upload_paths(value))
+        session, uploads = session_of(request), upload_paths(value)
+        folder.hold_for(session, "uploads", uploads)
+        if not uploads:  # answered (the list is cleared) or emptied: the page keeps the image it shows
+            return gr.update()
+        with folder.in_use(uploads):
+            return shown_image(session, preview(pred, uploads, folder.scratch_dir))
+
+    def on_example(index, request):
+        """The example's files copied into the folder as an upload of the page's own: answered and
+        deleted as uploads are, while the originals stay where they are."""
+        name, files = offered[int(index)]
+        copies = folder.write("examples", [f.read_bytes() for f in files], names=[f.name for f in files])
+        if copies is None:
+            raise gr.Error("the server holds as much as it can right now; try again in a moment")
+        return [str(path) for path in copies]
 
     def on_unload(request):
         folder.end_session(session_of(request))
@@ -235,11 +331,14 @@ def build_app(pred, folder: TempFolder, keep_seconds: int = KEEP_SECONDS):
             shown = []
             result.verdict += "\n\n*(No heatmaps: the server holds as much as it can right now; try again later.)*"
         folder.hold_for(session, "heatmaps", [path for path, _ in shown])  # the page's earlier ones go
-        return result.verdict, result.top or None, result.table, shown, None
+        image = shown_image(session, None if result.image is None else shown_size(result.image))
+        if result.error is not None:  # shown as an error, not as an answer
+            return "", error_html(result.error), None, result.table, [], None, image
+        return result.verdict, "", result.top or None, result.table, shown, None, image
 
     # Gradio passes the request to a parameter annotated gr.Request; this module's annotations are
     # strings (from __future__) naming a gradio imported in this function, which it cannot resolve
-    for handler in (on_files, on_unload, on_predict):
+    for handler in (on_files, on_example, on_unload, on_predict):
         handler.__annotations__ = {"request": gr.Request}
     # Gradio's own age-based cleanup catches what no page will clean up (a browser that vanished
     # without closing its page, a script's upload); the sessions and the cap cover the rest
@@ -250,19 +349,29 @@ def build_app(pred, folder: TempFolder, keep_seconds: int = KEEP_SECONDS):
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="image, or the four stain files", file_count="multiple", elem_id="upload")
+                if offered:
+                    example_list = gr.Dataset(components=["textbox"], samples=[[n] for n, _ in offered],
+                                              label="or click an example", type="index", elem_id="examples")
                 tta = gr.Checkbox(label="TTA: average over the 8 flips and rotations", value=False, elem_id="tta")
                 button = gr.Button("Predict", variant="primary", elem_id="predict")
+            with gr.Column(scale=1):
+                image = gr.Image(label="the image (RGBY in false colour)", type="filepath", interactive=False,
+                                 elem_id="preview", height=PREVIEW_SIDE + 40)
             with gr.Column(scale=2):
+                error = gr.HTML("", elem_id="error")
                 verdict = gr.Markdown("No image yet.", elem_id="verdict")
                 top = gr.Label(label="most probable classes", num_top_classes=5, elem_id="top")
         heatmaps = gr.Gallery(label="class activation maps (Grad-CAM)", columns=2, height="auto", object_fit="contain",
                               elem_id="heatmaps")
-        table = gr.Dataframe(label="every class: probability and threshold", interactive=False, elem_id="table")
+        table = gr.Dataframe(value=pd.DataFrame(columns=TABLE_COLUMNS), label="every class: probability and threshold",
+                             interactive=False, elem_id="table")
         # preprocess=False: gr.File's own preprocessing (type="filepath") leaves an empty temporary
         # file in the cache for every file of every request (Gradio 6.31); its FileData carry the paths
-        files.change(on_files, [files], None, preprocess=False, queue=False, show_progress="hidden", api_name=False)
-        button.click(on_predict, [files, tta], [verdict, top, table, heatmaps, files], preprocess=False,
-                     api_name="predict")
+        files.change(on_files, [files], [image], preprocess=False, queue=False, show_progress="hidden", api_name=False)
+        if offered:
+            example_list.click(on_example, [example_list], [files], queue=False, show_progress="hidden", api_name=False)
+        button.click(on_predict, [files, tta], [verdict, error, top, table, heatmaps, files, image], preprocess=False,
+                     api_name="predict", show_progress_on=[verdict])
         app.unload(on_unload)
     return app
 
@@ -313,22 +422,26 @@ def launch(app, folder: TempFolder, host: str, port: int, block: bool = True) ->
                               font_mono=["ui-monospace", "monospace"])
     app.queue(default_concurrency_limit=1)  # one prediction at a time: the model is shared
     try:
+        # quiet: Gradio's own start-up lines suggest share=True, which this app does not offer
         app.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD_BYTES, share=False, theme=theme,
-                   show_error=True, footer_links=[], prevent_thread_lock=not block, quiet=not block,
+                   css=CSS, show_error=True, footer_links=[], prevent_thread_lock=not block, quiet=True,
                    app_kwargs={"middleware": [Middleware(UploadCap, folder=folder)]})
     except OSError as e:  # gradio's "Cannot find empty port", or an address this machine does not have
         reason = (str(e).splitlines() or [type(e).__name__])[0].split(". You can")[0]
         raise HPAError(f"--host {host} --port {port}: cannot listen there ({reason}); choose another --port") from None
 
 
-def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Load ``learner``'s safe export and serve the page until Ctrl-C or SIGTERM; what it kept on
-    disk is removed when it stops."""
+def serve(learner, host: str = "127.0.0.1", port: int = 7860, examples=None) -> None:
+    """Load ``learner``'s safe export and serve the page until Ctrl-C or SIGTERM, offering the images
+    of the folder ``examples`` (default: the bundled sample's test images, where the model reads
+    them); what it kept on disk is removed when it stops."""
     import importlib.util
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a local tool
     if importlib.util.find_spec("gradio") is None:
         raise HPAError(f"hpa-fastai serve needs gradio: {INSTALL}")
+    if examples is not None and not Path(examples).is_dir():
+        raise HPAError(f"--examples {examples}: not a folder of images")
     from ..inference.loading import load_predictor
     from ..inference.predictor import Ensemble
 
@@ -338,8 +451,9 @@ def serve(learner, host: str = "127.0.0.1", port: int = 7860) -> None:
                        f"{pred.members[0].source}")
     # gradio is first imported here: some of its modules read GRADIO_TEMP_DIR on import. The signal
     # handlers are restored before the folder is removed, so a second SIGTERM cannot cut that short.
+    examples = Path(examples) if examples is not None else default_examples(pred)
     with TempFolder(MAX_HELD_BYTES, MAX_HELD_FILES) as folder, stopped_by_signals(), gradio_temp_dir(folder.path):
-        app = build_app(pred, folder)
+        app = build_app(pred, folder, examples=examples)
         logger.info(f"serving {pred.source} ({pred.meta['arch']}, {pred.channels}) at http://{host}:{port} (Ctrl-C stops); "
             f"uploads and heatmaps are kept in {folder.path} and removed when it stops")
         launch(app, folder, host, port)

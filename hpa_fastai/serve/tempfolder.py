@@ -130,14 +130,15 @@ class TempFolder:
         nothing in it is evicted."""
         return self.path / SCRATCH
 
-    def write(self, kind: str, blobs: list[bytes], suffix: str) -> list[Path] | None:
-        """``blobs`` written as the files 1{suffix}, 2{suffix} ... of a new folder under ``kind``,
-        after making room for them; None when there is none."""
+    def write(self, kind: str, blobs: list[bytes], suffix: str = "", names: list[str] | None = None) -> list[Path] | None:
+        """``blobs`` written as the files 1{suffix}, 2{suffix} ... (or ``names``, plain file names) of a
+        new folder under ``kind``, after making room for them; None when there is none."""
         with self._lock:
             if not self.make_room(sum(map(len, blobs)), len(blobs)):
                 return None
             target = Path(tempfile.mkdtemp(dir=self._mkdir(kind)))
-            paths = [target / f"{i}{suffix}" for i in range(1, len(blobs) + 1)]
+            names = names or [f"{i}{suffix}" for i in range(1, len(blobs) + 1)]
+            paths = [target / Path(name).name for name in names]
             for path, blob in zip(paths, blobs):
                 path.write_bytes(blob)
             return paths

@@ -9,8 +9,10 @@ those.
         fold0/ ... fold4/     ordinary run folders; fold k validates on the k-th fold
         oof_predictions.csv   id, fold, labels, predicted, probs: every image, predicted by the
                               one model that did not train on it
-        cv.json               per-fold and overall F1 at --threshold and at the per-class
-                              thresholds tuned on all out-of-fold predictions; those thresholds
+        cv.json               status; per-fold and overall F1 at --threshold and at the per-class
+                              thresholds tuned on all out-of-fold predictions (overall also
+                              split-half), the per-class table; those thresholds
+        report.html           the cross-validation's page (``run.py report``)
 
 and points ``runs/latest`` at the cv folder, so that ``run.py predict`` and ``evaluate`` use the
 ensemble of the fold models with the out-of-fold thresholds (``inference.predictor.Ensemble``).
@@ -78,7 +80,8 @@ def cross_validate(cfg: TrainConfig, cbs=()) -> CvResult:
             name = fold_name(fold)
             fold_dir = cv_dir / name
             state = _fold_state(fold_dir)
-            logger.info(f"{name} ({fold + 1} of {n_folds}): "
+            # the folder's name and --fold count from 0: fold0 is --fold 0
+            logger.info(f"{name} (--fold {fold} of 0..{n_folds - 1}): "
                         + {"done": "finished before, kept", "resume": "continuing from its checkpoint",
                            "new": "training"}[state])
             if state == "resume":
@@ -173,4 +176,4 @@ def summarise(cv_dir: Path, runs: list[str], n_classes: int, threshold: float, s
     return {"n_folds": len(runs), "runs": runs, "threshold": threshold,
             "thresholds": [float(t) for t in overall.thresholds],
             "folds": [{"fold": k, "run": run, **scores(fold_of == k)} for k, run in enumerate(runs)],
-            "oof": {"images": int(len(oof)), **overall.flat()}}
+            "oof": {"images": int(len(oof)), **overall.flat(), "per_class": overall.per_class.to_dict("records")}}

@@ -32,6 +32,7 @@ from ..data.training_set import TrainingSet, load_training_set
 from ..device import training_precision
 from ..errors import HPAError
 from ..evaluation import predictions_table, score, write_per_class
+from ..losses import set_thresholds
 from ..modelfile import export_learner, model_meta
 from ..models import check_arch, min_size, size_problem
 from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, VALID_PREDICTIONS, make_run_dir, now, point_latest,
@@ -47,15 +48,19 @@ from .trackers import callback_list, check_trackers, tracker_callbacks, user_cal
 logger = logging.getLogger(__name__)
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig) -> TrainConfig:
     """The config's own constraints, then what the environment must offer: a known architecture,
-    the ``--weights`` and ``--duplicates`` files, the package of each ``--log`` tracker, a GPU for fp16."""
+    the ``--weights`` and ``--duplicates`` files, the package of each ``--log`` tracker, a GPU for fp16.
+    Returns ``cfg`` with the architecture under its registry name (a bare timm name gets ``timm:``)."""
     config_checks.validate(cfg)
     training_precision(cfg.precision, default_device())
     try:
-        check_arch(cfg.arch)
+        arch = check_arch(cfg.arch)
     except ValueError as e:
         raise HPAError(f"--arch: {e}") from None
+    if arch != cfg.arch:
+        logger.info(f"--arch {cfg.arch}: the timm model {arch}")
+        cfg = dataclasses.replace(cfg, arch=arch)
     for flag, size in (("--size", cfg.size), ("--progressive-size", cfg.progressive_size)):
         if size is not None and (problem := size_problem(cfg.arch, size)):
             raise HPAError(f"{flag} {size} {problem}: pass a larger {flag}, or another --arch")
@@ -63,11 +68,12 @@ def validate(cfg: TrainConfig) -> None:
         if path is not None and not Path(path).is_file():
             raise HPAError(f"{flag} {path}: file not found")
     check_trackers(cfg.log)
+    return cfg
 
 
 def prepare(cfg: TrainConfig, stats: tuple | None = None) -> TrainingSet:
     """Check the flags and the data before any model is built (see ``load_training_set``)."""
-    validate(cfg)
+    cfg = validate(cfg)
     ts = load_training_set(cfg, stats, cuda=default_device().type == "cuda")
     size = ts.cfg.size
     if cfg.size is None and (problem := size_problem(cfg.arch, size)):  # the images' own size
@@ -128,7 +134,7 @@ def _run_folder(cfg: TrainConfig, run_name: str | None):
             stack.enter_context(run_lock(run_dir))  # before anything is read: it may be training elsewhere
             saved = read_resume_config(run_dir)
             run_cfg = dataclasses.replace(TrainConfig.from_dict(saved), resume=None)
-            validate(run_cfg)  # what it trains with is checked as flags are, then what else it takes
+            run_cfg = validate(run_cfg)  # what it trains with is checked as flags are, then what else it takes
             check_resumed_values(saved, run_dir / CONFIG)
             resumed = Resumed(saved, read_checkpoint(run_dir))
             stats = (saved["mean"], saved["std"]) if "mean" in saved and "std" in saved else None
@@ -297,6 +303,7 @@ def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, precisi
             valid_preds = learn.get_preds(dl=learn.dls.valid)
     metrics, thresholds = _score_best_epoch(ts, learn.dls.valid.items, valid_preds, history, run_dir, pretrained,
                                             t_start)
+    set_thresholds(learn.loss_func, thresholds)  # learn.predict and export.pkl decode as predict does
     export_learner(learn, model_meta(ts, thresholds, precision), run_dir)
     status = "stopped early" if metrics["stopped_early"] else "finished"
     write_status(run_dir, status, finished=now(), seconds=round(time.time() - t_start, 1))

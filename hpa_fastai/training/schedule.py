@@ -1,16 +1,18 @@
-"""Training policies as small functions: fastai's learning-rate finder with its four suggestions,
-the learning rate a run uses, the one-cycle phases of a run (for a pretrained model, a fit with
-the body frozen, then one of everything with discriminative learning rates: the two steps of
-fastai's ``fine_tune``, with this module's own rates and one-cycle defaults), and the one-cycle fit
-itself (fastai's, its schedules computed in plain numbers)."""
+"""Training policies as small functions: fastai's learning-rate finder with its suggestions and the
+rule ``--lr auto`` picks by, the learning rate a run uses, the one-cycle phases of a run (for a
+pretrained model, a fit with the body frozen, then one of everything with discriminative learning
+rates: the two steps of fastai's ``fine_tune``, with this module's own rates and one-cycle defaults),
+and the one-cycle fit itself (fastai's, its schedules computed in plain numbers)."""
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler, minimum, slide, steep, valley
 
 from .. import plots
@@ -25,15 +27,86 @@ logger = logging.getLogger(__name__)
 
 
 SUGGESTIONS = {"valley": valley, "slide": slide, "minimum": minimum, "steep": steep}
+# --lr auto when lr_find's curve says nothing (too few points, no fall in the loss): fastai's own
+# default rate for fit_one_cycle, which trained every synthetic set of bench/quality.py
+FALLBACK_LR = 1e-3
+MIN_POINTS = 8  # fewer finite points than this are too few to read a curve from
+# Fewer lr_find iterations than this (a data set of fewer than 10 batches: the bundled sample has 4)
+# make a curve too noisy to read: bench/quality.py measured min/10 of such curves choosing 1e-2 or
+# 6e-4 by chance, and 1e-3 training better on both sample-sized sets
+MIN_ITERS = 50
+# the smoothed loss must fall by this share of its starting value before its minimum means anything:
+# a flat curve's minimum is noise
+MIN_DROP = 0.03
+
+
+class RawLosses(Callback):
+    """The loss of each batch lr_find trains on, as it is: fastai's recorder keeps an average
+    smoothed over about 50 batches (beta 0.98), which on a short run lags the real loss by much of
+    the range tried and puts its valley too low."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def after_loss(self):
+        if self.training:
+            self.losses.append(float(self.loss.detach()))
+
+
+@dataclass
+class LrChoice:
+    """The learning rate ``--lr auto`` takes from an lr_find curve, the rule that gave it, and,
+    when the curve could not be read (too few points, flat), why the fallback was used."""
+    lr: float
+    rule: str
+    problem: str | None = None
+
+
+def smooth(losses: np.ndarray, window: int) -> np.ndarray:
+    """A centred moving average of ``window`` points (odd), the ends padded with their own values."""
+    half = window // 2
+    padded = np.r_[np.full(half, losses[0]), losses, np.full(half, losses[-1])]
+    return np.convolve(padded, np.ones(window) / window, mode="valid")
+
+
+def smoothing_window(n_points: int) -> int:
+    return max(3, n_points // 10) | 1
+
+
+def auto_lr(lrs, raw_losses, iters: int | None = None) -> LrChoice:
+    """``--lr auto``: a tenth of the learning rate at the minimum of the loss, smoothed over a tenth
+    of the points (the rule fastai's ``minimum`` suggestion states, on a curve that does not lag);
+    ``FALLBACK_LR`` when lr_find ran fewer than ``MIN_ITERS`` iterations, the curve has fewer than
+    ``MIN_POINTS`` finite points or its smoothed loss never falls by ``MIN_DROP`` of where it started."""
+    if iters is not None and iters < MIN_ITERS:
+        return LrChoice(FALLBACK_LR, "fallback", f"lr_find ran {iters} iterations (a small data set), fewer than "
+                                                 f"the {MIN_ITERS} its curve needs to be read")
+    lrs, losses = np.asarray(lrs, float), np.asarray(raw_losses, float)
+    n = min(len(lrs), len(losses))
+    finite = np.isfinite(losses[:n])
+    n = int(np.argmin(finite)) if not finite.all() else n  # up to the first loss that is not finite
+    if n < MIN_POINTS:
+        return LrChoice(FALLBACK_LR, "fallback", f"lr_find gave {n} usable point(s), fewer than {MIN_POINTS}")
+    curve = smooth(losses[:n], smoothing_window(n))
+    start = float(np.median(curve[: max(2, n // 8)]))
+    low = int(np.argmin(curve))
+    drop = (start - curve[low]) / max(abs(start), 1e-12)
+    if drop < MIN_DROP:
+        return LrChoice(FALLBACK_LR, "fallback", f"the loss fell by {max(drop, 0):.1%} over the range tried, "
+                                                 f"less than {MIN_DROP:.0%}: the curve is flat")
+    return LrChoice(float(lrs[low]) / 10, "minimum / 10")
 
 
 def find_lr(learn, run_dir: Path, iters: int) -> dict:
-    """Run fastai's LR finder, save its plot and table with the four suggestions (NaN where one
-    found nothing; ``null`` in lr_find.json), and return them."""
-    with learn.no_logging():
+    """Run fastai's LR finder, save its plot and table (``lr_find.json``: fastai's four suggestions,
+    ``null`` where one found nothing, and the ``auto`` rule's choice), and return the suggestions,
+    ``auto`` among them."""
+    raw = RawLosses()
+    with learn.no_logging(), learn.added_cbs([raw]):
         learn.lr_find(num_it=iters, show_plot=False, suggest_funcs=None)
     lrs = [float(x) for x in learn.recorder.lrs]
-    losses = [float(x) for x in learn.recorder.losses]
+    losses = [float(x) for x in learn.recorder.losses]  # fastai's smoothed ones
+    raw_losses = raw.losses[: len(lrs)]
     # fastai's suggestion functions, on the slice lr_find itself uses; computed here one by one
     # because `slide` raises IndexError on short runs (few batches) instead of giving no answer.
     lo, hi = iters // 10, max(len(lrs) - 5, iters // 10 + 2)
@@ -48,20 +121,27 @@ def find_lr(learn, run_dir: Path, iters: int) -> dict:
             suggestions[name] = float(func(t_lrs, t_losses, iters)[0])
         except (IndexError, RuntimeError, ValueError):
             suggestions[name] = float("nan")
-    shown = {k: v for k, v in suggestions.items() if math.isfinite(v)}
-    skip = 5 if len(lrs) > 10 else 0
-    plots.lr_find_plot(run_dir / LR_FIND_PLOT, lrs[: len(lrs) - skip], losses[: len(losses) - skip], shown)
-    # JSON has no NaN: strict parsers refuse the bare NaN that Python's json writes
-    write_json(run_dir / LR_FIND, {"suggestions": {k: _finite_or_none(v) for k, v in suggestions.items()},
-                                   "lrs": lrs, "losses": [_finite_or_none(x) for x in losses]})
-    logger.info("lr_find suggestions: " + ", ".join(f"{k} {v:.3e}" for k, v in suggestions.items()))
-    if not (math.isfinite(suggestions["valley"]) and suggestions["valley"] > 0):
-        raise HPAError("lr_find found no usable learning rate (the loss never decreased); pass --lr")
+    choice = auto_lr(lrs, raw_losses, iters)
+    suggestions["auto"] = choice.lr
+    # the whole range tried: every batch's loss, and the curve the auto rule read (up to the first
+    # loss that is not finite)
+    finite = np.isfinite(raw_losses)
+    n_finite = len(raw_losses) if finite.all() else int(np.argmin(finite))
+    curve = smooth(np.asarray(raw_losses[:n_finite]), smoothing_window(n_finite)) if n_finite else np.array([])
+    plot = run_dir / LR_FIND_PLOT
+    plots.lr_find_plot(plot, lrs[: len(raw_losses)], raw_losses, [float(x) for x in curve],
+                       {k: v for k, v in suggestions.items() if math.isfinite(v)}, chosen=choice.lr)
+    # losses: fastai's smoothed ones, which its four suggestions read; raw_losses: each batch's own
+    write_json(run_dir / LR_FIND, {"suggestions": suggestions, "auto_rule": choice.rule, "auto_problem": choice.problem,
+                                   "iterations": iters, "lrs": lrs, "losses": losses, "raw_losses": raw_losses})
+    found = [f"{k} {v:.2e}" for k, v in suggestions.items() if math.isfinite(v) and k != "auto"]
+    missing = [k for k, v in suggestions.items() if not math.isfinite(v)]
+    logger.info("lr_find suggestions: " + ", ".join(found)
+                + (f" ({', '.join(missing)}: none found on {len(lrs)} points)" if missing else ""))
+    if choice.problem:
+        logger.warning(f"--lr auto: {choice.problem}; using {FALLBACK_LR:g} (see {plot}, or pass --lr, or "
+                       f"--lr-find-iters)")
     return suggestions
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def auto_lr_find_iters(learn) -> int:
@@ -78,15 +158,18 @@ def phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[tuple[str, int
 
 
 def learning_rate(cfg: TrainConfig, learn, run_dir: Path, saved_config: dict | None) -> float:
-    """The run's learning rate: a resumed run's own, ``--lr``, or lr_find's valley suggestion."""
+    """The run's learning rate: a resumed run's own, ``--lr``, or lr_find's: ``auto`` (see ``auto_lr``)
+    or ``valley``, fastai's valley suggestion."""
     if saved_config is not None:
         return saved_config["lr_used"]
-    if cfg.lr != "auto":
+    if cfg.lr not in ("auto", "valley"):
         return float(cfg.lr)
     # rank 0 alone, before the processes are joined; the others wait for its answer
-    lr = distributed.share(find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))["valley"]
+    lr = distributed.share(find_lr(learn, run_dir, cfg.lr_find_iters or auto_lr_find_iters(learn))[cfg.lr]
                            if distributed.is_main() else None)
-    logger.info(f"learning rate {lr:.3e} (lr_find valley)")
+    if not (math.isfinite(lr) and lr > 0):
+        raise HPAError(f"lr_find found no {cfg.lr} suggestion (the loss never decreased); pass --lr")
+    logger.info(f"learning rate {lr:.3e} (lr_find {cfg.lr})")
     return lr
 
 
