@@ -93,10 +93,13 @@ def _torchvision(fn):
     return build
 
 
-def _timm(name: str):
+def _timm(name: str, **published):
+    """A timm model; ``published``: what the model must be built with to hold every tensor of its
+    published ImageNet file (Inception-v3's has the auxiliary classifier, which timm skips on loading)."""
     def build(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
         return create_timm_model(name, n_out, pretrained=pretrained, n_in=n_in)[0]
     build.imagenet = ("timm", name)
+    build.published = published
     return build
 
 
@@ -107,7 +110,7 @@ def _timm(name: str):
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121"):
     register(_name)(_torchvision(getattr(tvm, _name)))
 register("seresnext50")(_timm("seresnext50_32x4d"))
-register("inception_v3")(_timm("inception_v3"))
+register("inception_v3")(_timm("inception_v3", aux_logits=True))
 
 
 def check_arch(arch: str) -> str:
@@ -235,7 +238,7 @@ class ImageNetLayout:
     """An ImageNet checkpoint of one architecture as its library publishes it (torchvision's
     ``resnet18-f37072fd.pth``, timm's ``model.safetensors``): every tensor's name and shape
     (``shapes``), where each tensor of the body goes in this package's 3-stain model (``to_model``),
-    and the classifier's names, which are left out (``classifier``)."""
+    and the classifier's names (with any auxiliary classifier), which are left out (``classifier``)."""
     library: str
     shapes: dict
     to_model: dict
@@ -254,7 +257,8 @@ def imagenet_layout(arch: str) -> ImageNetLayout | None:
     for an architecture without ImageNet weights (``cnn``). Built on the meta device. fastai's
     ``create_vision_model`` keeps torchvision's children before its cut as ``body[i]``;
     ``create_timm_model`` keeps timm's model without its classifier as ``body.model``."""
-    library, source = getattr(builder(arch), "imagenet", (None, None))
+    build = builder(arch)
+    library, source = getattr(build, "imagenet", (None, None))
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if library == "torchvision":
@@ -269,7 +273,7 @@ def imagenet_layout(arch: str) -> ImageNetLayout | None:
         elif library == "timm":
             import timm
 
-            reference = timm.create_model(source, pretrained=False)
+            reference = timm.create_model(source, pretrained=False, **getattr(build, "published", {}))
             body = timm.create_model(source, pretrained=False, num_classes=0)
             to_model = {key: f"0.model.{key}" for key in body.state_dict()}
         else:

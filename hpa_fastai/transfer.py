@@ -138,8 +138,8 @@ def _from_imagenet(arch: str, n_in: int, n_out: int, state: dict, given) -> tupl
     the first convolution expanded to ``n_in`` stains as for the cache's weights."""
     layout = models.imagenet_layout(arch)
     if layout is None:
-        raise HPAError(f"--weights {given}: {arch} has no ImageNet weights; pass a run of {arch} or a state dict of "
-                       "this model")
+        raise HPAError(f"--weights {given}: no parameters in common with {arch} (this package's model; {arch} has no "
+                       "ImageNet weights)")
     found = {layout.rename(name): tensor for name, tensor in state.items()}
     if not set(found) & set(layout.shapes):
         raise HPAError(f"--weights {given}: no parameters in common with {arch} (its ImageNet weights as "

@@ -270,3 +270,15 @@ def test_the_notebook_api_takes_an_imagenet_file_and_starts_frozen(resnet18_file
     torch.testing.assert_close(learn.model[0][0].weight[:, :3], state["conv1.weight"])
     assert not learn.model[0][0].weight.requires_grad and learn.model[1][-1].weight.requires_grad  # frozen body
     assert learn.model[1][-1].weight.shape[0] == 28
+
+
+@pytest.mark.slow
+def test_inception_v3_takes_torchvisions_file_with_its_auxiliary_classifier(tmp_path):
+    # timm's inception_v3.tv_in1k is torchvision's file, auxiliary classifier included
+    torch.manual_seed(5)
+    state = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    torch.save(state, tmp_path / "inception_v3_google-1a9a5a14.pth")
+    model, start = transfer.start_model("inception_v3", 4, HPA, weights=tmp_path / "inception_v3_google-1a9a5a14.pth")
+    assert start.kind == "imagenet"
+    torch.testing.assert_close(model[0].model.Conv2d_1a_3x3.conv.weight[:, :3], state["Conv2d_1a_3x3.conv.weight"])
+    torch.testing.assert_close(model[0].model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
