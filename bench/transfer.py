@@ -53,16 +53,16 @@ def pretrained_run(pre_dir: Path, args) -> Path:
 
     out = C.DATA_ROOT / "transfer-runs"
     name = f"pretrain-{args.arch}-{args.pre_n}-{args.size}px-{args.pre_epochs}ep"
-    run_dir = out / name
-    if (run_dir / "model.json").is_file():
-        return run_dir
+    finished = sorted(p for p in out.glob(f"{name}*") if (p / "model.json").is_file())
+    if finished:
+        return finished[0]
     print(f"pretraining {args.arch} on {pre_dir} for {args.pre_epochs} epochs (once)...", flush=True)
     t0 = time.time()
     result = train(TrainConfig(data=str(pre_dir), out=str(out), arch=args.arch, pretrained=False,
                                epochs=args.pre_epochs, size=args.size, seed=0), run_name=name, link_latest=False)
     print(f"  {(time.time() - t0) / 60:.1f} min, valid macro F1 (tuned, split-half) "
           f"{result.metrics['f1_macro_tuned_oos']:.3f}", flush=True)
-    return run_dir
+    return result.run_dir
 
 
 def epoch_curve(test_items, channels: str, size: int):

@@ -230,7 +230,8 @@ def expand_first_conv(model: nn.Module, n_in: int) -> None:
 
 # torchvision's published DenseNet files name some layers "norm.1" where its models say "norm1";
 # torchvision renames them with this pattern when it loads them (densenet._load_state_dict)
-_DENSENET_OLD_NAME = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_OLD_NAME = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 @dataclass(frozen=True)

@@ -176,3 +176,29 @@ def test_a_fine_tuned_run_with_tricks_resumes_to_the_same_result(data, start_run
     wa, wb = load_file(reference / "model.safetensors"), load_file(run_dir / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", [lambda c: c.pop("averaged_trained_weights"),
+                                  lambda c: c["averaged_trained_weights"].popitem(),
+                                  lambda c: next(iter(c["averaged_trained_weights"].values())).fill_(float("nan"))])
+def test_a_damaged_average_in_the_checkpoint_is_one_line_on_resume(data, tmp_path, monkeypatch, edit):
+    from hpa_fastai.errors import HPAError
+
+    real_after_epoch = callbacks.StopOnSignal.after_epoch
+
+    def ctrl_c_after_first(self):
+        if len(self.learn.run_history.rows) == 1 and not self.requested:
+            self.handle(signal.SIGINT, None)
+        real_after_epoch(self)
+
+    monkeypatch.setattr(callbacks.StopOnSignal, "after_epoch", ctrl_c_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(data, tmp_path, ema=True))
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    checkpoint = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, run_dir / "checkpoint.pth")
+    with pytest.raises(HPAError, match="checkpoint.pth: the averaged weights' state is missing or does not fit"):
+        train(TrainConfig(resume=str(run_dir)))
+    assert read_json(run_dir / "status.json")["status"] == "failed"

@@ -1,8 +1,8 @@
 """The one Learner factory, for ``run.py`` and the notebook door alike: the DataLoaders of a
-training set (rare classes oversampled unless turned off), the model from the registry (started as ``transfer`` says), the loss
-from the loss registry, macro and samples F1, torch's AdamW under fastai's body/head parameter
-groups (``optimizer``), and what the device offers: mixed precision, channels-last, cuDNN's
-autotuner, ``torch.compile`` (``device``)."""
+training set (rare classes oversampled unless turned off), the model from the registry with the
+weights it starts from (``transfer``), the loss from the loss registry, macro and samples F1,
+torch's AdamW under fastai's body/head parameter groups (``optimizer``), and what the device
+offers: mixed precision, channels-last, cuDNN's autotuner, ``torch.compile`` (``device``)."""
 from __future__ import annotations
 
 import logging

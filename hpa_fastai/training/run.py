@@ -174,8 +174,9 @@ def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs:
         _mark_stopped(run_dir, e, 0)
         raise
     if not resumed:
-        write_json(run_dir / CONFIG, {**cfg.to_json(), "lr_used": lr, "pretrained_used": pretrained, "start_weights": start,
-                                      "precision_used": setup.precision, "mean": ts.mean, "std": ts.std})
+        write_json(run_dir / CONFIG, {**cfg.to_json(), "lr_used": lr, "pretrained_used": pretrained,
+                                      "start_weights": start, "precision_used": setup.precision, "mean": ts.mean,
+                                      "std": ts.std})
     fit = _Fit(learn, cfg, run_dir, lr, pretrained, cbs, resumed)
     # under several processes a signal reaches each at a different batch; let the launcher handle it
     previous_handlers = _catch_signals(fit.stopper.handle) if distributed.world_size() == 1 else {}
