@@ -41,21 +41,20 @@ def lr_find_plot(path, lrs, losses, suggestions: dict):
     return save_figure(path, fig)
 
 
+def _epoch_lines(ax, history: pd.DataFrame, columns, ylabel: str) -> None:
+    for col in columns:
+        if col in history:
+            ax.plot(history["epoch"], history[col], marker="o", label=col)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+
+
 def curves_plot(path, history: pd.DataFrame):
     fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 4))
-    for col in ("train_loss", "valid_loss"):
-        if col in history:
-            ax1.plot(history["epoch"], history[col], marker="o", label=col)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    for col in ("f1_macro", "f1_samples"):
-        if col in history:
-            ax2.plot(history["epoch"], history[col], marker="o", label=col)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("F1 (validation)")
+    _epoch_lines(ax1, history, ("train_loss", "valid_loss"), "loss")
+    _epoch_lines(ax2, history, ("f1_macro", "f1_samples"), "F1 (validation)")
     ax2.set_ylim(0, 1)
-    ax2.legend()
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return save_figure(path, fig)

@@ -950,7 +950,7 @@ def test_rgby_model_on_a_submission_csv_with_a_path_id(rgby_model, make_hpa2018,
 # --- through a real process: stderr holds nothing but the one line ------------------------------
 
 def test_subprocess_lr_nan_is_one_line(tmp_path):
-    proc = run_cli("--lr", "nan", "--arch", "cnn", "--out", tmp_path / "runs", cwd=tmp_path, timeout=120)
+    proc = run_cli("--lr", "nan", "--arch", "cnn", "--out", tmp_path / "runs", cwd=tmp_path, timeout=300)
     assert_cli_error(proc.returncode, proc.stdout, proc.stderr, "--lr")
     assert proc.stdout == "" and not (tmp_path / "runs").exists()
 
@@ -959,7 +959,7 @@ def test_subprocess_predict_with_a_model_json_that_is_not_an_object(safe_model, 
     run = tmp_path / "run"
     shutil.copytree(safe_model, run)
     (run / "model.json").write_text("[]")
-    proc = run_cli("predict", "--learner", run, "--out", tmp_path / "sub.csv", cwd=tmp_path, timeout=120)
+    proc = run_cli("predict", "--learner", run, "--out", tmp_path / "sub.csv", cwd=tmp_path, timeout=300)
     assert_cli_error(proc.returncode, proc.stdout, proc.stderr, "model.json", "not an object")
     assert not (tmp_path / "sub.csv").exists()
 

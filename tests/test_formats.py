@@ -308,7 +308,7 @@ def test_cli_reports_bad_input_in_one_line(make_data, tmp_path, case):
     expected = mutate(data)
     runs = tmp_path / "runs"
     proc = run_cli("--data", data, "--arch", "cnn", "--epochs", "1", "--no-pretrained", "--out", runs,
-                   cwd=tmp_path, timeout=120)
+                   cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -82,7 +82,7 @@ def test_killed_run_resumes_to_the_same_result(data, tmp_path):
 def test_sigterm_stops_with_a_checkpoint_and_a_resume_hint(data, tmp_path):
     proc, run_dir = _start_and_wait(_args(data, tmp_path, epochs=40), tmp_path, 1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert f"python run.py --resume {run_dir}" in out + err
     status = read_json(run_dir / "status.json")
@@ -122,21 +122,25 @@ def test_nan_loss_stops_the_run_naming_epoch_and_batch(epoch, batch, data, tmp_p
     assert not (tmp_path / "latest").exists()
 
 
-def test_unwritable_output_fails_before_training(data, tmp_path, capsys):
+def test_unwritable_output_fails_before_training(data, tmp_path, capsys, monkeypatch):
+    from hpa_fastai.training import run
+
+    def no_learner(*args, **kwargs):
+        raise AssertionError("a Learner was built before the output folder was checked")
+
+    monkeypatch.setattr(run, "run_learner", no_learner)
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    t0 = time.time()
     code, _, err = cli_in_process(capsys, "--data", data, "--arch", "cnn", "--no-pretrained", "--epochs", "1",
                                   "--out", blocker / "runs")
     assert code == 2 and "--out" in err and "not writable" in err
-    assert time.time() - t0 < 30
 
 
 def test_data_folder_vanishing_mid_run_gives_a_clear_error(tmp_path):
     data = make_dataset(tmp_path / "data", "z2g", n_train=48, n_test=0, size=32, seed=12, easy=True)
     proc, run_dir = _start_and_wait(_args(data, tmp_path / "runs", epochs=40), tmp_path / "runs", 1)
     shutil.rmtree(data)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert err.startswith("error: ") and "not found" in err and "Traceback" not in err
     assert read_json(run_dir / "status.json")["status"] == "failed"
@@ -233,7 +237,7 @@ def test_a_run_that_is_training_cannot_be_resumed_by_a_second_process(data, tmp_
         assert read_json(run_dir / "status.json")["status"] == "running"  # the refused process wrote nothing
     finally:
         proc.kill()
-        proc.communicate(timeout=120)
+        proc.communicate(timeout=300)
     # the lock goes with the process: the killed run can be continued at once
     from hpa_fastai.runs.folder import run_lock
 
@@ -247,9 +251,9 @@ def test_an_interrupted_cross_validation_continues_where_it_stopped(data, tmp_pa
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 600
-    while time.time() < deadline:  # fold1 has trained an epoch: fold0 is finished
+    while time.time() < deadline:  # fold1 has checkpointed an epoch: fold0 is finished
         hist = list((tmp_path / "runs").glob("*-cv-cnn/fold1/history.csv"))
-        if hist and len(pd.read_csv(hist[0])) >= 1:
+        if hist and len(pd.read_csv(hist[0])) >= 1 and (hist[0].parent / "checkpoint.pth").is_file():
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)

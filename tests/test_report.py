@@ -215,7 +215,7 @@ window.addEventListener("load", () => {
 def chromium(tmp_path, *args) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
     return subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium); "

@@ -227,15 +227,9 @@ def explain_data(pred, data, out, threshold: float | None = None, tta: str | Non
                  flag: str = "--cam") -> pd.DataFrame:
     """``explain`` what ``predict`` predicts for ``data`` (a competition folder's test images, a
     folder of images, or one image) and write the results into ``out``."""
-    from .submission import check_compatible, competition_format, read_items, scan_images
+    from .submission import prediction_items
 
-    data = Path(data)
-    fmt = competition_format(data)
-    if fmt is not None:
-        check_compatible(pred, fmt)
-        items = read_items(data, fmt, split="test", labelled=False, channels=pred.channels)
-    else:
-        items = scan_images(data, pred.channels)
+    items, _ = prediction_items(pred, data)
     check_output_folder(out, flag, [], image_inputs(items, pred.channels), [pred.source])
     return write_explanations(pred, explain(pred, items, None, threshold, tta, bs), out, threshold, flag,
                               image_inputs(items, pred.channels))

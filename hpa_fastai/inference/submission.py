@@ -60,13 +60,21 @@ class Predictions:
     submission: Format | None  # the competition layout, for a Kaggle submission
 
 
+def prediction_items(pred, data: Path) -> tuple[pd.DataFrame, Format | None]:
+    """What ``predict`` predicts in ``data`` for ``pred``: a competition folder's test images (with its
+    layout, checked against the model's), or the images of a folder, or one image (layout None)."""
+    fmt = competition_format(Path(data))
+    if fmt is None:
+        return scan_images(Path(data), pred.channels), None
+    check_compatible(pred, fmt)
+    return read_items(Path(data), fmt, split="test", labelled=False, channels=pred.channels), fmt
+
+
 def write_predictions(pred, data: Path, out, threshold: float | None = None, tta: str | None = None,
                       bs: int = 32, workers: int | None = None) -> Predictions:
     """Predict every image of ``data`` with ``pred`` (a Predictor or Ensemble) and write ``out``."""
-    fmt = competition_format(data)
+    items, fmt = prediction_items(pred, data)
     if fmt is not None:
-        check_compatible(pred, fmt)
-        items = read_items(data, fmt, split="test", labelled=False, channels=pred.channels)
         out = check_output(out, "--out", input_files(items, pred.channels, data / "train.csv",
                                                      data / fmt.submission_csv), model_dirs(pred))
         probs = pred.probabilities(items, tta, bs, workers_for(workers, items))
@@ -76,7 +84,6 @@ def write_predictions(pred, data: Path, out, threshold: float | None = None, tta
         sub = pd.DataFrame({fmt.id_col: items["id"], fmt.submission_label_col: labels})
         write_csv(out, sub)
         return Predictions(out, sub, fmt)
-    items = scan_images(data, pred.channels)
     out = check_output(out, "--out", input_files(items, pred.channels), model_dirs(pred))
     probs = pred.probabilities(items, tta, bs, workers_for(workers, items))
     preds = pred.decode(probs, threshold)

@@ -10,7 +10,7 @@ import pandas as pd
 from PIL import Image
 
 from ..atomic import save_png, write_csv
-from ..config import SynthConfig, validate
+from ..config import SynthConfig, check_field, validate
 from ..errors import HPAError
 from ..data.vocab import NAMES
 from .fields import _Field, _blur
@@ -30,9 +30,7 @@ def draw_field(labels: list[int], fmt: str, size: int, rng: np.random.Generator,
     the classes apart. ``easy`` gives stronger green, less noise and larger structures.
     """
     _check_fmt(fmt)
-    size = _as_int(size, "size")
-    if size < 16:
-        raise HPAError(f"size must be >= 16 px, got {size}")
+    check_field(SynthConfig, "size", size)
     names = NAMES[fmt]
     labels = [_as_int(x, "label") for x in labels]
     bad = [x for x in labels if not 0 <= x < len(names)]

@@ -64,6 +64,13 @@ class _TrainedEpochsOnly:
     def before_train(self):
         self._trained = True
 
+    def _track_epoch(self) -> bool:
+        """The tracker's own update (``new_best``), for an epoch that trained; False for one skipped."""
+        if not self._trained:
+            return False
+        TrackerCallback.after_epoch(self)
+        return True
+
 
 class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
     """Early stopping that ignores the one-cycle warm-up (the phase's ``pct_start`` of its epochs),
@@ -85,9 +92,8 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
             raise CancelFitException()
 
     def after_epoch(self):
-        if not self._trained:
+        if not self._track_epoch():
             return
-        TrackerCallback.after_epoch(self)
         phase = run_phase(self.learn)
         if self.epoch + 1 <= max(math.ceil(phase.pct_start * self.n_epoch), phase.small_epochs):
             self.wait = 0
@@ -140,9 +146,8 @@ class KeepBestModel(_TrainedEpochsOnly, Stateful, SaveModelCallback):
         self._collecting = False
 
     def after_epoch(self):
-        if not self._trained:
+        if not self._track_epoch():
             return
-        TrackerCallback.after_epoch(self)
         self.trained_epochs += 1
         if self.new_best:
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in bare_model(self.learn).state_dict().items()}

@@ -105,7 +105,8 @@ class RunResult:
 def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bool = True) -> RunResult | None:
     """Train one model as ``cfg`` says (or continue ``cfg.resume``) into ``cfg.out/run_name``
     (default ``cfg.out/<time>-<arch>``); ``cbs``: extra fastai callbacks for every fit of the run
-    (progress displays, a search's pruning); ``link_latest``: point ``cfg.out/latest`` at the run.
+    (progress displays, a search's pruning; one that reads ``learn.run_history`` in ``after_epoch``
+    needs an ``order`` above ``RunHistory.order``); ``link_latest``: point ``cfg.out/latest`` at the run.
     Returns None on the processes other than the first of a distributed run."""
     t_start = time.time()
     with _run_folder(cfg, run_name) as (ts, run_dir, resumed, device):
