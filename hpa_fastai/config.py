@@ -136,8 +136,8 @@ class TrainConfig:
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images; "
                                     "default: 0 on CPU, one per core on GPU", WORKERS)
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing", finite_at_least(0))
-    # the tricks of the HPA 2018 winners, each off by default: none gained out-of-sample macro F1 over the
-    # defaults on synthetic data (bench/quality.py, README "Training tricks")
+    # the HPA 2018 winners' training tricks, each off by default: none gained out-of-sample macro F1 over
+    # the defaults on every one of three seeds on skewed synthetic data (bench/quality.py, README "Training tricks")
     ema: bool = opt(False, "keep an exponential moving average of the weights (timm's ModelEmaV3): validation, the "
                            "best epoch and the exported model use the average")
     swa: bool = opt(False, "stochastic weight averaging (torch's swa_utils) over the last --swa-epochs epochs, "
