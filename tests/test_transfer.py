@@ -282,3 +282,38 @@ def test_inception_v3_takes_torchvisions_file_with_its_auxiliary_classifier(tmp_
     assert start.kind == "imagenet"
     torch.testing.assert_close(model[0].model.Conv2d_1a_3x3.conv.weight[:, :3], state["Conv2d_1a_3x3.conv.weight"])
     torch.testing.assert_close(model[0].model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
+
+
+@pytest.mark.slow
+def test_a_run_from_an_imagenet_file_records_it_and_starts_frozen(resnet18_file, tiny_sets, tmp_path):
+    path, state = resnet18_file
+    hpa, _ = tiny_sets
+    run_dir = train(TrainConfig(data=str(hpa), arch="resnet18", weights=str(path), epochs=1, bs=8, lr="1e-3", seed=0,
+                                size=32, out=str(tmp_path)))
+    config = read_json(run_dir / "config.json")
+    assert config["pretrained_used"] is True and config["start_weights"] == f"ImageNet weights, {path}"
+    import pandas as pd
+
+    assert list(pd.read_csv(run_dir / "history.csv")["phase"]) == ["frozen", "unfrozen"]
+    assert f"from ImageNet weights, {path}" in (run_dir / "report.html").read_text()
+
+
+def test_a_pretrained_start_follows_fastais_fine_tune():
+    import inspect
+
+    from fastai.learner import Learner
+
+    from hpa_fastai.training import schedule as S
+
+    defaults = inspect.signature(Learner.fine_tune).parameters
+    assert (S.LR_MULT, S.UNFROZEN_PCT_START, S.UNFROZEN_DIV) == tuple(
+        defaults[k].default for k in ("lr_mult", "pct_start", "div"))
+    source = inspect.getsource(Learner.fine_tune)
+    assert f"pct_start={S.FROZEN_PCT_START}" in source and "base_lr /= 2" in source and S.UNFROZEN_LR_FACTOR == 0.5
+    frozen, unfrozen = S.phases(TrainConfig(epochs=5, freeze_epochs=2), 1e-3, pretrained=True)
+    assert (frozen.name, frozen.epochs, frozen.lr, frozen.pct_start) == ("frozen", 2, slice(None, 1e-3), 0.99)
+    assert (unfrozen.name, unfrozen.epochs, unfrozen.pct_start, unfrozen.div) == ("unfrozen", 5, 0.3, 5.0)
+    assert (unfrozen.lr.start, unfrozen.lr.stop) == (pytest.approx(5e-6), pytest.approx(5e-4))
+    assert [p.name for p in S.phases(TrainConfig(freeze_epochs=0), 1e-3, pretrained=True)] == ["unfrozen"]
+    (scratch,) = S.phases(TrainConfig(epochs=5), 1e-3, pretrained=False)
+    assert (scratch.name, scratch.lr, scratch.pct_start, scratch.div) == ("train", 1e-3, 0.25, 25.0)

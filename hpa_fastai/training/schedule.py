@@ -85,8 +85,7 @@ class Phase:
 
 # fastai's fine_tune (fastai/callback/schedule.py), step for step: the head trains with the body
 # frozen at the base rate, warming up over almost the whole phase; then everything trains at half the
-# base rate for the head and 1/LR_MULT of that for the body's first layers, with a shorter warm-up
-# from a higher start
+# base rate for the head and 1/LR_MULT of that for the body, with a shorter warm-up from a higher start
 FROZEN_PCT_START = 0.99
 UNFROZEN_LR_FACTOR = 0.5
 LR_MULT = 100
@@ -96,16 +95,18 @@ UNFROZEN_DIV = 5.0
 
 def phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[Phase]:
     """The one-cycle fits of a run: a pretrained body (ImageNet weights, or a run's) follows fastai's
-    ``fine_tune`` with ``lr`` as its base rate: ``--freeze-epochs`` with the body frozen, then
-    ``--epochs`` of everything with discriminative rates; a model from random initialisation trains
-    everything at ``lr`` with fastai's ``fit_one_cycle`` defaults."""
-    if pretrained and cfg.freeze_epochs > 0:
-        base = lr * UNFROZEN_LR_FACTOR
-        # slice(lr): the body's BatchNorm layers, which train while the body is frozen, at lr / 10
-        return [Phase("frozen", cfg.freeze_epochs, slice(lr), pct_start=FROZEN_PCT_START),
-                Phase("unfrozen", cfg.epochs, slice(base / LR_MULT, base), pct_start=UNFROZEN_PCT_START,
-                      div=UNFROZEN_DIV)]
-    return [Phase("train", cfg.epochs, lr)]
+    ``fine_tune`` with ``lr`` as its base rate: ``--freeze-epochs`` with the body frozen (none for 0),
+    then ``--epochs`` of everything with discriminative rates; a model from random initialisation
+    trains everything at ``lr`` with fastai's ``fit_one_cycle`` defaults."""
+    if not pretrained:
+        return [Phase("train", cfg.epochs, lr)]
+    base = lr * UNFROZEN_LR_FACTOR
+    unfrozen = Phase("unfrozen", cfg.epochs, slice(base / LR_MULT, base), pct_start=UNFROZEN_PCT_START,
+                     div=UNFROZEN_DIV)
+    if cfg.freeze_epochs == 0:
+        return [unfrozen]
+    # slice(lr): the body's BatchNorm layers, which train while the body is frozen, at lr / 10
+    return [Phase("frozen", cfg.freeze_epochs, slice(lr), pct_start=FROZEN_PCT_START), unfrozen]
 
 
 def learning_rate(cfg: TrainConfig, learn, run_dir: Path, saved_config: dict | None) -> float:
