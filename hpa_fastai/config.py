@@ -122,7 +122,8 @@ class TrainConfig:
     extra_data: str | list | None = opt(None, "external labelled folder(s) trained on together with --data, "
                                               "e.g. HPAv18 images: train.csv (Id,Target) + train/{Id}_{stain}.jpg "
                                               "or .png at any resolution", nargs="+")
-    arch: str = opt("resnet34", "cnn, resnet18, resnet34, resnet50, or timm:<name> (e.g. timm:convnext_tiny)")
+    arch: str = opt("resnet34", "cnn, resnet18, resnet34, resnet50, resnet101, resnet152, densenet121, seresnext50, "
+                                "inception_v3, or timm:<name> (e.g. timm:convnext_tiny)")
     epochs: int = opt(10, "training epochs (after the frozen epochs of a pretrained model)", at_least(1))
     size: int | None = opt(None, "image side in pixels; default: the images' own size, at most 256", size_check())
     bs: int = opt(32, "batch size", at_least(1))
@@ -136,7 +137,10 @@ class TrainConfig:
     channels: str = opt("auto", "rgb or rgby; default: rgby for HPA 2018 data, rgb for Zero-to-GANs",
                         choices=["auto", "rgb", "rgby"])
     pretrained: bool = opt(True, "start from ImageNet weights when they are cached or downloadable")
-    weights: str | None = opt(None, "start from this local checkpoint (.pth state dict or safetensors)")
+    weights: str | None = opt(None, "start from these weights: an ImageNet file of --arch as torchvision or timm "
+                                    "publish it (.pth, .safetensors), an earlier run (its folder, model.json or "
+                                    "model.safetensors; other stains and classes are adapted), or a state dict of "
+                                    "this model")
     loss: str = opt("bce", "loss function: bce, focal, or asl (the asymmetric loss, for imbalanced multi-label data)",
                     choices=list(LOSSES))
     focal_gamma: float = opt(2.0, "gamma of the focal loss", finite_at_least(0))
@@ -174,6 +178,21 @@ class TrainConfig:
     workers: int | None = opt(None, "DataLoader worker processes, at most 64 and no more than the cores or images; "
                                     "default: 0 on CPU, one per core on GPU", WORKERS)
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing", finite_at_least(0))
+    # the HPA 2018 winners' training tricks, each off by default: none gained out-of-sample macro F1 over
+    # the defaults on every one of three seeds on skewed synthetic data (bench/quality.py, README "Training tricks")
+    ema: bool = opt(False, "keep an exponential moving average of the weights (timm's ModelEmaV3): validation, the "
+                           "best epoch and the exported model use the average")
+    swa: bool = opt(False, "stochastic weight averaging (torch's swa_utils) over the last --swa-epochs epochs, "
+                           "BatchNorm statistics recomputed: validation, the best epoch and the export use the average")
+    swa_epochs: int | None = opt(None, "epochs --swa averages, the last of the run; default: a quarter of --epochs, "
+                                       "at least 2", at_least(1))
+    accumulate: int = opt(1, "gradient accumulation: one optimizer step per ACCUMULATE batches, an effective batch "
+                             "of ACCUMULATE x --bs (where a large --size leaves room for few images)",
+                          in_range(1, 1024))
+    mixup: bool = opt(False, "MixUp (fastai's): each training image blended with another, the labels mixed as "
+                             "probabilities in the same proportion")
+    cutmix: bool = opt(False, "CutMix (fastai's): a patch of another training image pasted in, the labels mixed as "
+                              "probabilities in proportion to the areas")
     skip_bad: bool = opt(False, "drop bad rows and unreadable images (listed in the log) instead of stopping")
     keep_checkpoint: bool = opt(False, "keep checkpoint.pth and best.pth once the run has finished and exported "
                                        "(failed, stopped and interrupted runs always keep them for --resume)")
@@ -219,6 +238,16 @@ class TrainConfig:
             return "--progressive-epochs needs --progressive-size"
         if self.progressive_epochs is not None and self.progressive_epochs >= self.epochs:
             return f"--progressive-epochs must be fewer than --epochs (got {self.progressive_epochs} of {self.epochs})"
+        if self.ema and self.swa:
+            return "--ema and --swa each put averaged weights in place of the trained ones: choose one"
+        if self.swa_epochs is not None and not self.swa:
+            return "--swa-epochs needs --swa"
+        if self.swa_epochs is not None and self.swa_epochs > self.epochs:
+            return f"--swa-epochs must be at most --epochs (got {self.swa_epochs} of {self.epochs})"
+        if self.mixup and self.cutmix:
+            return "--mixup and --cutmix each mix the training images: choose one"
+        if (self.mixup or self.cutmix) and self.bs < 2:
+            return f"--{'mixup' if self.mixup else 'cutmix'} mixes images within a batch: it needs --bs 2 or more"
         return None
 
 

@@ -82,12 +82,14 @@ LEARNER_OPTIONS = ("pretrained", "weights", "loss", "focal_gamma", "asl_gamma_ne
 
 def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", **kwargs) -> Learner:
     """A fastai ``Learner`` for ``dls``, built by the factory ``run.py`` uses: a registered
-    architecture (``cnn``, ``resnet18/34/50``, ``timm:<name>``) for the data's stains and classes, the
+    architecture (``cnn``, ``resnet18`` ... ``resnet152``, ``densenet121``, ``seresnext50``,
+    ``inception_v3``, ``timm:<name>``) for the data's stains and classes, the
     loss (``loss="bce" | "focal" | "asl"`` with ``focal_gamma``, ``asl_gamma_neg``, ``asl_gamma_pos``,
     ``asl_clip``), macro and samples F1 at ``threshold``, torch's AdamW under body/head parameter
     groups for ``fine_tune``, ``precision`` (on CUDA mixed precision by default), ``memory_format``
-    and ``compile``, each with ``run.py``'s default and check (``pretrained=True``, ``weights=PATH``).
-    With ImageNet weights the body starts frozen, as fastai's ``vision_learner``. The other
+    and ``compile``, each with ``run.py``'s default and check (``pretrained=True``; ``weights=PATH``: an
+    ImageNet file as torchvision or timm publish it, an earlier run, or a state dict, as ``--weights``).
+    With ImageNet weights or a run's, the body starts frozen, as fastai's ``vision_learner``. The other
     ``kwargs`` go to ``Learner`` (``cbs``, ``wd``, ``path``...); ``path`` defaults to the current
     folder rather than the data folder, where ``lr_find`` and ``save`` would otherwise write."""
     ts = dls.training_set if isinstance(dls, HPADataLoaders) else None

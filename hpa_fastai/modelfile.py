@@ -106,6 +106,19 @@ def save(state: dict, meta: dict, folder: Path) -> None:
 def load(json_path: Path) -> tuple[torch.nn.Module, dict]:
     """The model described by ``json_path`` with the weights beside it, on the CPU, and its checked
     description."""
+    state, meta = read_weights(json_path)
+    model, _ = models.create_model(meta["arch"], len(meta["channels"]), len(meta["vocab"]), pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise HPAError(f"{Path(json_path).with_name(WEIGHTS)}: weights do not fit {meta['arch']} "
+                       f"({str(e).splitlines()[0]})") from None
+    return model.eval(), meta
+
+
+def read_weights(json_path: Path) -> tuple[dict, dict]:
+    """The weights beside ``json_path`` (a state dict of finite tensors whose names and shapes are
+    those of the architecture it describes) and its checked description; no model is built."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -125,16 +138,15 @@ def load(json_path: Path) -> tuple[torch.nn.Module, dict]:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise HPAError(f"{weights}: cannot read weights ({e})") from None
+    check_finite(state, weights)
+    return state, meta
+
+
+def check_finite(state: dict, where) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise HPAError(f"{weights}: weight {name!r} is not finite (NaN or infinity): the model would "
+            raise HPAError(f"{where}: weight {name!r:.80} is not finite (NaN or infinity): the model would "
                            "predict nonsense")
-    model, _ = models.create_model(meta["arch"], n_in, n_out, pretrained=False)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise HPAError(f"{weights}: weights do not fit {meta['arch']} ({str(e).splitlines()[0]})") from None
-    return model.eval(), meta
 
 
 MAX_HEADER = 16 * 1024 * 1024  # a safetensors header of the largest timm models is well under 1 MiB

@@ -2,17 +2,20 @@
 
 Builders take ``(n_in, n_out, pretrained)`` and return an ``nn.Sequential(body, head)`` so one
 splitter gives every model discriminative learning rates. ``timm:<name>`` reaches any timm model.
+Each builder also knows where its ImageNet weights come from (``imagenet_layout``): which tensors of
+the file torchvision or timm publishes land where in the body, and which are the classifier.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import logging
+import re
 import socket
 import sys
 import types
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -86,17 +89,28 @@ def plain_cnn(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
 def _torchvision(fn):
     def build(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
         return create_vision_model(fn, n_out, pretrained=pretrained, n_in=n_in)
+    build.imagenet = ("torchvision", fn)
     return build
 
 
-for _name in ("resnet18", "resnet34", "resnet50"):
-    register(_name)(_torchvision(getattr(tvm, _name)))
-
-
-def _timm(name: str):
+def _timm(name: str, **published):
+    """A timm model; ``published``: what the model must be built with to hold every tensor of its
+    published ImageNet file (Inception-v3's has the auxiliary classifier, which timm skips on loading)."""
     def build(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
         return create_timm_model(name, n_out, pretrained=pretrained, n_in=n_in)[0]
+    build.imagenet = ("timm", name)
+    build.published = published
     return build
+
+
+# ResNets, and the backbones of the HPA 2018 winners: DenseNet-121 (1st place), SE-ResNeXt-50 (3rd
+# place, timm's own weights of it), ResNet-101/152 and Inception-v3 (several top-10 teams).
+# Inception-v3 comes from timm: torchvision's has an auxiliary classifier among its children, which
+# fastai's cut into body and head would leave inside the body. BN-Inception is in neither library.
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121"):
+    register(_name)(_torchvision(getattr(tvm, _name)))
+register("seresnext50")(_timm("seresnext50_32x4d"))
+register("inception_v3")(_timm("inception_v3", aux_logits=True))
 
 
 def check_arch(arch: str) -> str:
@@ -196,81 +210,127 @@ def has_pretrained(arch: str) -> bool:
     return arch != "cnn"
 
 
+def rgby_filters(weight: torch.Tensor, n_in: int) -> torch.Tensor:
+    """A first convolution's filters for ``n_in`` stains from those for ``weight``'s: RGB -> RGBY keeps
+    the RGB filters and starts the yellow one (the ER stain) from the mean of the red and blue
+    filters; RGBY -> RGB drops the yellow filters. fastai's own conversion zeroes the extra
+    channels, which wastes the stain at the start."""
+    have = weight.shape[1]
+    if have == n_in:
+        return weight
+    if have == 4 and n_in == 3:
+        return weight[:, :3].clone()
+    if have == 3 and n_in == 4:
+        return torch.cat([weight, ((weight[:, 0] + weight[:, 2]) / 2).unsqueeze(1)], dim=1)
+    raise HPAError(f"cannot adapt a first convolution of {have} input channels to {n_in}")
+
+
+def first_conv_name(model: nn.Module) -> str:
+    """The state-dict name of the first convolution's weight (``0.0.weight`` in a torchvision body)."""
+    return next(name for name, _ in model.named_parameters())
+
+
 def expand_first_conv(model: nn.Module, n_in: int) -> None:
-    """Give a pretrained RGB model more input channels: keep the RGB filters and start each
-    extra channel (yellow, the ER stain) from the mean of the red and blue filters.
-    fastai's own conversion zeroes the extra channels, which wastes the stain at the start."""
+    """Give a pretrained RGB model more input channels, as ``rgby_filters`` says."""
     conv, parent, name = _get_first_layer(model)
     if not isinstance(conv, nn.Conv2d) or conv.in_channels != 3:
         raise HPAError(f"cannot add input channels: first layer is {type(conv).__name__}")
     new = nn.Conv2d(n_in, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        new.weight[:, :3] = conv.weight
-        new.weight[:, 3:] = ((conv.weight[:, 0] + conv.weight[:, 2]) / 2).unsqueeze(1)
+        new.weight.copy_(rgby_filters(conv.weight, n_in))
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
     setattr(parent, name, new)
 
 
-def load_weights(model: nn.Module, path) -> None:
-    """Load a local checkpoint: safetensors, or a state dict read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise HPAError(f"--weights {path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+# torchvision's published DenseNet files name some layers "norm.1" where its models say "norm1";
+# torchvision renames them with this pattern when it loads them (densenet._load_state_dict)
+_DENSENET_OLD_NAME = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
-            state = load_file(str(path))
+
+@dataclass(frozen=True)
+class ImageNetLayout:
+    """An ImageNet checkpoint of one architecture as its library publishes it (torchvision's
+    ``resnet18-f37072fd.pth``, timm's ``model.safetensors``): every tensor's name and shape
+    (``shapes``), where each tensor of the body goes in this package's 3-stain model (``to_model``),
+    and the classifier's names (with any auxiliary classifier), which are left out (``classifier``)."""
+    library: str
+    shapes: dict
+    to_model: dict
+    classifier: frozenset
+
+    def rename(self, name: str) -> str:
+        """A name as the library's own loader reads it."""
+        if self.library == "torchvision":
+            return _DENSENET_OLD_NAME.sub(r"\1\2", name)
+        return name
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_layout(arch: str) -> ImageNetLayout | None:
+    """How the published ImageNet file of ``arch`` maps onto ``create_model(arch, 3, ...)``; None
+    for an architecture without ImageNet weights (``cnn``). Built on the meta device. fastai's
+    ``create_vision_model`` keeps torchvision's children before its cut as ``body[i]``;
+    ``create_timm_model`` keeps timm's model without its classifier as ``body.model``."""
+    build = builder(arch)
+    library, source = getattr(build, "imagenet", (None, None))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if library == "torchvision":
+            from fastai.vision.learner import model_meta
+
+            reference = source(weights=None)
+            cut = model_meta.get(source, {}).get("cut")
+            children = list(reference.named_children())
+            kept = children[:cut] if cut is not None else children
+            to_model = {f"{child}.{key}": f"0.{i}.{key}" for i, (child, module) in enumerate(kept)
+                        for key in module.state_dict()}
+        elif library == "timm":
+            import timm
+
+            reference = timm.create_model(source, pretrained=False, **getattr(build, "published", {}))
+            body = timm.create_model(source, pretrained=False, num_classes=0)
+            to_model = {key: f"0.model.{key}" for key in body.state_dict()}
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
-        model.load_state_dict(state)
-    except HPAError:
-        raise
-    except Exception as e:  # torch and safetensors raise several types for a bad file
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]  # an empty file's EOFError has no message
-        raise HPAError(f"--weights {path}: cannot load into this model ({reason})") from None
+            return None
+    shapes = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    return ImageNetLayout(library, shapes, to_model, frozenset(set(shapes) - set(to_model)))
 
 
 _warned: set = set()
 
 
-def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True, weights=None):
+def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True):
     """Build ``arch`` for ``n_in`` stains and ``n_out`` classes. Returns ``(model, used_pretrained)``.
 
     Without internet or a cached copy, ImageNet weights can't be had: warn once and train from
-    random initialisation instead of failing.
+    random initialisation instead of failing (``transfer.start_model`` also takes a local file).
     """
     build = builder(arch)
-    used = False
-    if pretrained and has_pretrained(arch) and weights is None:
+    if pretrained and has_pretrained(arch):
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(15)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = build(3, n_out, pretrained=True)
-            used = True
         except Exception as e:  # torch.hub, urllib and huggingface_hub each raise their own types
             if arch not in _warned:
                 _warned.add(arch)
                 reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
                 logger.warning(f"ImageNet weights for {arch} are not cached and cannot be downloaded "
                                f"({reason}); training from random initialisation. Cache them under "
-                               f"{torch.hub.get_dir()} or pass --weights PATH.")
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-        if used:
+                               f"{torch.hub.get_dir()} or pass --weights PATH (the file as downloaded).")
+        else:
             if n_in != 3:
                 expand_first_conv(model, n_in)
             return model, True
-    model = build(n_in, n_out, pretrained=False)
-    if weights is not None:
-        load_weights(model, weights)
-    return model, used
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    return build(n_in, n_out, pretrained=False), False
 
 
 def splitter(model: nn.Module):

@@ -16,6 +16,7 @@ RANKS = {
     "data": 1, "synth": 1,
     "tools": 2,  # one-off data jobs (the HPAv18 download): on core, data and synth; only the CLI imports them
     "models": 3, "losses": 3, "metrics": 3, "evaluation": 3, "modelfile": 3, "device": 3,
+    "transfer": 3,  # the weights a model starts from: ImageNet files, earlier runs (on models and modelfile)
     "training": 4, "inference": 4,
     "reporting": 6,
     "serve": 6,  # the web app on a trained model (inference and plots only)

@@ -427,6 +427,12 @@ CONFIG_CASES = [
     # the plain cnn pools four times: below 16 px its last pooling has nothing left
     ({"size": 12}, "--size 12 is below the 16 pixels cnn takes"), ({"size": 15}, "--size 15"),
     ({"size": 32, "progressive_size": 8}, "--progressive-size 8 is below the 16 pixels cnn takes"),
+    ({"ema": True, "swa": True}, "--ema and --swa"), ({"swa_epochs": 2}, "--swa-epochs needs --swa"),
+    ({"swa": True, "swa_epochs": 0}, "--swa-epochs"), ({"swa": True, "swa_epochs": 11, "epochs": 10}, "--swa-epochs"),
+    ({"accumulate": 0}, "--accumulate"), ({"accumulate": 10**6}, "--accumulate"), ({"accumulate": 2.5}, "--accumulate"),
+    ({"mixup": True, "cutmix": True}, "--mixup and --cutmix"), ({"mixup": True, "bs": 1}, "--mixup"),
+    ({"cutmix": True, "bs": 1}, "--cutmix"), ({"ema": "yes"}, "--ema"),
+    ({"weights": "/no/such/run"}, "--weights"),
 ]
 
 
@@ -786,6 +792,8 @@ def test_flag_refused_by_the_parser(capsys, args, parts):
     (["--n-folds", "1"], "--n-folds"), (["--threshold", "nan"], "--threshold"), (["--seed", "-1"], "--seed"),
     (["--focal-gamma", "nan"], "--focal-gamma"), (["--size", "100000"], "--size"), (["--workers", "-1"], "--workers"),
     (["--weights", "/no/such.pth"], "--weights"), (["lr-find", "--lr", "inf"], "--lr"),
+    (["--ema", "--swa"], "--ema and --swa"), (["--accumulate", "0"], "--accumulate"),
+    (["--mixup", "--cutmix"], "--mixup and --cutmix"),
     (["cv", "--n-folds", "1"], "--n-folds"),
     pytest.param(["--precision", "fp16"], "--precision fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")),
@@ -795,6 +803,39 @@ def test_flag_refused_before_any_data_is_read(capsys, tmp_path, args, flag):
                                     "--out", tmp_path / "runs")
     assert_cli_error(code, out, err, flag)
     assert not (tmp_path / "runs").exists()
+
+
+def _weights_case(kind: str, folder: Path) -> Path:
+    from hpa_fastai.modelfile import save
+    from hpa_fastai.models import create_model
+
+    if kind == "pickle":
+        (folder / "export.pkl").write_bytes(b"\x80\x04N.")
+        return folder / "export.pkl"
+    if kind == "folder without model.json":
+        (folder / "half").mkdir()
+        return folder / "half"
+    if kind == "nothing in common":
+        torch.save({"encoder.weight": torch.zeros(2, 2)}, folder / "other.pth")
+        return folder / "other.pth"
+    model, _ = create_model("resnet18", 3, 10, pretrained=False)  # a run of another architecture than --arch
+    save(model.state_dict(), {"arch": "resnet18", "format": "z2g", "channels": "rgb", "n_in": 3, "size": 16,
+                              "mean": [0.5] * 3, "std": [0.2] * 3, "vocab": [str(i) for i in range(10)],
+                              "names": [f"c{i}" for i in range(10)], "thresholds": [0.5] * 10}, folder / "run")
+    return folder / "run"
+
+
+@pytest.mark.parametrize("kind, parts", [
+    ("pickle", ["a pickle is never loaded as starting weights"]),
+    ("folder without model.json", ["a folder without model.json"]),
+    ("nothing in common", ["no parameters in common with cnn"]),
+    ("another architecture's run", ["a run of resnet18, and this run's --arch is cnn: pass --arch resnet18"]),
+])
+def test_weights_that_cannot_start_this_model_are_one_line(make_z2g, tmp_path, capsys, kind, parts):
+    weights = _weights_case(kind, tmp_path)
+    code, out, err = cli_in_process(capsys, "--data", make_z2g(n=8, size=16), "--arch", "cnn", "--weights", weights,
+                                    "--epochs", "1", "--bs", "2", "--lr", "1e-3", "--out", tmp_path / "runs")
+    assert_cli_error(code, out, err, f"--weights {weights}", *parts)
 
 
 def test_batch_size_larger_than_the_data_set_marks_the_run_failed(make_z2g, tmp_path, capsys):

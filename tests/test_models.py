@@ -1,4 +1,4 @@
-"""The model registry: every architecture for 3 and 4 stains, RGBY init, offline fallback, --weights."""
+"""The model registry: every architecture for 3 and 4 stains, RGBY init, offline fallback (--weights: test_transfer)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,9 @@ from torch import nn
 from hpa_fastai import models
 from hpa_fastai.errors import HPAError
 
-ARCHS = sorted(models.ARCHS) + ["timm:resnet10t"]
+# the 2018 winners' deepest backbones take several seconds each to build on a CPU
+HEAVY = {"resnet101", "resnet152", "inception_v3", "seresnext50"}
+ARCHS = [pytest.param(a, marks=pytest.mark.slow) if a in HEAVY else a for a in sorted(models.ARCHS)] + ["timm:resnet10t"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -20,11 +22,38 @@ def test_every_architecture_builds_for_3_and_4_stains(arch, n_in):
     model, used = models.create_model(arch, n_in, 28, pretrained=False)
     assert not used
     model.eval()
+    side = max(64, models.min_size(arch))  # Inception-v3 takes 75 px and more
     with torch.no_grad():
-        out = model(torch.rand(2, n_in, 64, 64))
+        out = model(torch.rand(2, n_in, side, side))
     assert out.shape == (2, 28)
     groups = models.splitter(model)
     assert len(groups) == 2 and all(len(g) for g in groups)  # body and head for discriminative rates
+    assert models.first_conv_name(model) in model.state_dict()
+
+
+def test_the_2018_winners_backbones_are_registered_by_short_name():
+    for arch, library, source in [("densenet121", "torchvision", "densenet121"), ("resnet101", "torchvision", "resnet101"),
+                                  ("resnet152", "torchvision", "resnet152"), ("seresnext50", "timm", "seresnext50_32x4d"),
+                                  ("inception_v3", "timm", "inception_v3")]:
+        assert models.check_arch(arch) == arch and models.has_pretrained(arch)
+        kind, fn = models.builder(arch).imagenet
+        assert kind == library and (fn if isinstance(fn, str) else fn.__name__) == source
+
+
+@pytest.mark.parametrize("arch", ["densenet121", pytest.param("seresnext50", marks=pytest.mark.slow),
+                                  pytest.param("inception_v3", marks=pytest.mark.slow), "timm:resnet10t"])
+def test_cached_imagenet_weights_of_the_new_backbones_get_the_rgby_first_conv(arch, monkeypatch):
+    build = models.builder(arch)
+    torch.manual_seed(0)
+    cached = build(3, 28, pretrained=False)  # stands in for the weights torch hub or timm would load
+    rgb = cached.state_dict()[models.first_conv_name(cached)].clone()
+    monkeypatch.setattr(models, "builder", lambda a: lambda n_in, n_out, pretrained=False:
+                        cached if pretrained else build(n_in, n_out))
+    model, used = models.create_model(arch, 4, 28, pretrained=True)
+    w = model.state_dict()[models.first_conv_name(model)]
+    assert used and w.shape[1] == 4
+    torch.testing.assert_close(w[:, :3], rgb)
+    torch.testing.assert_close(w[:, 3], (rgb[:, 0] + rgb[:, 2]) / 2)
 
 
 def test_rgby_first_conv_keeps_rgb_filters_and_starts_yellow_from_red_and_blue():
@@ -49,16 +78,6 @@ def test_missing_imagenet_weights_fall_back_to_random_init_with_one_warning(monk
     models.create_model("resnet18", 4, 10, pretrained=True)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # warned once per architecture
     assert model[0][0].in_channels == 4
-
-
-def test_local_weights_are_loaded(tmp_path):
-    source, _ = models.create_model("cnn", 4, 10, pretrained=False)
-    torch.save(source.state_dict(), tmp_path / "w.pth")
-    loaded, _ = models.create_model("cnn", 4, 10, pretrained=True, weights=tmp_path / "w.pth")
-    for a, b in zip(source.state_dict().values(), loaded.state_dict().values()):
-        torch.testing.assert_close(a, b)
-    with pytest.raises(HPAError, match="cannot load"):
-        models.create_model("cnn", 3, 10, pretrained=False, weights=tmp_path / "w.pth")
 
 
 @pytest.mark.parametrize("name", ["resnet1000", "timm:not_a_model", "vgg"])

@@ -154,15 +154,15 @@ class _InputSizes:
     def __init__(self, monkeypatch):
         from hpa_fastai.training import learner
 
-        self.train, self.eval, real = [], [], learner.create_model
+        self.train, self.eval, real = [], [], learner.start_model
 
-        def create_model(*args, **kwargs):
-            model, pretrained = real(*args, **kwargs)
+        def start_model(*args, **kwargs):
+            model, start = real(*args, **kwargs)
             model.register_forward_pre_hook(
                 lambda module, inp: (self.train if module.training else self.eval).append(inp[0].shape[-1]))
-            return model, pretrained
+            return model, start
 
-        monkeypatch.setattr(learner, "create_model", create_model)
+        monkeypatch.setattr(learner, "start_model", start_model)
 
 
 @pytest.mark.slow

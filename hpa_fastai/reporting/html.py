@@ -127,12 +127,20 @@ def summary_values(summary: dict, metrics: dict) -> dict:
 
 
 def training_values(config: dict) -> dict:
-    """The loss, oversampling and progressive resizing of a run, for the line under its title
-    (run folders written before these options existed trained with BCE, neither of the others)."""
+    """The loss, oversampling, progressive resizing, starting weights and training tricks of a run, for
+    the line under its title (run folders written before these options existed trained with BCE and
+    none of the others)."""
     progressive = config.get("progressive_size")
+    start = config.get("start_weights")
+    tricks = [name for key, name in (("ema", "EMA of the weights"), ("swa", "SWA"), ("mixup", "MixUp"),
+                                     ("cutmix", "CutMix")) if config.get(key) is True]
+    if isinstance(config.get("accumulate"), int) and config["accumulate"] > 1:
+        tricks.append(f"gradients accumulated over {fmt_value(config['accumulate'])} batches")
     return {"loss": fmt_value(config.get("loss", "bce")),
             "oversample": fmt_value(config.get("oversample_cap", "?")) if config.get("oversample") is True else None,
-            "progressive": fmt_value(progressive) if progressive is not None else None}
+            "progressive": fmt_value(progressive) if progressive is not None else None,
+            "start": fmt_value(start) if config.get("pretrained_used") is True and isinstance(start, str) else None,
+            "tricks": tricks}
 
 
 def config_values(config: dict) -> dict:

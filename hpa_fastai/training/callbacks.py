@@ -1,6 +1,6 @@
 """The fastai callbacks of a training run: the phase being fitted, early stopping after the warm-up,
-the best weights, progressive resizing, a guard against a NaN loss, and a clean stop on Ctrl-C or
-SIGTERM.
+the best weights, progressive resizing, a guard against a NaN loss, a clean stop on Ctrl-C or
+SIGTERM, and the training tricks (averaged weights, gradient accumulation, MixUp and CutMix).
 
 They talk to each other only through the Learner, as fastai's own do: ``RunPhase`` is added to each
 one-cycle fit of a run (``learn.run_phase``) and says which phase it is; the others read it there.
@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
+from fastai.callback.training import GradientAccumulation
+from fastai.torch_core import find_bs
 
-from ..atomic import atomic_path
 from .. import modelfile
+from ..atomic import atomic_path
+from ..errors import HPAError
 
 
 def bare_model(learn):
@@ -40,14 +43,14 @@ class Stateful:
 
 class RunPhase(Callback):
     """The phase a one-cycle fit of a run trains: ``phase`` (``train``, or ``frozen`` then ``unfrozen``
-    for a pretrained body), whether it is the run's ``final`` one, and how many of its first epochs
-    train at progressive resizing's smaller size (``small_epochs``). Added to each fit's callbacks, so
-    the others find it as ``learn.run_phase``."""
+    for a pretrained body), whether it is the run's ``final`` one, how many of its first epochs
+    train at progressive resizing's smaller size (``small_epochs``), and the share of its steps that
+    warm up (``pct_start``). Added to each fit's callbacks, so the others find it as ``learn.run_phase``."""
 
     order = -10  # before every callback that reads it
 
-    def __init__(self, phase: str = "train", final: bool = True, small_epochs: int = 0):
-        self.phase, self.final, self.small_epochs = phase, final, small_epochs
+    def __init__(self, phase: str = "train", final: bool = True, small_epochs: int = 0, pct_start: float = 0.25):
+        self.phase, self.final, self.small_epochs, self.pct_start = phase, final, small_epochs, pct_start
 
 
 def run_phase(learn) -> RunPhase:
@@ -71,14 +74,14 @@ class _TrainedEpochsOnly:
 
 
 class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
-    """Early stopping that ignores the one-cycle warm-up, when a rising learning rate makes the
-    metric worse on purpose, and the first ``min_epochs`` epochs of a fit (those of progressive
-    resizing's smaller size). It stops at the start of the next epoch rather than at the end of
-    this one, so the checkpoint of the epoch that decided it is written first."""
+    """Early stopping that ignores the one-cycle warm-up (the phase's ``pct_start`` of its epochs),
+    when a rising learning rate makes the metric worse on purpose, and the first epochs of a fit at
+    progressive resizing's smaller size. It stops at the start of the next epoch rather than at the
+    end of this one, so the checkpoint of the epoch that decided it is written first."""
 
-    def __init__(self, warmup_pct: float = 0.25, **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.warmup_pct, self.stop = warmup_pct, False
+        self.stop = False
 
     def before_fit(self):
         super().before_fit()
@@ -92,7 +95,8 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
     def after_epoch(self):
         if not self._track_epoch():
             return
-        if self.epoch + 1 <= max(math.ceil(self.warmup_pct * self.n_epoch), run_phase(self.learn).small_epochs):
+        phase = run_phase(self.learn)
+        if self.epoch + 1 <= max(math.ceil(phase.pct_start * self.n_epoch), phase.small_epochs):
             self.wait = 0
             return
         self.wait = 0 if self.new_best else self.wait + 1
@@ -300,3 +304,163 @@ class StopOnSignal(Callback):
     def after_epoch(self):
         if self.requested:
             raise CancelFitException()
+
+
+class AveragedWeights(Stateful, Callback):
+    """Validation, and with it the best epoch, its predictions and the exported model, sees averaged
+    weights in place of the trained ones (``EMA``, ``SWA``): they are put into the model before an
+    epoch's validation where there is an average, and the trained ones back before the next epoch
+    trains. So the checkpoint of an epoch holds the weights that were validated, and this callback's
+    state holds the trained ones, which a resumed run continues from."""
+
+    order = TrackerCallback.order - 1  # its before_fit builds the average before Checkpoint restores the state
+
+    def __init__(self):
+        self.averaged, self.trained_state, self.count = None, None, 0
+
+    def make(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that holds the average (``averaged_module`` is where its weights are)."""
+        raise NotImplementedError
+
+    def averaged_module(self) -> torch.nn.Module:
+        return self.averaged.module
+
+    def ready(self) -> bool:
+        """Whether this epoch's validation sees the average."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Bring the average up to date before it is validated."""
+
+    def before_fit(self):
+        if self.averaged is None:
+            self.averaged = self.make(bare_model(self.learn))
+
+    def before_train(self):
+        if self.trained_state is not None:
+            bare_model(self.learn).load_state_dict(self.trained_state)
+            self.trained_state = None
+
+    def before_validate(self):
+        if self.learn.dl is not self.dls.valid or self.trained_state is not None or not self.ready():
+            return
+        self.prepare()
+        model = bare_model(self.learn)
+        self.trained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.averaged_module().state_dict())
+
+    def state_dict(self) -> dict:
+        trained = None if self.trained_state is None else {k: v.detach().to("cpu", copy=True)
+                                                           for k, v in self.trained_state.items()}
+        return {"averaged_trained_weights": trained, "averaged_count": int(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """After a restart: the model holds the checkpoint's weights, the validated ones, which are the
+        average's where the epoch validated one."""
+        trained, count = state.get("averaged_trained_weights", ...), state.get("averaged_count")
+        model = bare_model(self.learn).state_dict()
+        fits = trained is None or (isinstance(trained, dict) and trained.keys() == model.keys() and all(
+            isinstance(v, torch.Tensor) and v.shape == model[k].shape and (not v.is_floating_point() or
+                                                                          bool(torch.isfinite(v).all()))
+            for k, v in trained.items()))
+        if trained is ... or not fits or not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+            raise HPAError(f"checkpoint.pth: the averaged weights' state is missing or does not fit this model "
+                           f"({type(self).__name__}); start the run again")
+        self.count = count
+        if trained is not None:
+            self.averaged_module().load_state_dict(model)
+            self.trained_state = {k: v.to(model[k].device) for k, v in trained.items()}
+        self.restored()
+
+    def restored(self) -> None:
+        """Anything else the average keeps, after ``load_state_dict``."""
+
+
+class EMA(AveragedWeights):
+    """An exponential moving average of the weights (timm's ``ModelEmaV3``), updated after every
+    optimizer step. timm's default decay of 0.9998 needs tens of thousands of steps; its warm-up
+    (the decay rises as 1 - (1 + step)^-3/4, timm's setting for shorter runs) lets a run of a few
+    hundred steps average over its last tens of steps, and longer ones over more."""
+
+    def make(self, model):
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(model, decay=0.9998, use_warmup=True, warmup_power=3 / 4)
+
+    def ready(self) -> bool:
+        return self.count > 0
+
+    def after_step(self):
+        self.count += 1
+        self.averaged.update(bare_model(self.learn), step=self.count)
+
+
+class SWA(AveragedWeights):
+    """Stochastic weight averaging (torch's ``swa_utils``): an equal average of the weights at the end
+    of each of the final phase's last ``epochs`` epochs, whose BatchNorm statistics ``update_bn``
+    recomputes with a pass over the training images before it is validated."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def make(self, model):
+        from torch.optim.swa_utils import AveragedModel
+
+        return AveragedModel(model)
+
+    def ready(self) -> bool:
+        return run_phase(self.learn).final and self.epoch >= self.n_epoch - self.epochs
+
+    def prepare(self):
+        from torch.optim.swa_utils import update_bn
+
+        self.averaged.update_parameters(bare_model(self.learn))
+        self.count = int(self.averaged.n_averaged)
+        update_bn(self.dls.train, self.averaged)
+
+    def restored(self):
+        self.averaged.n_averaged.fill_(self.count)
+
+
+class AccumulateGradients(GradientAccumulation):
+    """fastai's ``GradientAccumulation`` for ``n`` batches of ``bs`` images per optimizer step (fastai
+    counts images). Each epoch's last batch also steps, with what it has, so no gradient is pending when
+    the epoch's checkpoint is written and a resumed run continues exactly. The one-cycle schedule
+    follows the batches: each step takes the learning rate of the batch it happens at."""
+
+    def __init__(self, n: int, bs: int):
+        super().__init__(n_acc=n * bs)
+
+    def before_train(self):
+        self.count = 0
+
+    def before_step(self):
+        if self.iter + 1 < self.n_iter:
+            return super().before_step()
+        self.learn.loss_grad *= self.n_acc / find_bs(self.learn.yb)
+        self.count = 0
+
+
+def trick_callbacks(cfg) -> list:
+    """The callbacks of the training tricks ``cfg`` turns on: ``--ema``, ``--swa``, ``--accumulate``,
+    ``--mixup``, ``--cutmix``. MixUp and CutMix are fastai's: with a multi-label loss (no ``y_int``)
+    they mix the targets themselves, as probabilities, in the images' proportions."""
+    from fastai.callback.mixup import CutMix, MixUp
+
+    cbs = []
+    if cfg.ema:
+        cbs.append(EMA())
+    if cfg.swa:
+        cbs.append(SWA(swa_epochs(cfg)))
+    if cfg.accumulate > 1:
+        cbs.append(AccumulateGradients(cfg.accumulate, cfg.bs))
+    if cfg.mixup:
+        cbs.append(MixUp())
+    if cfg.cutmix:
+        cbs.append(CutMix())
+    return cbs
+
+
+def swa_epochs(cfg) -> int:
+    return min(cfg.epochs, cfg.swa_epochs or max(2, cfg.epochs // 4))

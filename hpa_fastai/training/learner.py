@@ -1,8 +1,9 @@
 """The one Learner factory, for ``run.py`` and the notebook door alike: the DataLoaders of a
-training set (rare classes oversampled unless turned off), the model from the registry, the loss
-from the loss registry, macro and samples F1 and the running losses (kept on the device: ``metrics``),
-torch's AdamW under fastai's body/head parameter groups (``optimizer``), and what the device offers:
-mixed precision, channels-last, cuDNN's autotuner, ``torch.compile`` (``device``)."""
+training set (rare classes oversampled unless turned off), the model from the registry with the
+weights it starts from (``transfer``), the loss from the loss registry, macro and samples F1 and the
+running losses (kept on the device: ``metrics``), torch's AdamW under fastai's body/head parameter
+groups (``optimizer``), and what the device offers: mixed precision, channels-last, cuDNN's
+autotuner, ``torch.compile`` (``device``)."""
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,9 @@ from ..data.splits import make_splitter
 from ..data.training_set import TrainingSet
 from ..errors import HPAError
 from ..losses import loss_from
-from ..models import create_model, splitter
+from ..models import splitter
 from ..runs.folder import HISTORY
+from ..transfer import Start, start_model
 from .history import RunHistory
 from .optimizer import adamw, last_hyper
 
@@ -36,12 +38,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LearnerSetup:
-    """What building the Learner decided: the precision it trains in, whether ImageNet weights
-    were loaded (offline they may not be), the memory format and whether the model is compiled."""
+    """What building the Learner decided: the precision it trains in, the weights the model started
+    from (offline the cache's ImageNet weights may be missing), the memory format and whether the
+    model is compiled."""
     precision: str
-    pretrained: bool
+    start: Start
     channels_last: bool = False
     compiled: bool = False
+
+    @property
+    def pretrained(self) -> bool:
+        return self.start.pretrained
 
 
 # fastai's Callback.__call__ lets a cancelling exception through and words any other one this way
@@ -194,7 +201,7 @@ def create_learner(dls, ts: TrainingSet, cfg: TrainConfig, device: torch.device 
     (``path``, ``model_dir``, ``cbs``...)."""
     device = device or default_device()
     set_seed(cfg.seed, reproducible=True)
-    model, used_pretrained = create_model(cfg.arch, len(cfg.channels), len(ts.vocab), cfg.pretrained, cfg.weights)
+    model, start = start_model(cfg.arch, len(cfg.channels), ts.names, cfg.pretrained, cfg.weights)
     model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on their device
     learn = Learner(dls, model, loss_func=loss_from(cfg), opt_func=adamw,
                     metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
@@ -210,7 +217,7 @@ def create_learner(dls, ts: TrainingSet, cfg: TrainConfig, device: torch.device 
     D.tune_backend(device)  # after set_seed, which turns cuDNN's autotuner off
     if cfg.compile:
         learn.model = D.compile_model(learn.model)
-    return learn, LearnerSetup(precision, used_pretrained, channels_last, cfg.compile)
+    return learn, LearnerSetup(precision, start, channels_last, cfg.compile)
 
 
 def run_learner(ts: TrainingSet, run_dir: Path | None = None, device: torch.device | None = None,

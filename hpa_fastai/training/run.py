@@ -37,8 +37,10 @@ from ..modelfile import export_learner, model_meta
 from ..models import check_arch, min_size, size_problem
 from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, VALID_PREDICTIONS, make_run_dir, now, point_latest,
                            remove_resume_files, run_lock, write_status)
+from ..transfer import weights_form
 from . import distributed
-from .callbacks import KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, StopOnSignal, WarmupEarlyStopping
+from .callbacks import (KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, StopOnSignal, WarmupEarlyStopping,
+                        trick_callbacks)
 from .history import RunHistory
 from .learner import default_device, run_learner
 from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
@@ -64,9 +66,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for flag, size in (("--size", cfg.size), ("--progressive-size", cfg.progressive_size)):
         if size is not None and (problem := size_problem(cfg.arch, size)):
             raise HPAError(f"{flag} {size} {problem}: pass a larger {flag}, or another --arch")
-    for flag, path in (("--weights", cfg.weights), ("--duplicates", cfg.duplicates)):
-        if path is not None and not Path(path).is_file():
-            raise HPAError(f"{flag} {path}: file not found")
+    if cfg.weights is not None:
+        weights_form(cfg.weights)  # a missing file, a folder that is no run, a pickle: before anything is built
+    if cfg.duplicates is not None and not Path(cfg.duplicates).is_file():
+        raise HPAError(f"--duplicates {cfg.duplicates}: file not found")
     check_trackers(cfg.log)
     return cfg
 
@@ -188,17 +191,21 @@ def _train(ts: TrainingSet, run_dir: Path, resumed: Resumed | None, device, cbs:
         learn, setup = run_learner(ts, run_dir, device)
         learners.append(learn)
         pretrained = resumed.config["pretrained_used"] if resumed else setup.pretrained
-        logger.info(f"model {cfg.arch} ({'ImageNet weights' if pretrained else cfg.weights or 'random init'}), "
+        start = setup.start.describe()
+        logger.info(f"model {cfg.arch} ({start}), "
                     f"{len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} valid images, "
                     f"device {device.type}, precision {setup.precision}"
                     f"{', channels-last' if setup.channels_last else ''}{', compiled' if setup.compiled else ''}")
+        if pretrained and cfg.freeze_epochs > 0:
+            learn.freeze()  # lr_find on the model as its first phase trains it, as with fastai's vision_learner
         lr = learning_rate(cfg, learn, run_dir, resumed.config if resumed else None)
     except BaseException as e:  # --bs too large, --weights that do not fit, a library error: never left "running"
         _mark_stopped(run_dir, e, 0)
         raise
     if not resumed:
         write_json(run_dir / CONFIG, {**cfg.to_json(), "lr_used": lr, "pretrained_used": pretrained,
-                                      "precision_used": setup.precision, "mean": ts.mean, "std": ts.std})
+                                      "start_weights": start, "precision_used": setup.precision, "mean": ts.mean,
+                                      "std": ts.std})
     fit = _Fit(learn, cfg, run_dir, lr, pretrained, cbs, resumed)
     # under several processes a signal reaches each at a different batch; let the launcher handle it
     previous_handlers = _catch_signals(fit.stopper.handle) if distributed.world_size() == 1 else {}
@@ -242,7 +249,7 @@ class _Fit:
         self.best = KeepBestModel(monitor=cfg.monitor, comp=comp, fname="best", reset_on_fit=False)
         self.nan, self.stopper = NaNGuard(), StopOnSignal()
         self.cbs = [WarmupEarlyStopping(monitor=cfg.monitor, comp=comp, patience=cfg.patience), self.best,
-                    self.checkpoint, self.nan, self.stopper, *extra_cbs]
+                    self.checkpoint, self.nan, self.stopper, *trick_callbacks(cfg), *extra_cbs]
         self.small_epochs = 0
         if cfg.progressive_size is not None:
             self.small_epochs = cfg.progressive_epochs or cfg.epochs // 2
@@ -260,16 +267,18 @@ class _Fit:
             tracker.end(status, metrics)
 
     def run(self) -> None:
-        names = [name for name, _, _ in self.phases]
+        names = [phase.name for phase in self.phases]
         resumed = self.resumed
         if resumed and resumed.checkpoint["phase"] not in names:
             raise HPAError(f"{self.run_dir / CHECKPOINT}: phase {resumed.checkpoint['phase']!r:.40} is not a phase "
                            f"of this run ({', '.join(names)}); start the run again")
         first_phase = names.index(resumed.checkpoint["phase"]) if resumed else 0
-        for i, (phase, n_epochs, phase_lr) in enumerate(self.phases[first_phase:], start=first_phase):
+        for i, spec in enumerate(self.phases[first_phase:], start=first_phase):
+            phase, n_epochs = spec.name, spec.epochs
             # one one-cycle schedule across both sizes of progressive resizing
             small = (n_epochs if phase == "frozen" else self.small_epochs) if self.small_epochs else 0
-            run_phase = RunPhase(phase, final=i == len(self.phases) - 1, small_epochs=small)
+            run_phase = RunPhase(phase, final=i == len(self.phases) - 1, small_epochs=small,
+                                 pct_start=spec.pct_start)
             if phase == "frozen":
                 self.learn.freeze()
             elif phase == "unfrozen":
@@ -281,7 +290,8 @@ class _Fit:
                     raise HPAError(f"{self.run_dir / CHECKPOINT}: {start_epoch} epochs done in phase {phase}, which "
                                    f"has {n_epochs}; start the run again")
                 logger.info(f"continuing phase {phase} after epoch {start_epoch} of {n_epochs}")
-            fit_one_cycle(self.learn, n_epochs, phase_lr, cbs=[run_phase, *self.cbs], start_epoch=start_epoch)
+            fit_one_cycle(self.learn, n_epochs, spec.lr, cbs=[run_phase, *self.cbs], start_epoch=start_epoch,
+                          **spec.one_cycle())
             if self.stopper.requested:
                 raise KeyboardInterrupt
             if self.nan.nan is not None:
@@ -383,7 +393,9 @@ def lr_find(cfg: TrainConfig) -> LrFindResult:
     """Only the learning-rate finder: its plot, table and suggestions in a run folder of its own."""
     ts = prepare(cfg)
     run_dir = make_run_dir(ts.cfg.out, f"lr_find-{ts.cfg.arch}")
-    learn, _ = run_learner(ts, run_dir)
+    learn, setup = run_learner(ts, run_dir)
+    if setup.pretrained and ts.cfg.freeze_epochs > 0:
+        learn.freeze()  # as training's first phase sees it
     write_json(run_dir / CONFIG, ts.cfg.to_json())
     try:
         suggestions = find_lr(learn, run_dir, ts.cfg.lr_find_iters or auto_lr_find_iters(learn))

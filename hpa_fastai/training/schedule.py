@@ -1,8 +1,9 @@
 """Training policies as small functions: fastai's learning-rate finder with its suggestions and the
 rule ``--lr auto`` picks by, the learning rate a run uses, the one-cycle phases of a run (for a
 pretrained model, a fit with the body frozen, then one of everything with discriminative learning
-rates: the two steps of fastai's ``fine_tune``, with this module's own rates and one-cycle defaults),
-and the one-cycle fit itself (fastai's, its schedules computed in plain numbers)."""
+rates: the two fits of fastai's ``fine_tune``, with its rates and one-cycle settings, each a phase
+that ``--resume`` can continue), and the one-cycle fit itself (fastai's, its schedules computed in
+plain numbers)."""
 from __future__ import annotations
 
 import logging
@@ -149,12 +150,45 @@ def auto_lr_find_iters(learn) -> int:
     return int(min(100, max(20, 5 * len(learn.dls.train))))
 
 
-def phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[tuple[str, int, object]]:
-    """(phase, epochs, learning rate) of each one-cycle fit: a pretrained body first trains
-    frozen at ``lr``, then everything with discriminative rates from ``lr/100`` to ``lr/2``."""
-    if pretrained and cfg.freeze_epochs > 0:
-        return [("frozen", cfg.freeze_epochs, lr), ("unfrozen", cfg.epochs, slice(lr / 100, lr / 2))]
-    return [("train", cfg.epochs, lr)]
+@dataclass(frozen=True)
+class Phase:
+    """One one-cycle fit of a run: its name, epochs, learning rate (a number, or a slice for
+    discriminative rates from the first parameter group to the last), and the share of its steps
+    that warm up (``pct_start``) from ``lr / div``."""
+    name: str
+    epochs: int
+    lr: object
+    pct_start: float = 0.25  # fastai's fit_one_cycle defaults
+    div: float = 25.0
+
+    def one_cycle(self) -> dict:
+        return {"pct_start": self.pct_start, "div": self.div}
+
+
+# fastai's fine_tune (fastai/callback/schedule.py), step for step: the head trains with the body
+# frozen at the base rate, warming up over almost the whole phase; then everything trains at half the
+# base rate for the head and 1/LR_MULT of that for the body, with a shorter warm-up from a higher start
+FROZEN_PCT_START = 0.99
+UNFROZEN_LR_FACTOR = 0.5
+LR_MULT = 100
+UNFROZEN_PCT_START = 0.3
+UNFROZEN_DIV = 5.0
+
+
+def phases(cfg: TrainConfig, lr: float, pretrained: bool) -> list[Phase]:
+    """The one-cycle fits of a run: a pretrained body (ImageNet weights, or a run's) follows fastai's
+    ``fine_tune`` with ``lr`` as its base rate: ``--freeze-epochs`` with the body frozen (none for 0),
+    then ``--epochs`` of everything with discriminative rates; a model from random initialisation
+    trains everything at ``lr`` with fastai's ``fit_one_cycle`` defaults."""
+    if not pretrained:
+        return [Phase("train", cfg.epochs, lr)]
+    base = lr * UNFROZEN_LR_FACTOR
+    unfrozen = Phase("unfrozen", cfg.epochs, slice(base / LR_MULT, base), pct_start=UNFROZEN_PCT_START,
+                     div=UNFROZEN_DIV)
+    if cfg.freeze_epochs == 0:
+        return [unfrozen]
+    # slice(lr): the body's BatchNorm layers, which train while the body is frozen, at lr / 10
+    return [Phase("frozen", cfg.freeze_epochs, slice(lr), pct_start=FROZEN_PCT_START), unfrozen]
 
 
 def learning_rate(cfg: TrainConfig, learn, run_dir: Path, saved_config: dict | None) -> float:
