@@ -1,6 +1,6 @@
 """Help for typos: a mistyped command, flag or architecture gets the closest one named ("did you
 mean"), an unknown command is refused even with --help, a bare timm model name is taken as timm's,
-and ``run.py --help`` leads with the commands."""
+and ``--help`` leads with the commands."""
 from __future__ import annotations
 
 import pytest
@@ -30,7 +30,7 @@ def test_help_leads_with_the_commands(capsys):
     code, out, _ = cli_in_process(capsys, "--help")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == "usage: run.py [COMMAND] [FLAGS]"
+    assert lines[0] == "usage: hpa-fastai [COMMAND] [FLAGS]"  # the installed command's name in-process
     commands = next(i for i, line in enumerate(lines) if line.startswith("commands"))
     assert commands < 3
     assert [line.split()[0] for line in lines[commands + 1:commands + 4]] == ["train", "lr-find", "predict"]
