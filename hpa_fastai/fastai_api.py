@@ -76,18 +76,18 @@ def hpa_dls(data=None, **kwargs) -> HPADataLoaders:
 
 # the options of a run's model, loss and device that hpa_learner takes, by their TrainConfig names
 LEARNER_OPTIONS = ("pretrained", "weights", "loss", "focal_gamma", "asl_gamma_neg", "asl_gamma_pos", "asl_clip",
-                   "threshold", "precision", "memory_format", "compile", "seed")
+                   "wd", "threshold", "precision", "memory_format", "compile", "seed")
 
 
 def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", **kwargs) -> Learner:
     """A fastai ``Learner`` for ``dls``, built by the factory ``run.py`` uses: a registered
     architecture (``cnn``, ``resnet18/34/50``, ``timm:<name>``) for the data's stains and classes, the
     loss (``loss="bce" | "focal" | "asl"`` with ``focal_gamma``, ``asl_gamma_neg``, ``asl_gamma_pos``,
-    ``asl_clip``), macro and samples F1 at ``threshold``, torch's AdamW under body/head parameter
-    groups for ``fine_tune``, ``precision`` (on CUDA mixed precision by default), ``memory_format``
+    ``asl_clip``), macro and samples F1 at ``threshold``, torch's AdamW (weight decay ``wd``) under
+    body/head parameter groups for ``fine_tune``, ``precision`` (on CUDA mixed precision by default), ``memory_format``
     and ``compile``, each with ``run.py``'s default and check (``pretrained=True``, ``weights=PATH``).
     With ImageNet weights the body starts frozen, as fastai's ``vision_learner``. The other
-    ``kwargs`` go to ``Learner`` (``cbs``, ``wd``, ``path``...); ``path`` defaults to the current
+    ``kwargs`` go to ``Learner`` (``cbs``, ``path``...); ``path`` defaults to the current
     folder rather than the data folder, where ``lr_find`` and ``save`` would otherwise write."""
     ts = dls.training_set if isinstance(dls, HPADataLoaders) else None
     if ts is None:

@@ -12,7 +12,7 @@ import warnings
 from ..config import validate
 from ..console import attach_logging, console
 from ..errors import HPAError
-from .commands import COMMANDS
+from .commands import COMMANDS, TAKES_GIVEN_FLAGS
 
 
 def _base_type(tp):
@@ -45,6 +45,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def given_flags(command: str, argv: list[str]) -> frozenset[str]:
+    """The config fields whose flags ``argv`` gives (parsed again with no defaults, so whatever is
+    left is what the user typed): ``tune`` holds them fixed and searches the rest."""
+    parser = build_parser(command)
+    for action in parser._actions:  # argparse has no public way to drop every default at once
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     cls, help_text, _ = COMMANDS[command]
     prog = "run.py" if command == "train" else f"run.py {command}"
@@ -73,7 +82,10 @@ def main(argv=None) -> int:
     cfg = cls(**vars(args))
     try:
         validate(cfg)  # every value's constraint, before anything is read or built
-        run(cfg)
+        if command in TAKES_GIVEN_FLAGS:
+            run(cfg, given_flags(command, argv))
+        else:
+            run(cfg)
     except HPAError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

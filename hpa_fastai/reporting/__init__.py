@@ -1,4 +1,5 @@
-"""Run reports for people: a self-contained report.html per run, a page comparing runs, and a summary in TensorBoard."""
+"""Run reports for people: a self-contained report.html per run, a page comparing runs, the page of a
+hyperparameter search (tune.html), and a summary in TensorBoard."""
 from __future__ import annotations
 
 from importlib import import_module
@@ -6,7 +7,8 @@ from importlib import import_module
 # Loaded on first use: the modules behind these names import the run-folder helpers, and with them
 # fastai, which a caller that only imports the package should not pay for.
 _EXPORTS = {"write_report": "html", "write_comparison": "html", "render_report": "html", "render_comparison": "html",
-            "log_tensorboard_summary": "tensorboard", "valid_samples": "samples"}
+            "log_tensorboard_summary": "tensorboard", "valid_samples": "samples", "write_tune_report": "tune",
+            "render_tune_report": "tune"}
 
 __all__ = list(_EXPORTS)
 

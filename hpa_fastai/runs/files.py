@@ -14,7 +14,8 @@ import pandas as pd
 
 from .. import jsonfile
 from ..errors import HPAError
-from .folder import CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, VALID_PREDICTIONS, is_run_dir
+from .folder import (CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, TRIALS, TUNE, VALID_PREDICTIONS,
+                     is_run_dir)
 
 # a run's largest JSON (lr_find.json, metrics.json) is a few hundred KB; its config and status a few KB
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -135,3 +136,20 @@ def read_cv(cv_dir) -> dict:
         if (folder / run / CV).exists():
             raise HPAError(f"{where}: run {run!r} is itself a cross-validation folder; nesting is not supported")
     return cv
+
+
+def read_tune(study_dir) -> dict:
+    """``tune.json`` of a search's study folder: its settings, best trial and confirmation; lenient."""
+    return read_json(Path(study_dir) / TUNE)
+
+
+def read_trials(study_dir) -> pd.DataFrame:
+    """``trials.csv`` of a search: one row per trial; an empty frame when it is missing or unreadable
+    (lenient, for the search's page)."""
+    path = Path(study_dir) / TRIALS
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CSV_BYTES:  # a FIFO would block read_csv
+            return pd.DataFrame()
+        return pd.read_csv(path, keep_default_na=True)
+    except (OSError, ValueError):
+        return pd.DataFrame()
