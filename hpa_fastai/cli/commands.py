@@ -118,7 +118,7 @@ def tune(cfg: TuneConfig, given=frozenset()) -> Path:
     from ..search import tune as run_search
     from .progress import TrialProgress
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the console gets one line per trial from here
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the console gets one line per trial from here
     # each trial's own messages (its folder, data, model) stay in its run folder's files; the console
     # keeps to one line per trial
     quiet = {name: logging.getLogger(name) for name in ("hpa_fastai.training", "hpa_fastai.data")}

@@ -25,7 +25,7 @@ from .html import TEMPLATES, data_uri, figure_png, fmt_value, num
 
 MAX_PLOTTED_PARAMS = 16
 PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
-STATE_COLOURS = {"complete": "C0", "pruned": "C7", "fail": "C3", "running": "C2"}
+STATE_COLOURS = {"complete": "C0", "pruned": "C7", "failed": "C3", "running": "C2"}
 
 
 def _numbers(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -60,7 +60,7 @@ def history_plot(trials: pd.DataFrame, objective: str, maximize: bool) -> bytes:
         order = numbers[done].sort_values().index
         best = values[order].cummax() if maximize else values[order].cummin()
         ax.step(numbers[order], best, where="post", color="C1", label="best so far")
-    for state, marker in (("pruned", "x"), ("fail", "v")):
+    for state, marker in (("pruned", "x"), ("failed", "v")):
         mask = (states == state) & numbers.notna()
         if mask.any() and done.any():
             low = float(values[done].min())

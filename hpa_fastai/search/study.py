@@ -76,6 +76,7 @@ MAX_FAILURES_IN_A_ROW = 10  # a set-up where every trial fails would otherwise r
 UNCLAIMED_SECONDS = 600
 WORKER_ENV, STORAGE_ENV = "HPA_TUNE_WORKER", "HPA_TUNE_STORAGE"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STATE_WORDS = {TrialState.FAIL: "failed"}  # the others as Optuna names them: complete, pruned, running, waiting
 DONE = ("finished", "stopped early")
 
 
@@ -184,14 +185,17 @@ def make_sampler(kind: str, seed: int, n_trials: int):
 
 
 def make_pruner(kind: str, epochs: int):
-    """``median``: from the 6th trial on, a trial whose best epoch score so far is below the median of
-    the finished trials at the same epoch stops, once past the one-cycle warm-up (a quarter of the
-    epochs, where a rising learning rate makes scores worse on purpose). ``halving``: asynchronous
-    successive halving, which keeps the best third of the trials at 1, 3, 9... epochs."""
+    """Pruning decides only after the one-cycle warm-up (a quarter of the epochs, where a rising
+    learning rate makes scores worse on purpose, and where early stopping does not count either).
+    ``median``: from the 6th trial on, a trial whose best epoch score so far is below the median of the
+    complete trials at the same epoch stops. ``halving``: asynchronous successive halving, which
+    lets the best third of the trials go on at the first epoch after the warm-up, and again at three
+    and nine times that many epochs."""
+    first = math.ceil(0.25 * epochs) + 1  # the first epoch after the warm-up
     if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, math.ceil(0.25 * epochs)))
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=first)
     if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -494,7 +498,7 @@ def trial_row(trial) -> dict:
     match = TOKEN.fullmatch(token) if isinstance(token, str) else None
     # Optuna keeps a pruned trial's last reported epoch score as its value: not the objective
     value = trial.values[0] if trial.values and trial.state == TrialState.COMPLETE else None
-    return {"number": trial.number, "state": trial.state.name.lower(), "value": _num(value),
+    return {"number": trial.number, "state": STATE_WORDS.get(trial.state, trial.state.name.lower()), "value": _num(value),
             "epochs_run": _num(attrs.get("epochs")), "seconds": _num(attrs.get("seconds")),
             "epoch_seconds": _num(attrs.get("epoch_seconds")), "run": _text(attrs.get("run_dir"), 100),
             "host": match["host"] if match else None, "worker": token if match else None,

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from ..runs.folder import TUNE
     from .study import run_trials, search_from_settings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this module logs one line per trial itself
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module logs one line per trial itself
     log = logging.getLogger("hpa_fastai.search.worker")
     if len(argv) != 1:
         log.error("usage: python -m hpa_fastai.search.worker STUDY_FOLDER")
