@@ -407,17 +407,18 @@ def test_optuna_dashboard_serves_the_study_file(finished_study):
         pytest.skip(f"no optuna-dashboard script beside {sys.executable}")
     proc = subprocess.Popen([str(dashboard), str(folder / "study.journal"), "--port", str(port), "--host",
                              "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
-    try:
-        def studies():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
-                    return json.loads(answer.read())
-            except OSError:
-                return None
+    def get(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+                return json.loads(answer.read())
+        except OSError:
+            return None
 
-        found = _wait_for(studies, proc, "the dashboard's answer", seconds=120)
-        names = [s.get("study_name") for s in found["studies"]]
-        assert names == ["default"]
+    try:
+        found = _wait_for(lambda: get("/api/studies"), proc, "the dashboard's answer", seconds=120)
+        assert [s["study_name"] for s in found["study_summaries"]] == ["default"]
+        study = get(f"/api/studies/{found['study_summaries'][0]['study_id']}?after=0")
+        assert len(study["trials"]) == len(trials_csv(folder))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

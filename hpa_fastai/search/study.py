@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 # PostgreSQL studies: a worker's heartbeat every 30 s; a trial silent for 2 minutes is failed
 HEARTBEAT_SECONDS, GRACE_SECONDS = 30, 120
+SCHEMA_TRIES = 5
 MAX_FAILURES_IN_A_ROW = 10  # a set-up where every trial fails would otherwise retry forever
 # a running trial that never recorded its worker (killed between Optuna's ask and the first attribute,
 # a few milliseconds) is given up after this long
@@ -160,15 +161,27 @@ def open_storage(url: str | None, folder: Path):
 
         # Optuna's default lock (a link made beside the file), as optuna-dashboard's, which may write notes
         return JournalStorage(JournalFileBackend(str(folder / STUDY_JOURNAL)))
-    try:
-        return optuna.storages.RDBStorage(_sqlalchemy_url(url), heartbeat_interval=HEARTBEAT_SECONDS,
-                                          grace_period=GRACE_SECONDS, engine_kwargs={"pool_pre_ping": True})
-    except ImportError as e:
-        raise HPAError(f"--storage {shown_storage(url)} needs the PostgreSQL driver: pip install "
-                       f"'hpa_fastai[postgres]' ({e})") from None
-    except Exception as e:  # sqlalchemy's OperationalError and the like: say why in one line
-        raise HPAError(f"--storage {shown_storage(url)}: cannot use the database "
-                       f"({str(e).splitlines()[0][:200]})") from None
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and its only way
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(_sqlalchemy_url(url), heartbeat_interval=HEARTBEAT_SECONDS,
+                                                  grace_period=GRACE_SECONDS, engine_kwargs={"pool_pre_ping": True})
+        except ImportError as e:
+            raise HPAError(f"--storage {shown_storage(url)} needs the PostgreSQL driver: pip install "
+                           f"'hpa_fastai[postgres]' ({e})") from None
+        except (IntegrityError, ProgrammingError) as e:
+            # tune commands started together on a new database race to create Optuna's tables; the
+            # loser finds them made when it tries again
+            if attempt == SCHEMA_TRIES - 1:
+                raise HPAError(f"--storage {shown_storage(url)}: cannot create the study's tables "
+                               f"({str(e).splitlines()[0][:200]})") from None
+            time.sleep(0.5 + secrets.randbelow(1000) / 1000)
+        except Exception as e:  # sqlalchemy's OperationalError and the like: say why in one line
+            raise HPAError(f"--storage {shown_storage(url)}: cannot use the database "
+                           f"({str(e).splitlines()[0][:200]})") from None
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -269,14 +282,15 @@ TOKEN = re.compile(r"(?P<host>[A-Za-z0-9.-]{1,60})-(?P<pid>\d{1,10})-[0-9a-f]{6}
 @contextmanager
 def worker_lock(folder: Path):
     """This process as a worker of the study in ``folder``: a lock file it holds while it lives
-    (the operating system drops the lock with the process, kill -9 included). Yields its name."""
+    (the operating system drops the lock with the process, kill -9 included). Yields its name and
+    the lock's path."""
     workers = folder / WORKERS
     workers.mkdir(parents=True, exist_ok=True)
     token = f"{host_name()}-{os.getpid()}-{secrets.token_hex(3)}"
     path = workers / f"{token}.lock"
     with exclusive_lock(path, f"{path}: in use by another process"):
         try:
-            yield token
+            yield token, path.resolve()
         finally:
             path.unlink(missing_ok=True)
 
@@ -292,7 +306,12 @@ def _worker_alive(folder: Path, trial) -> bool | None:
         return False if unclaimed else None
     if match["host"] != host_name():
         return None
-    free = lock_is_free(folder / WORKERS / f"{token}.lock")
+    # the lock's own path: a study shared through a server may have workers here with other --out folders
+    lock = trial.user_attrs.get("worker_lock")
+    if not (isinstance(lock, str) and os.path.isabs(lock) and Path(lock).name == f"{token}.lock"
+            and Path(lock).parent.name == WORKERS):
+        return None
+    free = lock_is_free(lock)
     return None if free is None else not free
 
 
@@ -308,7 +327,8 @@ def fail_dead_workers(study: optuna.Study, folder: Path) -> list[int]:
         reason = f"its worker process ({str(token)[:80]}) ended without finishing it (killed?)"
         try:
             # Optuna has no public setter for a trial this process did not ask for
-            study._storage.set_trial_user_attr(trial._trial_id, "run", {"reason": reason})
+            study._storage.set_trial_user_attr(trial._trial_id, "run", {"reason": reason,
+                                                                          "run_dir": trial_name(trial.number)})
             study.tell(trial.number, state=TrialState.FAIL)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
             continue  # another worker got there first
@@ -374,8 +394,8 @@ class Objective:
     """One trial: draw the configuration, train it through the training door with the pruning
     callback, and return its objective; a failure is recorded with its reason."""
 
-    def __init__(self, search: Search, token: str, stats: StatsCache, cbs=()):
-        self.search, self.token, self.stats, self.cbs = search, token, stats, list(cbs)
+    def __init__(self, search: Search, worker: tuple, stats: StatsCache, cbs=()):
+        (self.token, self.lock), self.search, self.stats, self.cbs = worker, search, stats, list(cbs)
 
     def __call__(self, trial: optuna.Trial) -> float:
         s = self.search
@@ -383,6 +403,7 @@ class Objective:
         # is called, after ask, so the draws of this trial come from this generator
         trial.study.sampler = make_sampler(s.sampler, trial_seed(s.seed, trial.number), s.n_trials)
         trial.set_user_attr("worker", self.token)
+        trial.set_user_attr("worker_lock", str(self.lock))
         params = s.space.sample(trial, s.base)
         name = trial_name(trial.number)
         pruning = OptunaPruning(trial, epoch_metric(s.objective))
@@ -449,8 +470,8 @@ def run_trials(search: Search, on_trial=None, cbs=(), stats: dict | None = None)
     cache = StatsCache(stats)
     cuda = _on_gpu()
     ran = failures_in_a_row = 0
-    with worker_lock(search.folder) as token:
-        objective = Objective(search, token, cache, cbs)
+    with worker_lock(search.folder) as (token, lock):
+        objective = Objective(search, (token, lock), cache, cbs)
         while True:
             fail_dead_workers(study, search.folder)
             finished = len(study.get_trials(deepcopy=False, states=FINISHED))
