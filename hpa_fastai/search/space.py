@@ -210,10 +210,11 @@ def read_space(path) -> Space:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise HPAError(f"{where}: cannot read ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise HPAError(f"{where}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise HPAError(f"{where}: not a regular file")
         if st.st_size > MAX_SPACE_BYTES:
             raise HPAError(f"{where}: larger than {MAX_SPACE_BYTES // 1024} KiB; a space file is a few lines")
         raw = f.read(MAX_SPACE_BYTES + 1)

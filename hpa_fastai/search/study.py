@@ -763,11 +763,15 @@ def tune(cfg: TuneConfig, space: Space | None = None, fixed=(), on_trial=None, c
     writes trials.csv and tune.json and raises KeyboardInterrupt; the same call continues."""
     search, ts = prepare_search(cfg, space, fixed)
     folder = search.folder
+    # a study that exists (on a server, or in the folder) is opened and checked before anything is
+    # written: another space, objective or an unreachable server leaves no folder behind
+    exists = search.storage is not None or (folder / STUDY_JOURNAL).is_file()
+    study = open_study(search) if exists else None
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HPAError(f"--out {cfg.out}: cannot create the study folder {folder} ({e.strerror or e})") from None
-    study = open_study(search)  # refuses another space before anything is written
+    study = study or open_study(search)
     settings = {**search.settings(), "status": "running", "started": now()}
     write_json(folder / TUNE, settings)
     logger.info(f"study {search.study} in {folder}: searching " +
