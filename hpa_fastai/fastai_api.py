@@ -1,7 +1,8 @@
 """The fastai-native door: ``DataLoaders`` and a ``Learner`` for either competition layout, on which
 fastai's own tools work as fastai users expect (``show_batch``, ``lr_find``, ``fine_tune`` and
 ``fit_one_cycle``, ``show_results``, ``predict``, ``export``, ``Interpretation``), and the steps fastai
-has no word for: per-class thresholds, the safe export, heatmaps and a Kaggle submission.
+has no word for: per-class thresholds, the safe export, heatmaps and a Kaggle submission; and the
+callback that reports a fit to an Optuna trial (``OptunaPruning``), for a search in a notebook.
 
     from hpa_fastai import hpa_dls, hpa_learner
     dls = hpa_dls("data/hpa2018", size=256, bs=32)
@@ -29,6 +30,7 @@ from .inference.predictor import items_for_paths
 from .inference.submission import write_predictions
 from .paths import SAMPLE_DIR
 from .runs.folder import MODEL_JSON
+from .search.callback import OptunaPruning
 from .training.learner import create_learner, default_device, training_dls
 from .training.run import prepare, validate
 
@@ -171,4 +173,4 @@ def submission(predictor, data=None, out="submission.csv", threshold: float | No
 
 
 __all__ = ["HPADataLoaders", "hpa_dls", "hpa_learner", "tune_thresholds", "export_safe", "show_heatmaps",
-           "submission"]
+           "submission", "OptunaPruning"]
