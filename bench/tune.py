@@ -36,7 +36,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 import _common as C
 import quality as Q
