@@ -422,3 +422,39 @@ def test_optuna_dashboard_serves_the_study_file(finished_study):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --- without training ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, pretrained", [("resnet18", True), ("resnet18", False), ("cnn", True)])
+def test_a_parameter_is_drawn_only_with_what_it_belongs_to(arch, pretrained):
+    from hpa_fastai.config import TrainConfig
+    from hpa_fastai.search import default_space
+
+    base = TrainConfig(arch=arch, pretrained=pretrained)
+    space = default_space(64).without(["arch"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        params = space.sample(study.ask(), base)
+        assert ("focal_gamma" in params) == (params["loss"] == "focal")
+        assert ("asl_gamma_neg" in params) == ("asl_clip" in params) == (params["loss"] == "asl")
+        assert ("freeze_epochs" in params) == (pretrained and arch != "cnn")
+        assert "oversample_cap" in params  # oversampling is on by default
+    assert "oversample_cap" not in space.sample(study.ask(), TrainConfig(arch=arch, oversample=False))
+
+
+def test_each_worker_gets_its_share_of_the_cores_and_its_own_gpu(monkeypatch, tmp_path):
+    from hpa_fastai.config import TrainConfig
+    from hpa_fastai.search import default_space
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(study_module, "_gpus", lambda: ["0", "1", "2"])
+    search = study_module.Search("s", tmp_path, None, TrainConfig(), default_space(64), jobs=4)
+    envs = [study_module._worker_env(search, k) for k in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2", "0"]
+    cores = len(os.sched_getaffinity(0))
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, cores // 4))}
+    assert all(str(REPO) == e["PYTHONPATH"].split(os.pathsep)[0] for e in envs)  # the workers run this package
+    monkeypatch.setattr(study_module, "_gpus", lambda: ["0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in study_module._worker_env(search, 1)  # one GPU: every worker shares it
