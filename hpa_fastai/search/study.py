@@ -854,6 +854,11 @@ def search_from_settings(folder: Path, settings: dict) -> Search:
         raise HPAError(f"{where}: not the settings of a search (no {e})") from None
     except HPAError as e:
         raise HPAError(f"{where}: {e}") from None
-    storage = os.environ.get(STORAGE_ENV) if settings.get("storage") != shown_storage(None) else None
+    storage = None
+    if settings.get("storage") != shown_storage(None):
+        storage = os.environ.get(STORAGE_ENV)
+        if not storage:
+            raise HPAError(f"{where}: the study is on a server ({str(settings.get('storage'))[:200]}), whose URL "
+                           f"comes in {STORAGE_ENV}, which is not set")
     return Search(tune_checks.study, folder, storage, base, space, objective, sampler, pruner, tune_checks.seed,
                   tune_checks.n_trials, deadline, tune_checks.jobs, fixed)
