@@ -25,6 +25,8 @@ import pytest
 from hpa_fastai.config import TuneConfig
 from hpa_fastai.search import OptunaPruning, tune
 from hpa_fastai.search import study as study_module
+from hpa_fastai.search import trials as trials_module
+from hpa_fastai.search import workers as workers_module
 
 from .helpers import REPO, cli_in_process, read_json
 
@@ -289,7 +291,7 @@ def test_with_two_workers_a_worker_killed_mid_trial_is_noticed_and_the_study_fin
     trial_number = int(run_dir.name.split("-")[1])
     storage = study_module.open_storage(None, folder)
     token = optuna.load_study(study_name="default", storage=storage).trials[trial_number].user_attrs["worker"]
-    victim = int(study_module.TOKEN.fullmatch(token)["pid"])
+    victim = int(trials_module.TOKEN.fullmatch(token)["pid"])
     assert victim in workers
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
@@ -448,13 +450,13 @@ def test_each_worker_gets_its_share_of_the_cores_and_its_own_gpu(monkeypatch, tm
     from hpa_fastai.search import default_space
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(study_module, "_gpus", lambda: ["0", "1", "2"])
+    monkeypatch.setattr(workers_module, "_gpus", lambda: ["0", "1", "2"])
     search = study_module.Search("s", tmp_path, None, TrainConfig(), default_space(64), jobs=4)
-    envs = [study_module._worker_env(search, k) for k in range(4)]
+    envs = [workers_module._worker_env(search, k) for k in range(4)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2", "0"]
     cores = len(os.sched_getaffinity(0))
     assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, cores // 4))}
     assert all(str(REPO) == e["PYTHONPATH"].split(os.pathsep)[0] for e in envs)  # the workers run this package
-    monkeypatch.setattr(study_module, "_gpus", lambda: ["0"])
+    monkeypatch.setattr(workers_module, "_gpus", lambda: ["0"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert "CUDA_VISIBLE_DEVICES" not in study_module._worker_env(search, 1)  # one GPU: every worker shares it
+    assert "CUDA_VISIBLE_DEVICES" not in workers_module._worker_env(search, 1)  # one GPU: every worker shares it

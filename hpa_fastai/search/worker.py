@@ -21,7 +21,8 @@ def main(argv=None) -> int:
 
     from ..runs.files import read_json_file
     from ..runs.folder import TUNE
-    from .study import run_trials, search_from_settings
+    from .objective import run_trials
+    from .run import search_from_settings
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module logs one line per trial itself
     log = logging.getLogger("hpa_fastai.search.worker")
