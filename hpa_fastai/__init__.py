@@ -11,7 +11,7 @@ def load_predictor(path="runs/latest", trust: bool = False, cpu=None):
 
 # The fastai-native API (``fastai_api``), loaded on first use: ``import hpa_fastai`` stays light.
 _FASTAI_API = ("HPADataLoaders", "hpa_dls", "hpa_learner", "tune_thresholds", "export_safe", "show_heatmaps",
-               "submission")
+               "submission", "OptunaPruning")
 
 
 def __getattr__(name: str):

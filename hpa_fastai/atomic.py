@@ -160,3 +160,30 @@ def exclusive_lock(path, busy: str):
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def lock_is_free(path) -> bool | None:
+    """Whether no process holds ``exclusive_lock`` on the file ``path``: True when it is free or the
+    file is gone, False while a process holds it, None when it cannot be told (not a regular file,
+    a link, no advisory locks). Never follows a link, never waits on a FIFO."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)

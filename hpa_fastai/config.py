@@ -44,6 +44,10 @@ def in_range(low, high, unit: str = ""):
     return check
 
 
+def finite_in_range(low, high):
+    return lambda v: None if math.isfinite(v) and low <= v <= high else f"must be {low} to {high} (got {v})"
+
+
 def strictly_between(low, high):
     return lambda v: None if low < v < high else f"must be between {low} and {high} (got {v})"
 
@@ -130,6 +134,8 @@ class TrainConfig:
     lr: str = opt("auto", "learning rate: a number; 'auto': a tenth of where lr_find's smoothed loss is lowest "
                           "(1e-3 when lr_find ran fewer than 50 iterations or its curve is flat); 'valley': "
                           "fastai's valley suggestion", learning_rate)
+    wd: float = opt(0.01, "weight decay (decoupled, AdamW's) of the weight matrices and convolution kernels",
+                    finite_in_range(0, 1))
     lr_find_iters: int | None = opt(None, "iterations of the learning-rate finder; default: 100, fewer on a tiny "
                                           "data set", at_least(1))
     seed: int = opt(42, "random seed: split, initialisation, augmentation order", SEED)
@@ -249,6 +255,72 @@ class TrainConfig:
         if (self.mixup or self.cutmix) and self.bs < 2:
             return f"--{'mixup' if self.mixup else 'cutmix'} mixes images within a batch: it needs --bs 2 or more"
         return None
+
+
+def study_name(v):
+    plain = v and len(v) <= 100 and v[0] not in ".-" and all(c.isascii() and (c.isalnum() or c in "._-") for c in v)
+    return None if plain else f"must be a plain name of letters, digits, '.', '_' and '-', at most 100 (got {v!r:.80})"
+
+
+STORAGE_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgres://")
+
+
+def storage_url(v):
+    if not v.startswith(STORAGE_SCHEMES):
+        return (f"must be a PostgreSQL URL, postgresql://USER:PASSWORD@HOST[:PORT]/DATABASE (got "
+                f"{v.split('://')[0][:40]!r}:...); without --storage the study is a file in its folder")
+    return None if v.isprintable() and " " not in v and len(v) <= 2000 else "must be a URL without spaces"
+
+
+def positive_seconds(v):
+    return None if math.isfinite(v) and v > 0 else f"must be a positive number of seconds (got {v})"
+
+
+# what a search optimises: the run's metrics.json key (or the best epoch's validation loss) and whether
+# higher is better
+OBJECTIVES = {"f1_macro_tuned_oos": "maximize", "f1_macro": "maximize", "valid_loss": "minimize"}
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    """``run.py tune``: the training flags (each trial is a training run) and the search's own. A
+    training flag given on the command line is held fixed; the space draws the others."""
+    seed: int = opt(42, "random seed of every trial's training (split, initialisation, augmentation order) and "
+                        "of the search's sampler", SEED)
+    resume: str | None = opt(None, "not for tune: run the same tune command again to continue its study")
+    n_trials: int = opt(20, "finished trials (complete or pruned) the study should hold; a study that holds some "
+                            "already runs only the rest", in_range(1, 100_000))
+    timeout: float | None = opt(None, "start no new trial after this many seconds (running trials finish)",
+                                positive_seconds)
+    study: str = opt("default", "the study's name: its folder is <--out>/tune-<study>; the same command continues "
+                                "it", study_name)
+    storage: str | None = opt(None, "where the study lives: default a journal file in its folder (no server; --jobs "
+                                    "workers share it); postgresql://USER:PASSWORD@HOST/DB for tune commands on "
+                                    "several machines", storage_url)
+    space: str | None = opt(None, "TOML file of the search space (TrainConfig fields with their ranges or choices); "
+                                  "default: the built-in space")
+    jobs: int = opt(1, "worker processes running trials at once on this machine (one GPU each where there are "
+                       "several)", in_range(1, MAX_WORKERS))
+    objective: str = opt("f1_macro_tuned_oos", "what the search optimises: f1_macro_tuned_oos (macro F1 at per-class "
+                                               "thresholds tuned on one half of the validation images, scored on the "
+                                               "other), f1_macro (at --threshold) or valid_loss (minimised)",
+                         choices=list(OBJECTIVES))
+    sampler: str = opt("tpe", "how trials are drawn: tpe (Optuna's tree-structured Parzen estimator) or random",
+                       choices=["tpe", "random"])
+    pruner: str = opt("median", "stop clearly worse trials early: median (below the median of the other trials at "
+                                "the same epoch), halving (successive halving) or none",
+                      choices=["median", "halving", "none"])
+    confirm: int = opt(2, "retrain the best configuration with this many new seeds and report their mean and spread",
+                       in_range(0, 20))
+
+    def _check_together(self) -> str | None:
+        if self.resume is not None:
+            return "--resume is not for tune: run the same tune command again to continue its study"
+        return super()._check_together()
+
+    def training_config(self) -> TrainConfig:
+        """The training flags alone: what each trial starts from."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def _threshold(v):

@@ -1,7 +1,8 @@
 """The fastai-native door: ``DataLoaders`` and a ``Learner`` for either competition layout, on which
 fastai's own tools work as fastai users expect (``show_batch``, ``lr_find``, ``fine_tune`` and
 ``fit_one_cycle``, ``show_results``, ``predict``, ``export``, ``Interpretation``), and the steps fastai
-has no word for: per-class thresholds, the safe export, heatmaps and a Kaggle submission.
+has no word for: per-class thresholds, the safe export, heatmaps and a Kaggle submission; and the
+callback that reports a fit to an Optuna trial (``OptunaPruning``), for a search in a notebook.
 
     from hpa_fastai import hpa_dls, hpa_learner
     dls = hpa_dls("data/hpa2018", size=256, bs=32)
@@ -30,6 +31,7 @@ from .inference.predictor import items_for_paths
 from .inference.submission import write_predictions
 from .paths import SAMPLE_DIR
 from .runs.folder import MODEL_JSON
+from .search.callback import OptunaPruning
 from .training.learner import create_learner, default_device, training_dls
 from .training.run import prepare, validate
 
@@ -77,7 +79,7 @@ def hpa_dls(data=None, **kwargs) -> HPADataLoaders:
 
 # the options of a run's model, loss and device that hpa_learner takes, by their TrainConfig names
 LEARNER_OPTIONS = ("pretrained", "weights", "loss", "focal_gamma", "asl_gamma_neg", "asl_gamma_pos", "asl_clip",
-                   "threshold", "precision", "memory_format", "compile", "seed")
+                   "wd", "threshold", "precision", "memory_format", "compile", "seed")
 
 
 def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", **kwargs) -> Learner:
@@ -85,8 +87,8 @@ def hpa_learner(dls: HPADataLoaders, arch: str = "resnet34", **kwargs) -> Learne
     architecture (``cnn``, ``resnet18`` ... ``resnet152``, ``densenet121``, ``seresnext50``,
     ``inception_v3``, ``timm:<name>``) for the data's stains and classes, the
     loss (``loss="bce" | "focal" | "asl"`` with ``focal_gamma``, ``asl_gamma_neg``, ``asl_gamma_pos``,
-    ``asl_clip``), macro and samples F1 at ``threshold``, torch's AdamW under body/head parameter
-    groups for ``fine_tune``, ``precision`` (on CUDA mixed precision by default), ``memory_format``
+    ``asl_clip``), macro and samples F1 at ``threshold``, torch's AdamW (weight decay ``wd``) under body/head
+    parameter groups for ``fine_tune``, ``precision`` (on CUDA mixed precision by default), ``memory_format``
     and ``compile``, each with ``run.py``'s default and check (``pretrained=True``; ``weights=PATH``: an
     ImageNet file as torchvision or timm publish it, an earlier run, or a state dict, as ``--weights``).
     With ImageNet weights or a run's, the body starts frozen, as fastai's ``vision_learner``. The other
@@ -175,4 +177,4 @@ def submission(predictor, data=None, out="submission.csv", threshold: float | No
 
 
 __all__ = ["HPADataLoaders", "hpa_dls", "hpa_learner", "tune_thresholds", "export_safe", "show_heatmaps",
-           "submission"]
+           "submission", "OptunaPruning"]

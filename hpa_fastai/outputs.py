@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import HPAError
-from .runs.folder import RUN_FILES, is_cv_dir, is_run_dir
+from .runs.folder import RUN_FILES, is_cv_dir, is_run_dir, is_study_dir
 
 
 def _is_run_folder(folder: Path) -> bool:
-    return is_run_dir(folder) or is_cv_dir(folder)
+    return is_run_dir(folder) or is_cv_dir(folder) or is_study_dir(folder)
 
 
 def check_output(out, flag: str, inputs=(), run_dirs=(), own=()) -> Path:

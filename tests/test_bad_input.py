@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import socket
 import shutil
 import struct
 import tempfile
@@ -1730,3 +1731,81 @@ def test_download_never_writes_over_its_label_csv_a_file_or_a_competition_folder
     code, stdout, err = cli_in_process(capsys, "download-hpav18", labels, "--base-url", NO_SERVER, "--out", kaggle)
     assert_cli_error(code, stdout, err, "--out", "train.csv that download-hpav18 did not write")
     assert (kaggle / "train.csv").read_text() == before
+
+
+# --- tune: search spaces and the search's flags, refused before any trial ----------------------------
+
+SPACE_CASES = {  # the space file's text -> what the one error line names
+    "unknown field": ('learning_rate = { low = 1e-4, high = 1e-2 }\n', ["'learning_rate'", "not a training flag"]),
+    "a flag's other spelling": ('focal-gamma = { low = 1.0, high = 2.0 }\n', ["did you mean focal_gamma"]),
+    "empty range": ('lr = { low = 1e-2, high = 1e-4, log = true }\n', ["'lr'", "is empty"]),
+    "one-value range": ('wd = { low = 0.01, high = 0.01 }\n', ["'wd'", "is empty"]),
+    "log range through zero": ('wd = { low = 0.0, high = 0.1, log = true }\n', ["'wd'", "above 0"]),
+    "value the flag refuses": ('valid_pct = { choices = [0.0, 0.2] }\n', ["'valid_pct'", "--valid-pct must be between"]),
+    "range end the flag refuses": ('bs = { low = 0, high = 64 }\n', ["'bs'", "--bs must be at least 1"]),
+    "a value inside an integer range the flag refuses": ('n_folds = { low = 0, high = 3 }\n', ["'n_folds'", "(got 1)"]),
+    "fractions for a whole-number flag": ('bs = { low = 8.5, high = 32 }\n', ["'bs'", "whole numbers"]),
+    "unknown loss": ('loss = { choices = ["bce", "hinge"] }\n', ["'loss'", "--loss must be one of"]),
+    "unknown architecture": ('arch = { choices = ["resnet18", "vgg99"] }\n', ["'arch'", "unknown architecture"]),
+    "not searchable": ('seed = { choices = [1, 2] }\n', ["'seed'", "--seed cannot be searched"]),
+    "not a table": ('lr = 0.001\n', ["'lr'", "must be a table"]),
+    "choices and a range": ('lr = { choices = ["auto"], low = 1e-3, high = 1e-2 }\n', ["'lr'", "not both"]),
+    "empty choices": ('loss = { choices = [] }\n', ["'loss'", "non-empty list"]),
+    "a choice twice": ('bs = { choices = [16, 16] }\n', ["'bs'", "listed twice"]),
+    "unknown key": ('lr = { lo = 1e-3, high = 1e-2 }\n', ["'lr'", "unknown key 'lo'"]),
+    "half a range": ('lr = { low = 1e-3 }\n', ["'lr'", "both low and high"]),
+    "a range of text": ('loss = { low = 1, high = 2 }\n', ["'loss'", "not a number"]),
+    "infinite end": ('lr = { low = 1e-3, high = inf }\n', ["'lr'", "finite"]),
+    "not TOML": ('lr = { low = \n', ["not valid TOML"]),
+    "empty file": ('', ["names no field"]),
+    "not UTF-8": (b'lr = { low = 1e-3, high = 1e-2 } # \xff\n', ["not UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("name", SPACE_CASES)
+def test_tune_space(make_z2g, tmp_path, capsys, name):
+    text, parts = SPACE_CASES[name]
+    space = tmp_path / "space.toml"
+    space.write_bytes(text if isinstance(text, bytes) else text.encode())
+    code, out, err = cli_in_process(capsys, "tune", "--data", make_z2g(n=8), "--arch", "cnn", "--no-pretrained",
+                                    "--out", tmp_path / "runs", "--space", space)
+    assert_cli_error(code, out, err, f"--space {space}", *parts)
+    assert not (tmp_path / "runs").exists()  # nothing written: no study folder, no journal
+
+
+def test_tune_space_file_that_is_missing_a_folder_or_a_fifo(make_z2g, tmp_path, capsys):
+    data = make_z2g(n=8)
+    fifo = tmp_path / "space.fifo"
+    os.mkfifo(fifo)
+    for space, part in ((tmp_path / "missing.toml", "cannot read"), (tmp_path, "not a regular file"),
+                        (fifo, "not a regular file")):
+        code, out, err = finishes(lambda: cli_in_process(capsys, "tune", "--data", data, "--arch", "cnn", "--out",
+                                                         tmp_path / "runs", "--space", space), [fifo])
+        assert_cli_error(code, out, err, f"--space {space}", part)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,parts", [
+    (["--study", "a/b"], ["--study", "plain name"]), (["--study", ""], ["--study"]),
+    (["--storage", "sqlite:///study.db"], ["--storage", "PostgreSQL URL"]),
+    (["--storage", "postgresql://u:p@host/db with space"], ["--storage"]),
+    (["--jobs", "0"], ["--jobs"]), (["--jobs", "65"], ["--jobs"]), (["--n-trials", "0"], ["--n-trials"]),
+    (["--timeout", "-5"], ["--timeout"]), (["--timeout", "nan"], ["--timeout"]), (["--confirm", "-1"], ["--confirm"]),
+    (["--resume", "runs/x"], ["--resume is not for tune"]), (["--wd", "nan"], ["--wd"]), (["--wd", "2"], ["--wd"]),
+])
+def test_tune_flag_refused_before_any_data_is_read(capsys, tmp_path, args, parts):
+    code, out, err = cli_in_process(capsys, "tune", *args, "--data", tmp_path / "nowhere", "--arch", "cnn",
+                                    "--out", tmp_path / "runs")
+    assert_cli_error(code, out, err, *parts)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tune_refuses_a_server_it_cannot_reach_in_one_line_without_the_password(make_z2g, tmp_path, capsys):
+    pytest.importorskip("psycopg")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = cli_in_process(capsys, "tune", "--data", make_z2g(n=8), "--arch", "cnn", "--out",
+                                    tmp_path / "runs", "--storage", f"postgresql://hpa:secret@127.0.0.1:{port}/db")
+    assert_cli_error(code, out, err, "--storage postgresql+psycopg://hpa:***@127.0.0.1", "cannot use the database")
+    assert "secret" not in out + err and not (tmp_path / "runs").exists()

@@ -12,7 +12,8 @@ import pytest
 from .helpers import REPO
 
 NOTEBOOK = REPO / "examples" / "quickstart.ipynb"
-TINY = {"ARCH": '"cnn"', "PRETRAINED": "False", "SIZE": "32", "BS": "16", "EPOCHS": "1", "LR_FIND_ITERS": "10"}
+TINY = {"ARCH": '"cnn"', "PRETRAINED": "False", "SIZE": "32", "BS": "16", "EPOCHS": "1", "LR_FIND_ITERS": "10",
+        "TUNE_TRIALS": "2"}
 
 
 def with_parameters(nb, values: dict):
@@ -38,6 +39,8 @@ def test_quickstart_notebook_runs_and_writes_its_outputs(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     # the Kaggle and Colab cell ran, and off those platforms installed nothing and moved nothing
     assert any("local - outputs in quickstart_output" in o.get("text", "") for o in outputs)
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "best macro F1" in printed  # the tuning section's study ran its trials
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 5  # show_batch, lr_find, show_results, top losses, heatmap
     out = tmp_path / "quickstart_output"

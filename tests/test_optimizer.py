@@ -81,3 +81,12 @@ def test_frozen_body_stays_frozen_and_discriminative_rates_reach_every_group(res
     assert max(record.lrs[0]) == pytest.approx(lr / 2 / 25, rel=1e-6)
     # what fastai reports (the history's lr column) is what torch uses
     assert learn.opt.hypers[-1]["lr"] == learn.opt.opt.param_groups[-1]["lr"]
+
+
+def test_wd_reaches_the_decaying_groups_at_every_fit(make_z2g):
+    data = make_z2g(n=24, size=32)
+    cfg = TrainConfig(data=str(data), arch="cnn", pretrained=False, size=32, bs=8, lr="1e-3", seed=0, workers=0, wd=0.05)
+    learn, _ = build_learner(prepare(cfg))
+    learn.fit(1, 1e-3)  # fastai sets the Learner's wd on the optimizer when a fit starts
+    decays = {g["weight_decay"] for g in learn.opt.opt.param_groups}
+    assert decays == {0.0, 0.05}  # the decaying groups of body and head, none on norms and biases

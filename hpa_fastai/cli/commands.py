@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..config import (DedupConfig, DownloadHPAv18Config, EvaluateConfig, ExplainConfig, ExportConfig,
                       PredictConfig, PreprocessConfig, ReportConfig, RunsConfig, ServeConfig, SynthConfig,
-                      TrainConfig)
+                      TrainConfig, TuneConfig)
 from ..console import console, log, table
 from ..errors import HPAError
 
@@ -122,6 +122,67 @@ def _show_cv(result: dict, per_class: bool = False) -> None:
     console.print(table(f"{result['n_folds']}-fold cross-validation, macro F1 (tuned: per-class thresholds from the "
                         "out-of-fold predictions of all folds; split-half: tuned on one half of them, scored on the "
                         "other, both ways: the score to quote)", pd.DataFrame(rows)))
+
+
+def tune(cfg: TuneConfig, given=frozenset()) -> Path:
+    import logging
+
+    import optuna
+
+    from ..reporting import write_tune_report
+    from ..runs.folder import BEST_RUN, LATEST, STUDY_JOURNAL, TRIALS, is_study_dir, study_dir
+    from ..search import tune as run_search
+    from .progress import TrialProgress
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the console gets one line per trial from here
+    # each trial's own messages (its folder, data, model) stay in its run folder's files; the console
+    # keeps to one line per trial
+    quiet = {name: logging.getLogger(name) for name in ("hpa_fastai.training", "hpa_fastai.data")}
+    levels = {name: logger.level for name, logger in quiet.items()}
+    for logger in quiet.values():
+        logger.setLevel(logging.WARNING)
+    try:
+        with TrialProgress(cfg.n_trials) as progress:
+            result = run_search(cfg, fixed=given, on_trial=progress)
+    except KeyboardInterrupt:
+        folder = study_dir(cfg.out, cfg.study)
+        if is_study_dir(folder):
+            log(f"the study is kept in {folder}; the same command continues it (report {write_tune_report(folder)})")
+        raise
+    finally:
+        for name, logger in quiet.items():
+            logger.setLevel(levels[name])
+    _show_tune(result)
+    log(f"report {write_tune_report(result.study_dir)}; trials in {result.study_dir / TRIALS}")
+    if result.best_run is not None:
+        log(f"{result.study_dir / BEST_RUN} and {Path(cfg.out) / LATEST} point at {result.best_run}; predict with "
+            f"python run.py predict --learner {result.best_run}")
+    log(f"live view of the study: optuna-dashboard {result.study_dir / STUDY_JOURNAL}"
+        if cfg.storage is None else "live view of the study: optuna-dashboard <the --storage URL>")
+    return result.study_dir
+
+
+def _show_tune(result) -> None:
+    trials = result.trials
+    counts = trials["state"].value_counts().to_dict() if len(trials) else {}
+    log(f"study {result.study}: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    if result.best is None:
+        log("no trial completed, so there is no best configuration yet")
+        return
+    best = result.best
+    rows = [{"setting": k, "value": f"{v:.4g}" if isinstance(v, float) else str(v)} for k, v in best["params"].items()]
+    console.print(table(f"best trial {best['number']}: {result.objective} {best['value']:.4f}", pd.DataFrame(rows)))
+    confirmation = result.confirmation
+    if confirmation:
+        runs = pd.DataFrame([{"run": r["run"], "seed": r["seed"], result.objective: r["value"],
+                              "status": r["status"]} for r in confirmation["runs"]])
+        console.print(table(f"the best configuration with new seeds (search: {confirmation['search_value']:.4f})",
+                            runs))
+        if confirmation["mean"] is not None:
+            spread = f" +- {confirmation['std']:.4f} (sd)" if confirmation["std"] is not None else ""
+            log(f"confirmed {result.objective}: {confirmation['mean']:.4f}{spread} over {len(runs)} new seed(s), "
+                f"against {confirmation['search_value']:.4f} in the search, where the best of many noisy runs was "
+                "picked (the difference is the winner's curse)")
 
 
 def _tta(cfg) -> str | None:
@@ -351,6 +412,9 @@ def download_hpav18(cfg: DownloadHPAv18Config) -> Path:
     return result.out
 
 
+# commands that also take the config fields whose flags the user gave (tune holds them fixed)
+TAKES_GIVEN_FLAGS = {"tune"}
+
 # name -> (config class, help, the function that runs it)
 COMMANDS = {
     "train": (TrainConfig, "train a model (the default command)", train),
@@ -363,6 +427,8 @@ COMMANDS = {
     "runs": (RunsConfig, "a table of all runs under runs/", runs),
     "report": (ReportConfig, "rebuild a run's report.html, or compare several runs", report),
     "cv": (TrainConfig, "K-fold cross-validation: one run per fold, out-of-fold thresholds and scores", cv),
+    "tune": (TuneConfig, "hyperparameter search: trials of training runs drawn by Optuna, the flags given held "
+                         "fixed, then the best configuration retrained with new seeds", tune),
     "preprocess": (PreprocessConfig, "write a resized copy of a data set that training reads directly", preprocess),
     "dedup": (DedupConfig, "find near-duplicate images by perceptual hash; splits keep each group together", dedup),
     "synth": (SynthConfig, "write a synthetic HPA-like data set in a competition's layout", synth),

@@ -13,7 +13,7 @@ import warnings
 from ..config import validate
 from ..console import attach_logging, console, plain
 from ..errors import HPAError
-from .commands import COMMANDS
+from .commands import COMMANDS, TAKES_GIVEN_FLAGS
 
 
 def _base_type(tp):
@@ -56,6 +56,15 @@ class OneLineParser(argparse.ArgumentParser):
             if unknown is not None:
                 message += did_you_mean(unknown.split("=")[0], flags)
         self.exit(2, f"error: {plain(message)} (see {self.prog} --help)\n")
+
+
+def given_flags(command: str, argv: list[str]) -> frozenset[str]:
+    """The config fields whose flags ``argv`` gives (parsed again with no defaults, so whatever is
+    left is what the user typed): ``tune`` holds them fixed and searches the rest."""
+    parser = build_parser(command)
+    for action in parser._actions:  # argparse has no public way to drop every default at once
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
 
 
 def commands_text(prog: str) -> str:
@@ -108,7 +117,10 @@ def main(argv=None, prog: str = PROG) -> int:
     cfg = cls(**vars(args))
     try:
         validate(cfg)  # every value's constraint, before anything is read or built
-        run(cfg)
+        if command in TAKES_GIVEN_FLAGS:
+            run(cfg, given_flags(command, argv))
+        else:
+            run(cfg)
     except HPAError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -15,8 +15,8 @@ import pandas as pd
 
 from .. import jsonfile
 from ..errors import HPAError
-from .folder import (CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, TRACKERS, VALID_PREDICTIONS,
-                     is_cv_dir,
+from .folder import (CONFIG, CV, HISTORY, LR_FIND, METRICS, OOF_PREDICTIONS, STATUS, TRACKERS, TRIALS, TUNE,
+                     VALID_PREDICTIONS, is_cv_dir,
                      is_run_dir)
 
 # a run's largest JSON (lr_find.json, metrics.json) is a few hundred KB; its config and status a few KB
@@ -168,3 +168,20 @@ def read_tracker_ids(run_dir) -> dict:
     data = read_json(Path(run_dir) / TRACKERS)
     return {name: value for name, value in data.items()
             if name in ("mlflow", "wandb") and isinstance(value, str) and TRACKER_ID.fullmatch(value)}
+
+
+def read_tune(study_dir) -> dict:
+    """``tune.json`` of a search's study folder: its settings, best trial and confirmation; lenient."""
+    return read_json(Path(study_dir) / TUNE)
+
+
+def read_trials(study_dir) -> pd.DataFrame:
+    """``trials.csv`` of a search: one row per trial; an empty frame when it is missing or unreadable
+    (lenient, for the search's page)."""
+    path = Path(study_dir) / TRIALS
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CSV_BYTES:  # a FIFO would block read_csv
+            return pd.DataFrame()
+        return pd.read_csv(path, keep_default_na=True)
+    except (OSError, ValueError):
+        return pd.DataFrame()

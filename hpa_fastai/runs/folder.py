@@ -3,7 +3,8 @@ keeps one process per run, and what counts as a run. Every module that reads or 
 takes the names from here (``tests/test_architecture.py`` checks that no other module spells them).
 
 ``train`` writes ``status.json`` before anything else, so a folder with one is a training run;
-``cv`` writes ``cv.json`` into the folder that holds its fold runs.
+``cv`` writes ``cv.json`` into the folder that holds its fold runs; ``tune`` writes ``tune.json``
+into its study folder, ``runs/tune-<study>/``, which holds one ordinary run folder per trial.
 """
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ OOF_PREDICTIONS = "oof_predictions.csv"
 EVALUATE = "evaluate"  # evaluate's default output folder inside a run
 LATEST = "latest"
 
+# a hyperparameter search's study folder (runs/tune-<study>/), beside its trials' run folders
+STUDY_PREFIX = "tune-"
+TUNE = "tune.json"  # the search's settings, its best trial and the confirmation of it
+STUDY_JOURNAL = "study.journal"  # Optuna's journal file: the study, when no --storage server holds it
+TRIALS = "trials.csv"
+TUNE_REPORT = "tune.html"
+WORKERS = "workers"  # the worker processes' logs and locks
+BEST_RUN = "best"  # a link to the best confirmed run folder
+
 # what `evaluate` writes into its folder (by default <run>/evaluate), beside per_class.csv and its plot
 EVAL_SUMMARY = "summary.json"
 EVAL_SAMPLES = "samples.png"
@@ -54,7 +64,8 @@ RESUME_FILES = (CHECKPOINT, BEST)
 # Everything training and cv write into a run folder: no other command may write over these.
 RUN_FILES = frozenset({CONFIG, STATUS, HISTORY, LR_FIND_PLOT, LR_FIND, CURVES, METRICS, PER_CLASS, PER_CLASS_PLOT,
                        VALID_PREDICTIONS, REPORT, BEST, CHECKPOINT, WEIGHTS, MODEL_JSON, EXPORT_PKL, ONNX,
-                       TENSORBOARD, WANDB, TRACKERS, CV, OOF_PREDICTIONS})
+                       TENSORBOARD, WANDB, TRACKERS, CV, OOF_PREDICTIONS, TUNE, STUDY_JOURNAL, TRIALS, TUNE_REPORT,
+                       WORKERS, BEST_RUN})
 
 
 def is_run_dir(path) -> bool:
@@ -67,6 +78,17 @@ def is_cv_dir(path) -> bool:
     """A cross-validation's folder (it holds the fold runs)."""
     path = Path(path)
     return path.is_dir() and (path / CV).is_file()
+
+
+def is_study_dir(path) -> bool:
+    """A hyperparameter search's study folder (it holds the trial runs)."""
+    path = Path(path)
+    return path.is_dir() and (path / TUNE).is_file()
+
+
+def study_dir(out, study: str) -> Path:
+    """The study folder of the search named ``study`` under ``out``."""
+    return Path(out) / f"{STUDY_PREFIX}{study}"
 
 
 def run_dirs(folder) -> list[Path]:
@@ -132,11 +154,16 @@ def make_run_dir(out, arch: str, name: str | None = None) -> Path:
 
 def point_latest(run_dir: Path) -> None:
     """``<parent>/latest`` -> ``run_dir``, replaced atomically."""
-    latest = run_dir.parent / LATEST
-    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    point_link(Path(run_dir).parent / LATEST, run_dir)
+
+
+def point_link(link: Path, run_dir: Path) -> None:
+    """The link ``link`` -> ``run_dir`` (relative, so the folders can move together), replaced atomically."""
+    link, run_dir = Path(link), Path(run_dir)
+    tmp = link.parent / f".{link.name}.{os.getpid()}"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name, target_is_directory=True)
-    os.replace(tmp, latest)
+    tmp.symlink_to(os.path.relpath(run_dir, link.parent), target_is_directory=True)
+    os.replace(tmp, link)
 
 
 def remove_resume_files(run_dir: Path) -> None:

@@ -196,13 +196,14 @@ def training_dls(ts: TrainingSet, device: torch.device | None = None, augment: b
 
 def create_learner(dls, ts: TrainingSet, cfg: TrainConfig, device: torch.device | None = None,
                    **learner_kwargs) -> tuple[Learner, LearnerSetup]:
-    """A Learner on ``dls`` for ``ts``'s stains and classes with ``cfg``'s model, loss, threshold,
-    precision, memory format and compile options; ``learner_kwargs`` go to fastai's ``Learner``
+    """A Learner on ``dls`` for ``ts``'s stains and classes with ``cfg``'s model, loss, weight decay,
+    threshold, precision, memory format and compile options; ``learner_kwargs`` go to fastai's ``Learner``
     (``path``, ``model_dir``, ``cbs``...)."""
     device = device or default_device()
     set_seed(cfg.seed, reproducible=True)
     model, start = start_model(cfg.arch, len(cfg.channels), ts.names, cfg.pretrained, cfg.weights)
     model.to(device)  # before the optimizer sees the parameters: fused AdamW wants them on their device
+    learner_kwargs.setdefault("wd", cfg.wd)  # fastai sets it on the optimizer at every fit
     learn = Learner(dls, model, loss_func=loss_from(cfg), opt_func=adamw,
                     metrics=[M.f1_metric("macro", cfg.threshold), M.f1_metric("samples", cfg.threshold)],
                     splitter=splitter, **learner_kwargs)

@@ -107,15 +107,18 @@ class RunResult:
     config: TrainConfig | None = None
 
 
-def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bool = True) -> RunResult | None:
+def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bool = True,
+          stats: tuple | None = None) -> RunResult | None:
     """Train one model as ``cfg`` says (or continue ``cfg.resume``) into ``cfg.out/run_name``
     (default ``cfg.out/<time>-<arch>``); ``cbs``: extra fastai callbacks for every fit of the run
     (progress displays, a search's pruning), besides those ``cfg.callback`` names; one that reads
     ``learn.run_history`` in ``after_epoch`` needs an ``order`` above ``RunHistory.order``;
-    ``link_latest``: point ``cfg.out/latest`` at the run. Returns None on the processes other than the
-    first of a distributed run."""
+    ``link_latest``: point ``cfg.out/latest`` at the run; ``stats``: the channels' (mean, std) when the
+    caller has measured them already on the same data and size (a search's trials), instead of
+    measuring them again. Returns None on the processes other than the first of a distributed run."""
     t_start = time.time()
-    with _run_folder(cfg, run_name) as (ts, run_dir, resumed, device, own_cbs), _closing_workers() as learners:
+    with _run_folder(cfg, run_name, stats) as (ts, run_dir, resumed, device, own_cbs), \
+            _closing_workers() as learners:
         result = _train(ts, run_dir, resumed, device, [*cbs, *own_cbs], t_start, learners)
     if result is not None and link_latest:
         point_latest(run_dir)
@@ -123,7 +126,7 @@ def train(cfg: TrainConfig, run_name: str | None = None, cbs=(), link_latest: bo
 
 
 @contextlib.contextmanager
-def _run_folder(cfg: TrainConfig, run_name: str | None):
+def _run_folder(cfg: TrainConfig, run_name: str | None, stats: tuple | None = None):
     """The training set, the run folder (locked for this process), what a resumed run continues, this
     process's device, and the callbacks of ``--callback`` (imported before a run folder is made).
     Under several processes only rank 0 writes the run folder; the others get a scratch folder,
@@ -143,7 +146,7 @@ def _run_folder(cfg: TrainConfig, run_name: str | None):
             stats = (saved["mean"], saved["std"]) if "mean" in saved and "std" in saved else None
             ts = prepare(run_cfg, stats)
         else:
-            ts = prepare(cfg)
+            ts = prepare(cfg, stats)
         # code named in a run folder's config.json is never imported: a resumed run takes --callback anew
         if resumed and ts.cfg.callback and not cfg.callback:
             named = " ".join(callback_list(ts.cfg.callback))
