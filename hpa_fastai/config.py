@@ -9,11 +9,9 @@ checked by ``models.check_arch``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import HPAError
 

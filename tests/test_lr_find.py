@@ -11,7 +11,6 @@ import pytest
 
 from hpa_fastai import plots
 from hpa_fastai.atomic import write_json
-from hpa_fastai.config import TrainConfig
 from hpa_fastai.synth import make_dataset
 from hpa_fastai.training import schedule
 from hpa_fastai.training.schedule import FALLBACK_LR, auto_lr

@@ -22,7 +22,6 @@ from fastai.vision import augment as fastai_augment
 from fastai.vision.augment import AffineCoordTfm, aug_transforms
 
 from ..config import MAX_WORKERS, TrainConfig, check_field
-from ..errors import HPAError
 from .images import read_image
 from .layouts import CHANNEL_SETS, key_for_path
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
-from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch

@@ -11,7 +11,6 @@ import stat
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .. import plots
 from ..errors import HPAError

@@ -41,7 +41,6 @@ from ..transfer import weights_form
 from . import distributed
 from .callbacks import (KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, StopOnSignal, WarmupEarlyStopping,
                         trick_callbacks)
-from .history import RunHistory
 from .learner import default_device, run_learner
 from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
 from .schedule import auto_lr_find_iters, find_lr, fit_one_cycle, learning_rate, phases
