@@ -79,6 +79,32 @@ def test_missing_imagenet_weights_fall_back_to_random_init_with_one_warning(monk
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # warned once per architecture
     assert model[0][0].in_channels == 4
 
+def test_a_timm_model_without_a_reachable_hub_asks_only_the_local_cache(monkeypatch, caplog):
+    """Offline, huggingface_hub would retry every request for about a minute before it looks in its
+    cache: with the Hub unreachable the build goes to the cache at once, and the mode is restored."""
+    from huggingface_hub import constants
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    import timm  # noqa: F401  (its package first: timm.models imports from it)
+    from timm.models import _hub as hub
+
+    seen, real_download = [], hub.hf_hub_download
+
+    def download(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(models.socket, "create_connection", unreachable)
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr(models, "_warned", set())
+    model, used = models.create_model("timm:resnet10t", 4, 10, pretrained=True)
+    assert not used and seen and all(seen)  # every request in offline mode
+    assert not constants.HF_HUB_OFFLINE  # restored for the rest of the process
+    assert any("random initialisation" in r.getMessage() for r in caplog.records)
+
+
 
 @pytest.mark.parametrize("name", ["resnet1000", "timm:not_a_model", "vgg"])
 def test_unknown_architectures_are_rejected(name):
