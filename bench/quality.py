@@ -296,15 +296,19 @@ def monitor_values(monitor: str, epoch: dict, valid_loss: float) -> float:
 
 def exported_epoch(values: list[float], higher: bool, n_epochs: int) -> tuple[int, int]:
     """(index of the epoch training exports, epochs run) for a monitor's per-epoch values, with
-    KeepBestModel's strict comparison and WarmupEarlyStopping's patience after the warm-up."""
+    KeepBestModel's strict comparison and WarmupEarlyStopping's patience after the warm-up, both
+    measured from the first epoch after the warm-up."""
     import math
 
     best, best_i, wait = None, 0, 0
+    warmup = math.ceil(WARMUP_PCT * n_epochs)
     for i, v in enumerate(values):
+        if i == warmup:  # the first epoch after the warm-up replaces the warm-up's best
+            best = None
         better = best is None or (v > best if higher else v < best)
         if better:
             best, best_i = v, i
-        if i + 1 <= math.ceil(WARMUP_PCT * n_epochs):
+        if i + 1 <= warmup:
             wait = 0
             continue
         wait = 0 if better else wait + 1

@@ -14,6 +14,7 @@ import math
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
@@ -58,7 +59,20 @@ def run_phase(learn) -> RunPhase:
     return getattr(learn, "run_phase", None) or RunPhase()
 
 
+def warmup_epochs(learn) -> int:
+    """Epochs at the start of the current fit that warm up: the phase's ``pct_start`` of its epochs,
+    where a rising learning rate makes the scores worse on purpose, or progressive resizing's
+    epochs at the smaller size, whichever are more."""
+    phase = run_phase(learn)
+    return max(math.ceil(phase.pct_start * learn.n_epoch), phase.small_epochs)
+
+
 class _TrainedEpochsOnly:
+    """A tracker whose reference restarts after the warm-up: an epoch of the warm-up is only the best
+    until the first epoch after it, which replaces it whatever its score (a fit that is all warm-up
+    keeps its best). Otherwise an early epoch, scored before the learning rate peaked, would stay the
+    mark the rest of the run must beat, while the warm-up's rising rate makes scores worse on purpose."""
+
     def before_epoch(self):
         self._trained = False
 
@@ -69,6 +83,8 @@ class _TrainedEpochsOnly:
         """The tracker's own update (``new_best``), for an epoch that trained; False for one skipped."""
         if not self._trained:
             return False
+        if self.epoch == warmup_epochs(self.learn):  # the first epoch after the warm-up
+            self.best = float("inf") if self.comp == np.less else -float("inf")
         TrackerCallback.after_epoch(self)
         return True
 
@@ -95,8 +111,7 @@ class WarmupEarlyStopping(_TrainedEpochsOnly, Stateful, EarlyStoppingCallback):
     def after_epoch(self):
         if not self._track_epoch():
             return
-        phase = run_phase(self.learn)
-        if self.epoch + 1 <= max(math.ceil(phase.pct_start * self.n_epoch), phase.small_epochs):
+        if self.epoch + 1 <= warmup_epochs(self.learn):
             self.wait = 0
             return
         self.wait = 0 if self.new_best else self.wait + 1
