@@ -8,7 +8,8 @@ import pytest
 from fastai.callback.core import CancelFitException
 from fastai.callback.tracker import TrackerCallback
 
-from hpa_fastai.training.callbacks import KeepBestModel, RunPhase, WarmupEarlyStopping
+from hpa_fastai.training.callbacks import (KeepBestModel, RunPhase, WarmupEarlyStopping, best_epoch_index,
+                                          warmup_length)
 
 # epochs 1-8: the validation losses of a random-init resnet34 on the bundled sample (BatchNorm
 # statistics of a tiny set make them spike while the learning rate rises); 9-10: the run going on
@@ -54,3 +55,11 @@ def test_early_stopping_waits_for_the_run_to_beat_its_own_epochs_after_the_warm_
 ])
 def test_the_exported_epoch_is_the_best_after_the_warm_up(losses, best):
     assert replay(KeepBestModel(monitor="valid_loss"), losses)[-1] == best
+
+
+@pytest.mark.parametrize("losses", [LOSSES, [0.5, 0.9, 0.8, 0.85, 0.9, 0.95], [0.7], [0.9, 0.8, 0.7, 0.7, 0.6]])
+def test_metrics_json_names_the_epoch_the_model_was_kept_from(losses):
+    """metrics.json's best epoch is read from the history by the rule the callback follows."""
+    kept = replay(KeepBestModel(monitor="valid_loss"), losses)[-1]
+    warmup = warmup_length(len(losses), 0.25)
+    assert best_epoch_index(losses, list(range(len(losses))), [warmup] * len(losses), higher=False) + 1 == kept

@@ -59,12 +59,30 @@ def run_phase(learn) -> RunPhase:
     return getattr(learn, "run_phase", None) or RunPhase()
 
 
+def warmup_length(n_epochs: int, pct_start: float, small_epochs: int = 0) -> int:
+    """Epochs at the start of a fit that warm up: its ``pct_start`` of its epochs, where a rising
+    learning rate makes the scores worse on purpose, or progressive resizing's epochs at the smaller
+    size, whichever are more."""
+    return max(math.ceil(pct_start * n_epochs), small_epochs)
+
+
 def warmup_epochs(learn) -> int:
-    """Epochs at the start of the current fit that warm up: the phase's ``pct_start`` of its epochs,
-    where a rising learning rate makes the scores worse on purpose, or progressive resizing's
-    epochs at the smaller size, whichever are more."""
+    """``warmup_length`` of the current fit."""
     phase = run_phase(learn)
-    return max(math.ceil(phase.pct_start * learn.n_epoch), phase.small_epochs)
+    return warmup_length(learn.n_epoch, phase.pct_start, phase.small_epochs)
+
+
+def best_epoch_index(values, epoch_in_phase, warmups, higher: bool) -> int:
+    """The row of a run's history that ``KeepBestModel`` keeps: the best by strict comparison, where
+    the first epoch after a phase's warm-up replaces whatever came before it. ``epoch_in_phase``:
+    each row's epoch within its phase (from 0); ``warmups``: each row's phase's warm-up epochs."""
+    best, best_i = None, 0
+    for i, (value, k, warmup) in enumerate(zip(values, epoch_in_phase, warmups)):
+        if k == warmup:
+            best = None
+        if best is None or (value > best if higher else value < best):
+            best, best_i = value, i
+    return best_i
 
 
 class _TrainedEpochsOnly:

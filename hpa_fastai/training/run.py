@@ -40,7 +40,7 @@ from ..runs.folder import (CHECKPOINT, CONFIG, CURVES, METRICS, VALID_PREDICTION
 from ..transfer import weights_form
 from . import distributed
 from .callbacks import (KeepBestModel, NaNGuard, ProgressiveResize, RunPhase, StopOnSignal, WarmupEarlyStopping,
-                        trick_callbacks)
+                        best_epoch_index, trick_callbacks, warmup_length)
 from .learner import default_device, run_learner
 from .resume import Checkpoint, check_resumed_values, read_checkpoint, read_resume_config, restore
 from .schedule import auto_lr_find_iters, find_lr, fit_one_cycle, learning_rate, phases
@@ -243,7 +243,7 @@ class _Fit:
     def __init__(self, learn, cfg: TrainConfig, run_dir: Path, lr: float, pretrained: bool, extra_cbs: list,
                  resumed: Resumed | None):
         comp = np.greater if cfg.monitor_higher_is_better else np.less
-        self.learn, self.run_dir, self.lr, self.resumed = learn, run_dir, lr, resumed
+        self.learn, self.cfg, self.run_dir, self.lr, self.resumed = learn, cfg, run_dir, lr, resumed
         self.phases = phases(cfg, lr, pretrained)
         self.history = learn.run_history
         self.checkpoint = Checkpoint(run_dir / CHECKPOINT, skip_last=not cfg.keep_checkpoint,
@@ -264,6 +264,20 @@ class _Fit:
             if distributed.is_main() else ([], [])
         self.cbs += tracker_cbs
 
+    def phase_small_epochs(self, spec) -> int:
+        """Epochs of the phase ``spec`` at progressive resizing's smaller size (all of a frozen phase)."""
+        if not self.small_epochs:
+            return 0
+        return spec.epochs if spec.name == "frozen" else self.small_epochs
+
+    def best_epoch_index(self, history: pd.DataFrame) -> int:
+        """The history row whose weights ``KeepBestModel`` kept (see ``callbacks.best_epoch_index``)."""
+        warmup = {spec.name: warmup_length(spec.epochs, spec.pct_start, self.phase_small_epochs(spec))
+                  for spec in self.phases}
+        cfg = self.cfg
+        return best_epoch_index(history[cfg.monitor].tolist(), history.groupby("phase").cumcount().tolist(),
+                                [warmup[p] for p in history["phase"]], cfg.monitor_higher_is_better)
+
     def end_trackers(self, status: str, metrics: dict | None = None) -> None:
         for tracker in self.trackers:
             tracker.end(status, metrics)
@@ -278,8 +292,7 @@ class _Fit:
         for i, spec in enumerate(self.phases[first_phase:], start=first_phase):
             phase, n_epochs = spec.name, spec.epochs
             # one one-cycle schedule across both sizes of progressive resizing
-            small = (n_epochs if phase == "frozen" else self.small_epochs) if self.small_epochs else 0
-            run_phase = RunPhase(phase, final=i == len(self.phases) - 1, small_epochs=small,
+            run_phase = RunPhase(phase, final=i == len(self.phases) - 1, small_epochs=self.phase_small_epochs(spec),
                                  pct_start=spec.pct_start)
             if phase == "frozen":
                 self.learn.freeze()
@@ -313,8 +326,8 @@ def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, precisi
         # the best epoch came before a --resume, or each process saw a share of the validation set
         with distributed.single_process():
             valid_preds = learn.get_preds(dl=learn.dls.valid)
-    metrics, thresholds = _score_best_epoch(ts, learn.dls.valid.items, valid_preds, history, run_dir, pretrained,
-                                            t_start)
+    metrics, thresholds = _score_best_epoch(ts, learn.dls.valid.items, valid_preds, history, fit.best_epoch_index(history),
+                                            run_dir, pretrained, t_start)
     set_thresholds(learn.loss_func, thresholds)  # learn.predict and export.pkl decode as predict does
     export_learner(learn, model_meta(ts, thresholds, precision), run_dir)
     status = "stopped early" if metrics["stopped_early"] else "finished"
@@ -327,8 +340,8 @@ def _finish(fit: _Fit, ts: TrainingSet, run_dir: Path, pretrained: bool, precisi
     return RunResult(run_dir, status, metrics, [float(t) for t in thresholds], history, cfg)
 
 
-def _score_best_epoch(ts: TrainingSet, valid_items: pd.DataFrame, valid_preds, history: pd.DataFrame, run_dir: Path,
-                      pretrained: bool, t_start: float) -> tuple[dict, np.ndarray]:
+def _score_best_epoch(ts: TrainingSet, valid_items: pd.DataFrame, valid_preds, history: pd.DataFrame, best_idx: int,
+                      run_dir: Path, pretrained: bool, t_start: float) -> tuple[dict, np.ndarray]:
     """metrics.json, per_class.csv and its plot, valid_predictions.csv: the best epoch's validation
     predictions scored at ``--threshold`` and with per-class thresholds tuned on them (see
     ``evaluation.score``). Returns metrics.json's contents and the tuned thresholds."""
@@ -336,7 +349,6 @@ def _score_best_epoch(ts: TrainingSet, valid_items: pd.DataFrame, valid_preds, h
     probs, targs = valid_preds
     probs, targs = probs.float().numpy(), targs.numpy().astype(bool)
     scores = score(probs, targs, ts.names, threshold=cfg.threshold, seed=cfg.seed)
-    best_idx = int(history[cfg.monitor].idxmax() if cfg.monitor_higher_is_better else history[cfg.monitor].idxmin())
     stopped_early = len(history) < cfg.epochs + (cfg.freeze_epochs if pretrained else 0)
     metrics = {
         "best_epoch": int(history["epoch"].iloc[best_idx]),
