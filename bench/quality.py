@@ -409,7 +409,7 @@ def defaults_study(args) -> None:
                         for (case, rule), part in lrs.groupby(["case", "--lr"], sort=False))
     first = results[0]
     C.record("Quality: the default --monitor and --lr", rows,
-             {"arch": first["arch"], "pretrained": False, "seeds": args.seeds, "cases": "; ".join(
+             {"arch": first["arch"], "pretrained": False, "seeds": " ".join(map(str, sorted({r["seed"] for r in results}))), "cases": "; ".join(
                  f"{c}: {n} images (80% train), {size} px, signal {sig}, {ep} epochs, shares "
                  f"{sh.max():.2f} to {sh.min():.3f}, {nt} test images"
                  for c, (sh, n, size, sig, ep, nt) in DEFAULTS_CASES.items() if c in cases)},
