@@ -95,11 +95,39 @@ def _torchvision(fn):
     return build
 
 
+@contextlib.contextmanager
+def _hub_offline_when_unreachable():
+    """Hugging Face Hub in offline mode while its server cannot be reached. timm fetches ImageNet
+    weights through huggingface_hub, which without a network retries every request with back-off for
+    about a minute before it looks in its local cache; in offline mode it goes to the cache at once.
+    huggingface_hub reads ``constants.HF_HUB_OFFLINE`` on every request, so the switch is made there,
+    for the duration of one timm model build."""
+    if "huggingface_hub" not in sys.modules and importlib.util.find_spec("huggingface_hub") is None:
+        yield
+        return
+    from huggingface_hub import constants
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if constants.HF_HUB_OFFLINE:
+        yield
+        return
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    constants.HF_HUB_OFFLINE = not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def _timm(name: str, **published):
     """A timm model; ``published``: what the model must be built with to hold every tensor of its
     published ImageNet file (Inception-v3's has the auxiliary classifier, which timm skips on loading)."""
     def build(n_in: int, n_out: int, pretrained: bool = False) -> nn.Sequential:
-        return create_timm_model(name, n_out, pretrained=pretrained, n_in=n_in)[0]
+        with _hub_offline_when_unreachable() if pretrained else contextlib.nullcontext():
+            return create_timm_model(name, n_out, pretrained=pretrained, n_in=n_in)[0]
     build.imagenet = ("timm", name)
     build.published = published
     return build
@@ -305,33 +333,6 @@ def imagenet_layout(arch: str) -> ImageNetLayout | None:
 _warned: set = set()
 
 
-@contextlib.contextmanager
-def _hub_offline_when_unreachable():
-    """Hugging Face Hub in offline mode while its server cannot be reached. timm fetches ImageNet
-    weights through huggingface_hub, which without a network retries every request with back-off for
-    about a minute before it looks in its local cache; in offline mode it goes to the cache at once.
-    huggingface_hub reads ``constants.HF_HUB_OFFLINE`` on every request, so the switch is made there,
-    for the duration of one model build."""
-    if "huggingface_hub" not in sys.modules and importlib.util.find_spec("huggingface_hub") is None:
-        yield
-        return
-    from huggingface_hub import constants
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    if constants.HF_HUB_OFFLINE:
-        yield
-        return
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        reachable = True
-    except OSError:
-        reachable = False
-    constants.HF_HUB_OFFLINE = not reachable
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = False
-
-
 def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True):
     """Build ``arch`` for ``n_in`` stains and ``n_out`` classes. Returns ``(model, used_pretrained)``.
 
@@ -343,7 +344,7 @@ def create_model(arch: str, n_in: int, n_out: int, pretrained: bool = True):
         old_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(15)
         try:
-            with warnings.catch_warnings(), _hub_offline_when_unreachable():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = build(3, n_out, pretrained=True)
         except Exception as e:  # torch.hub, urllib and huggingface_hub each raise their own types
