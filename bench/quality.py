@@ -295,26 +295,23 @@ def monitor_values(monitor: str, epoch: dict, valid_loss: float) -> float:
 
 
 def exported_epoch(values: list[float], higher: bool, n_epochs: int) -> tuple[int, int]:
-    """(index of the epoch training exports, epochs run) for a monitor's per-epoch values, with
-    KeepBestModel's strict comparison and WarmupEarlyStopping's patience after the warm-up, both
-    measured from the first epoch after the warm-up."""
-    import math
+    """(index of the epoch training exports, epochs run) for a monitor's per-epoch values: the
+    epochs WarmupEarlyStopping lets run (patience after the warm-up, measured from the first epoch
+    after it), and among them the one KeepBestModel keeps (``callbacks.best_epoch_index``)."""
+    from hpa_fastai.training.callbacks import best_epoch_index, warmup_length
 
-    best, best_i, wait = None, 0, 0
-    warmup = math.ceil(WARMUP_PCT * n_epochs)
+    warmup = warmup_length(n_epochs, WARMUP_PCT)
+    run, best, wait = len(values), None, 0
     for i, v in enumerate(values):
         if i == warmup:  # the first epoch after the warm-up replaces the warm-up's best
             best = None
         better = best is None or (v > best if higher else v < best)
-        if better:
-            best, best_i = v, i
-        if i + 1 <= warmup:
-            wait = 0
-            continue
-        wait = 0 if better else wait + 1
+        best = v if better else best
+        wait = 0 if i + 1 <= warmup or better else wait + 1
         if wait >= PATIENCE:
-            return best_i, i + 1
-    return best_i, len(values)
+            run = i + 1
+            break
+    return best_epoch_index(values[:run], range(run), [warmup] * run, higher), run
 
 
 def run_defaults(case: str, lr_rule: str, seed: int, train_dir: Path, test_dir: Path, args) -> dict:
