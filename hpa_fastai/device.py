@@ -28,6 +28,17 @@ COMPILE_BACKEND = "inductor"
 COMPILE_MODE = None
 
 
+def plain_tensor(t):
+    """``t`` as a plain ``torch.Tensor`` (what fastai's tensor types are, without their metadata); other
+    values as they are. fastai replaces ``Tensor.as_subclass`` with a Python function that also copies
+    the metadata, and its tensor types run a Python-level dispatch for every attribute and operation:
+    a training step that converts its batch and its loss's inputs pays both a few times a batch. This
+    calls torch's own method, and only where a conversion is needed."""
+    if type(t) is torch.Tensor or not isinstance(t, torch.Tensor):
+        return t
+    return torch._C.TensorBase.as_subclass(t, torch.Tensor)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
+from .device import plain_tensor
 from .errors import HPAError
 
 
@@ -62,8 +63,8 @@ class BCEWithLogits(ThresholdDecoding, BCEWithLogitsLossFlat):
         if kwargs or inp.ndim != 2 or self.axis not in (-1, 1):  # what fastai's own does otherwise
             return super().__call__(inp, targ, **kwargs)
         func = self.func
-        return F.binary_cross_entropy_with_logits(inp.as_subclass(torch.Tensor).reshape(-1),
-                                                  targ.as_subclass(torch.Tensor).reshape(-1).float(),
+        return F.binary_cross_entropy_with_logits(plain_tensor(inp).reshape(-1),
+                                                  plain_tensor(targ).reshape(-1).float(),
                                                   weight=func.weight, pos_weight=func.pos_weight,
                                                   reduction=func.reduction)
 

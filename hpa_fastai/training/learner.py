@@ -14,7 +14,7 @@ import torch
 from fastai import learner as fastai_learner
 from fastai.callback.core import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
                                   CancelFitException, CancelStepException, CancelTrainException,
-                                  CancelValidException, _inner_loop)
+                                  CancelValidException, TrainEvalCallback, _inner_loop)
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 from fastcore.xtras import modify_exception
@@ -69,7 +69,8 @@ class Learner(fastai_learner.Learner):
     Here each event goes, in fastai's order, only to the callbacks that handle it (worked out once
     per set of callbacks), with ``Callback.__call__``'s rules (``run``, ``run_train``, ``run_valid``,
     the wording of an error) applied in this one loop; a batch already on the model's device is only
-    made of plain tensors, in place of ``CastToTensor``; and the recorder is ``HostRecorder``.
+    made of plain tensors, in place of ``CastToTensor``; and the recorder and the iteration counter
+    are ``HostRecorder`` and ``HostTrainEval``.
     Everything else is fastai's."""
 
     _handlers: dict = {}
@@ -78,6 +79,8 @@ class Learner(fastai_learner.Learner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.remove_cbs(self.cbs.filter(lambda cb: isinstance(cb, fastai_learner.CastToTensor)))
+        self.remove_cbs(self.cbs.filter(lambda cb: type(cb) is TrainEvalCallback))
+        self.add_cb(HostTrainEval())
         recorder = self.recorder
         self.remove_cb(recorder)
         self.add_cb(HostRecorder(add_time=recorder.add_time, train_metrics=recorder.train_metrics,
@@ -88,27 +91,16 @@ class Learner(fastai_learner.Learner):
         return {k: v for k, v in super().__getstate__().items() if k not in ("_handlers", "_handlers_of")}
 
     def __call__(self, event_name):
-        if isinstance(event_name, str):
-            self._call_one(event_name)
-        else:
+        if not isinstance(event_name, str):
             for name in event_name:
-                self._call_one(name)
-
-    def _call_one(self, event_name):
-        cbs = tuple(self.cbs.items)
-        if cbs != self._handlers_of:  # callbacks added or removed (each fit adds its own)
-            self._handlers, self._handlers_of = {}, cbs
-        handlers = self._handlers.get(event_name)
-        if handlers is None:
-            if not hasattr(fastai_learner.event, event_name):
-                raise Exception(f"missing {event_name}")
-            # every callback sees after_fit: fastai's Callback resets its ``run`` flag there
-            handlers = self._handlers[event_name] = [
-                cb for cb in self.cbs.sorted("order")
-                if event_name == "after_fit" or hasattr(type(cb), event_name) or event_name in vars(cb)]
+                self(name)
+            return
+        if not self._handled(event_name):  # most of a batch's nine events: nothing to do
+            return
+        handlers = self._handlers[event_name]
         inner, training = event_name in _INNER_LOOP, getattr(self, "training", None)
-        for cb in handlers:
-            if type(cb).__call__ is not Callback.__call__:
+        for cb, own_call in handlers:
+            if own_call:
                 cb(event_name)
                 continue
             if cb.run and (not inner or (cb.run_train and (training is None or training))
@@ -123,14 +115,55 @@ class Learner(fastai_learner.Learner):
             if event_name == "after_fit":
                 cb.run = True
 
+    def _with_events(self, f, event_type, ex, final=noop):
+        # fastai's, less the three event calls when no callback handles any of them (a training batch's
+        # backward and step, in a plain run)
+        if self._handled(f"before_{event_type}") or self._handled(f"after_{event_type}") \
+                or self._handled(f"after_cancel_{event_type}"):
+            return super()._with_events(f, event_type, ex, final)
+        try:
+            f()
+        except ex:
+            pass
+        final()
+
+    def _handled(self, event_name) -> bool:
+        """Whether a callback handles ``event_name`` (``__call__``'s lookup, without calling it)."""
+        cbs = tuple(self.cbs.items)
+        if cbs != self._handlers_of:  # callbacks added or removed (each fit adds its own)
+            self._handlers, self._handlers_of = {}, cbs
+        handlers = self._handlers.get(event_name)
+        if handlers is None:
+            handlers = self._handlers[event_name] = self._find_handlers(event_name)
+        return bool(handlers)
+
+    def _find_handlers(self, event_name) -> list:
+        """The callbacks ``event_name`` goes to, in order, each with whether it has its own ``__call__``."""
+        if not hasattr(fastai_learner.event, event_name):
+            raise Exception(f"missing {event_name}")
+        # every callback sees after_fit: fastai's Callback resets its ``run`` flag there
+        return [(cb, type(cb).__call__ is not Callback.__call__) for cb in self.cbs.sorted("order")
+                if event_name == "after_fit" or hasattr(type(cb), event_name) or event_name in vars(cb)]
+
     def _set_device(self, b):
+        b = tuple(D.plain_tensor(t) for t in b)  # first: reading a fastai tensor's device dispatches in Python
         device = next(self.model.parameters()).device
         if not all(t.device == device for t in b if isinstance(t, torch.Tensor)):
-            b = super()._set_device(b)
-        # as_subclass on a fastai tensor would first run fastai's Python-level dispatch for the call
-        with torch._C.DisableTorchFunctionSubclass():
-            return tuple(t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor
-                         else t for t in b)
+            b = tuple(D.plain_tensor(t) for t in super()._set_device(b))
+        return b
+
+
+class HostTrainEval(TrainEvalCallback):
+    """fastai's ``TrainEvalCallback`` (training mode, the iteration counters), counting a training batch
+    on the Learner's own attributes: fastai's reads four of them through fastcore's attribute
+    forwarding every batch."""
+
+    name = "train_eval"
+
+    def after_batch(self):
+        learn = self.learn
+        learn.pct_train += 1.0 / (learn.n_iter * learn.n_epoch)
+        learn.train_iter += 1
 
 
 class HostRecorder(fastai_learner.Recorder):
@@ -148,7 +181,7 @@ class HostRecorder(fastai_learner.Recorder):
 
     def after_batch(self):
         learn = self.learn
-        if not (learn.training and len(learn.yb)) or self.train_metrics or getattr(self, "cancel_train", False):
+        if not (learn.training and len(learn.yb)) or self.train_metrics or vars(self).get("cancel_train"):
             return super().after_batch()
         self.smooth_loss.accumulate(learn)
         self.lrs.append(last_hyper(learn.opt, "lr"))

@@ -54,6 +54,14 @@ class AdamW(OptimWrapper):
         super().__init__(opt=opt)
         self.owners, self.decaying, self.n_layer_groups = owners, decaying, len(layer_groups)
 
+    # OptimWrapper reaches the torch optimizer's step and zero_grad through fastcore's generic
+    # attribute forwarding, twice a batch: these call them directly
+    def step(self, closure=None):
+        return self.opt.step(closure)
+
+    def zero_grad(self):
+        self.opt.zero_grad()
+
     def _torch_groups(self, i: int) -> list[dict]:
         return [pg for pg, owner in zip(self.opt.param_groups, self.owners) if owner == i]
 

@@ -242,9 +242,17 @@ def fit_one_cycle(learn, n_epoch: int, lr_max, cbs=(), start_epoch: int = 0, div
 
 
 class HostParamScheduler(ParamScheduler):
-    """fastai's ``ParamScheduler``, recording the values it set from one reading of the optimizer's
-    hyper-parameters per batch (fastai's reads them once per scheduled parameter)."""
+    """fastai's ``ParamScheduler``, reading the Learner's attributes directly (fastai's go through
+    fastcore's attribute forwarding, a few times a batch) and recording the values it set from one
+    reading of the optimizer's hyper-parameters per batch (fastai's reads them once per scheduled
+    parameter)."""
+
+    def before_batch(self):
+        learn = self.learn
+        for name, sched in self.scheds.items():
+            learn.opt.set_hyper(name, sched(learn.pct_train))
 
     def after_batch(self):
+        opt = self.learn.opt
         for name in self.scheds:
-            self.hps[name].append(last_hyper(self.learn.opt, name))
+            self.hps[name].append(last_hyper(opt, name))
