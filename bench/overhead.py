@@ -36,6 +36,7 @@ class FirstBatch(Callback):
         print("first batch", flush=True)
         os._exit(0)
 
+print("imported", flush=True)
 attach_logging()
 data, arch, out = sys.argv[1:4]
 train(TrainConfig(data=data, arch=arch, epochs=1, lr="1e-3", pretrained=False, out=out), cbs=[FirstBatch()])
@@ -59,11 +60,11 @@ def startup(args) -> dict | None:
         proc = subprocess.Popen([sys.executable, "-c", FIRST_BATCH, str(data), args.startup_arch, out],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         seen = {}
-        for line in proc.stdout:
-            if line.startswith("model ") and "model" not in seen:
-                seen["model"] = time.perf_counter() - t0
-            elif line.startswith("first batch"):
-                seen["first batch"] = time.perf_counter() - t0
+        for line in proc.stdout:  # the console's lines, in the order a run prints them
+            for key, start in (("imports", "imported"), ("data", "data "), ("model", "model "),
+                               ("first batch", "first batch")):
+                if line.startswith(start) and key not in seen:
+                    seen[key] = time.perf_counter() - t0
         err = proc.stderr.read()
         if proc.wait() != 0 or "first batch" not in seen:
             raise RuntimeError(f"start-up run failed:\n{err[-2000:]}")
@@ -76,10 +77,19 @@ def startup(args) -> dict | None:
         for _ in range(args.startup_rounds):
             runs.append(("data unchanged since the last run", one(out)))
     warm = [r["first batch"] for name, r in runs[1:]]
-    rows = [{"run": name, "to the model line s": r["model"], "to the first batch s": r["first batch"]}
-            for name, r in runs]
-    rows.append({"run": "unchanged data, median", "to the model line s": statistics.median(r["model"] for _, r in runs[1:]),
-                 "to the first batch s": statistics.median(warm)})
+    # where the time goes: Python and the libraries imported; the data read and checked (the CSV, the
+    # remembered checks, the statistics); the model and the loaders built; the first batch loaded
+    parts = (("imports s", None, "imports"), ("data checks s", "imports", "data"), ("model s", "data", "model"),
+             ("first batch s", "model", "first batch"))
+
+    def row(name, r):
+        out = {"run": name, "to the model line s": r["model"], "to the first batch s": r["first batch"]}
+        out.update({label: r[end] - (r[begin] if begin else 0.0) for label, begin, end in parts})
+        return out
+
+    rows = [row(name, r) for name, r in runs]
+    rows.append({"run": "unchanged data, median", **{k: statistics.median(row(n, r)[k] for n, r in runs[1:])
+                                                    for k in rows[0] if k != "run"}})
     C.record("Start-up on a full-size HPA 2018 layout: to the model line and the first batch", rows,
              {"images": 31072, "stain files": 124288, "arch": args.startup_arch, "size": "auto (256)", "bs": 32,
               "workers": "default (0 on a CPU)", "warm rounds": args.startup_rounds},

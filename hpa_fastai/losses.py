@@ -63,9 +63,12 @@ class BCEWithLogits(ThresholdDecoding, BCEWithLogitsLossFlat):
         if kwargs or inp.ndim != 2 or self.axis not in (-1, 1):  # what fastai's own does otherwise
             return super().__call__(inp, targ, **kwargs)
         func = self.func
-        return F.binary_cross_entropy_with_logits(plain_tensor(inp).reshape(-1),
-                                                  plain_tensor(targ).reshape(-1).float(),
-                                                  weight=func.weight, pos_weight=func.pos_weight,
+        inp, targ = plain_tensor(inp), plain_tensor(targ)
+        if targ.dtype != inp.dtype:
+            targ = targ.float()
+        if func.reduction == "none":  # fastai's flat loss gives one value per image and class, flattened
+            inp, targ = inp.reshape(-1), targ.reshape(-1)
+        return F.binary_cross_entropy_with_logits(inp, targ, weight=func.weight, pos_weight=func.pos_weight,
                                                   reduction=func.reduction)
 
 

@@ -121,6 +121,28 @@ def test_the_loss_registry_is_what_the_loss_flag_offers():
         assert float(loss(torch.zeros(2, 3), torch.ones(2, 3))) > 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_gives_fastais_values_and_gradients_on_fastai_or_plain_tensors(reduction):
+    from fastai.losses import BCEWithLogitsLossFlat
+    from fastai.torch_core import TensorBase, TensorMultiCategory
+
+    from hpa_fastai.losses import BCEWithLogits
+
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(5, 4, generator=g), (torch.rand(5, 4, generator=g) > 0.5).long()
+    want_in = TensorBase(logits.clone()).requires_grad_()
+    want = BCEWithLogitsLossFlat(reduction=reduction)(want_in, TensorMultiCategory(targets))
+    want.sum().backward()
+    plain = torch.Tensor.as_subclass
+    for inp, targ in ((TensorBase(logits.clone()), TensorMultiCategory(targets)), (logits.clone(), targets.float())):
+        inp.requires_grad_()
+        got = BCEWithLogits(reduction=reduction)(inp, targ)
+        assert got.shape == want.shape
+        torch.testing.assert_close(plain(got.detach(), torch.Tensor), plain(want.detach(), torch.Tensor))
+        got.sum().backward()
+        torch.testing.assert_close(plain(inp.grad, torch.Tensor), plain(want_in.grad, torch.Tensor))
+
+
 def test_an_unknown_loss_is_an_error_not_bce():
     from hpa_fastai import losses
 
