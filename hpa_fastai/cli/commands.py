@@ -2,7 +2,10 @@
 imported inside each command, so that ``run.py runs`` or ``--help`` never pay for torch."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -396,7 +399,7 @@ def download_hpav18(cfg: DownloadHPAv18Config) -> Path:
     from ..tools.hpav18_download import FAILED_CSV, download
     from .progress import ConsoleProgress
 
-    with ConsoleProgress("HPAv18 files") as progress:
+    with ConsoleProgress("HPAv18 files") as progress, _sigterm_as_ctrl_c():
         result = download(cfg.labels, cfg.out, size=cfg.size, format=cfg.format, ids=cfg.ids, classes=cfg.classes,
                           base_url=cfg.base_url, connections=cfg.connections, retries=cfg.retries,
                           backoff=cfg.backoff, timeout=cfg.timeout, progress=progress)
@@ -410,6 +413,25 @@ def download_hpav18(cfg: DownloadHPAv18Config) -> Path:
         f"{result.complete} complete images in {result.out / 'train.csv'}; train with: "
         f"hpa-fastai --data <HPA 2018 folder> --extra-data {result.out}")
     return result.out
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (kill, a scheduler's time limit) stops the block as Ctrl-C does, so that what the
+    command does on Ctrl-C (the download writes train.csv of the complete images) happens too;
+    Python's default for SIGTERM ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():  # signal's rule
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # commands that also take the config fields whose flags the user gave (tune holds them fixed)
