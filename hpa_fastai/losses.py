@@ -64,7 +64,7 @@ class BCEWithLogits(ThresholdDecoding, BCEWithLogitsLossFlat):
             return super().__call__(inp, targ, **kwargs)
         func = self.func
         inp, targ = plain_tensor(inp), plain_tensor(targ)
-        if targ.dtype != inp.dtype:
+        if targ.dtype != torch.float32:
             targ = targ.float()
         if func.reduction == "none":  # fastai's flat loss gives one value per image and class, flattened
             inp, targ = inp.reshape(-1), targ.reshape(-1)

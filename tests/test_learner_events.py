@@ -1,8 +1,9 @@
 """The project's Learner sends fastai's events as fastai's own Learner does: the same events to the
 same callbacks in the same order, the cancelling exceptions handled alike, callbacks added or
 removed during a fit taken into account from the next event, and the same weights after the fit.
-It skips work for events nobody handles, so the traces are compared with callbacks that handle only
-some events, with a callback that cancels steps and one that joins in the middle of a fit."""
+It looks up once which callbacks handle an event, so the traces are compared with callbacks that
+handle only some events, one that runs in training only, one with its own ``__call__`` (which gets
+every event), one that cancels steps and one that joins in the middle of a fit."""
 from __future__ import annotations
 
 import pytest
@@ -31,6 +32,20 @@ class Trace(Callback):
         for event in events:
             setattr(self, event, lambda event=event: self.log.append((self.tag, event, self.learn.iter
                                                                         if hasattr(self.learn, "iter") else None)))
+
+
+class TrainingOnly(Trace):
+    run_valid = False
+
+
+class EveryEvent(Callback):
+    """A callback with its own ``__call__``, as fastai's ``VerboseCallback``: every event reaches it."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, event_name):
+        self.log.append(("every", event_name, None))
 
 
 class CancelSomeSteps(Callback):
@@ -68,18 +83,25 @@ def _fit(cls, extra) -> tuple[list, dict]:
     learn = cls(_dls(), model, loss_func=nn.BCEWithLogitsLoss(), opt_func=adamw, lr=1e-2)
     learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ in ("ProgressCallback",)])
     cbs = [Trace(log, ["before_batch", "after_batch", "after_cancel_batch", "after_loss"], "partial"),
-           JoinsLater(log), *extra]
+           TrainingOnly(log, ["after_pred", "before_validate"], "training only"), JoinsLater(log),
+           *[cb(log) if isinstance(cb, type) else cb for cb in extra]]
     learn.fit(2, cbs=cbs)
     return log, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("extra", [[], [CancelSomeSteps()]], ids=["plain", "cancels"])
+@pytest.mark.parametrize("extra", [[], [CancelSomeSteps()], [EveryEvent]], ids=["plain", "cancels", "every event"])
 def test_events_and_weights_match_fastais_learner(extra):
     ours_log, ours_weights = _fit(Learner, extra)
     theirs_log, theirs_weights = _fit(fastai_learner.Learner, extra)
     assert ours_log == theirs_log
     assert any(name == "late" for name, _, _ in ours_log)  # the callback that joined was called
-    if extra:
+    # run_valid False: its inner-loop events in training only, the others (before_validate) always
+    seen = {(name, event) for name, event, _ in ours_log}
+    assert {("training only", "after_pred"), ("training only", "before_validate")} <= seen
+    assert sum(1 for name, event, _ in ours_log if (name, event) == ("training only", "after_pred")) == 2 * 6
+    if extra == [EveryEvent]:
+        assert ("every", "before_backward", None) in ours_log
+    elif extra:
         assert ("late", "after_cancel_step", 0) in ours_log or ("late", "after_cancel_step", 3) in ours_log
         assert ("partial", "after_cancel_batch", 4) in ours_log
     for key in theirs_weights:

@@ -419,19 +419,24 @@ def download_hpav18(cfg: DownloadHPAv18Config) -> Path:
 def _sigterm_as_ctrl_c():
     """SIGTERM (kill, a scheduler's time limit) stops the block as Ctrl-C does, so that what the
     command does on Ctrl-C (the download writes train.csv of the complete images) happens too;
-    Python's default for SIGTERM ends the process at once."""
-    if threading.current_thread() is not threading.main_thread():  # signal's rule
+    Python's default for SIGTERM ends the process at once. The first SIGTERM interrupts; later ones
+    are ignored while the block finishes (Ctrl-C still stops it). A SIGTERM the parent process set
+    to be ignored stays ignored."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:  # signal's rule; the parent's choice
         yield
         return
 
     def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what the interrupt starts (writing train.csv) ends
         raise KeyboardInterrupt
 
     before = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 # commands that also take the config fields whose flags the user gave (tune holds them fixed)

@@ -75,6 +75,7 @@ class Learner(fastai_learner.Learner):
 
     _handlers: dict = {}
     _handlers_of: tuple = ()
+    _handler_ids: tuple = ()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -88,21 +89,26 @@ class Learner(fastai_learner.Learner):
 
     def __getstate__(self):
         # the callbacks of the last fit stay out of an export: they may hold a console or a thread
-        return {k: v for k, v in super().__getstate__().items() if k not in ("_handlers", "_handlers_of")}
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_handlers", "_handlers_of", "_handler_ids")}
 
     def __call__(self, event_name):
         if not isinstance(event_name, str):
             for name in event_name:
                 self(name)
             return
-        if not self._handled(event_name):  # most of a batch's nine events: nothing to do
-            return
-        handlers = self._handlers[event_name]
-        inner, training = event_name in _INNER_LOOP, getattr(self, "training", None)
-        for cb, own_call in handlers:
+        ids = tuple(map(id, self.cbs.items))
+        if ids != self._handler_ids:  # callbacks added or removed (each fit adds its own)
+            # the callbacks are kept with their ids, so that no id is reused while it is remembered
+            self._handlers, self._handlers_of, self._handler_ids = {}, tuple(self.cbs.items), ids
+        handlers = self._handlers.get(event_name)
+        if handlers is None:
+            handlers = self._handlers[event_name] = self._find_handlers(event_name)
+        inner = event_name in _INNER_LOOP
+        for cb, own_call in handlers:  # most of a batch's nine events have none
             if own_call:
                 cb(event_name)
                 continue
+            training = getattr(self, "training", None)  # read for each callback, as fastai's Callback does
             if cb.run and (not inner or (cb.run_train and (training is None or training))
                            or (cb.run_valid and not training)):
                 try:
@@ -115,35 +121,18 @@ class Learner(fastai_learner.Learner):
             if event_name == "after_fit":
                 cb.run = True
 
-    def _with_events(self, f, event_type, ex, final=noop):
-        # fastai's, less the three event calls when no callback handles any of them (a training batch's
-        # backward and step, in a plain run)
-        if self._handled(f"before_{event_type}") or self._handled(f"after_{event_type}") \
-                or self._handled(f"after_cancel_{event_type}"):
-            return super()._with_events(f, event_type, ex, final)
-        try:
-            f()
-        except ex:
-            pass
-        final()
-
-    def _handled(self, event_name) -> bool:
-        """Whether a callback handles ``event_name`` (``__call__``'s lookup, without calling it)."""
-        cbs = tuple(self.cbs.items)
-        if cbs != self._handlers_of:  # callbacks added or removed (each fit adds its own)
-            self._handlers, self._handlers_of = {}, cbs
-        handlers = self._handlers.get(event_name)
-        if handlers is None:
-            handlers = self._handlers[event_name] = self._find_handlers(event_name)
-        return bool(handlers)
-
     def _find_handlers(self, event_name) -> list:
-        """The callbacks ``event_name`` goes to, in order, each with whether it has its own ``__call__``."""
+        """The callbacks ``event_name`` goes to, in order, each with whether it has its own ``__call__``
+        (which gets every event, as fastai sends it)."""
         if not hasattr(fastai_learner.event, event_name):
             raise Exception(f"missing {event_name}")
-        # every callback sees after_fit: fastai's Callback resets its ``run`` flag there
-        return [(cb, type(cb).__call__ is not Callback.__call__) for cb in self.cbs.sorted("order")
-                if event_name == "after_fit" or hasattr(type(cb), event_name) or event_name in vars(cb)]
+        found = []
+        for cb in self.cbs.sorted("order"):
+            own_call = type(cb).__call__ is not Callback.__call__
+            # every callback sees after_fit: fastai's Callback resets its ``run`` flag there
+            if own_call or event_name == "after_fit" or hasattr(type(cb), event_name) or event_name in vars(cb):
+                found.append((cb, own_call))
+        return found
 
     def _set_device(self, b):
         b = tuple(D.plain_tensor(t) for t in b)  # first: reading a fastai tensor's device dispatches in Python
@@ -155,8 +144,8 @@ class Learner(fastai_learner.Learner):
 
 class HostTrainEval(TrainEvalCallback):
     """fastai's ``TrainEvalCallback`` (training mode, the iteration counters), counting a training batch
-    on the Learner's own attributes: fastai's reads four of them through fastcore's attribute
-    forwarding every batch."""
+    on the Learner's own attributes: fastai's reads two of them (``n_iter``, ``n_epoch``) through
+    fastcore's attribute forwarding every batch."""
 
     name = "train_eval"
 

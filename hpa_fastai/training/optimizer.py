@@ -59,8 +59,8 @@ class AdamW(OptimWrapper):
     def step(self, closure=None):
         return self.opt.step(closure)
 
-    def zero_grad(self):
-        self.opt.zero_grad()
+    def zero_grad(self, set_to_none: bool = True):
+        self.opt.zero_grad(set_to_none=set_to_none)
 
     def _torch_groups(self, i: int) -> list[dict]:
         return [pg for pg, owner in zip(self.opt.param_groups, self.owners) if owner == i]

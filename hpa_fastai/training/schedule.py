@@ -243,9 +243,8 @@ def fit_one_cycle(learn, n_epoch: int, lr_max, cbs=(), start_epoch: int = 0, div
 
 class HostParamScheduler(ParamScheduler):
     """fastai's ``ParamScheduler``, reading the Learner's attributes directly (fastai's go through
-    fastcore's attribute forwarding, a few times a batch) and recording the values it set from one
-    reading of the optimizer's hyper-parameters per batch (fastai's reads them once per scheduled
-    parameter)."""
+    fastcore's attribute forwarding, a few times a batch) and recording the values it set from the
+    optimizer's last layer group directly (fastai's builds every group's hyper-parameters for each)."""
 
     def before_batch(self):
         learn = self.learn
