@@ -144,6 +144,7 @@ def host_time(args, prep) -> float:
     from torch import nn
 
     from hpa_fastai.training.learner import run_learner
+    from hpa_fastai.training.optimizer import BETAS, EPS, WEIGHT_DECAY, decays
     from hpa_fastai.training.schedule import fit_one_cycle
 
     size, bs, steps = 8, 16, args.host_steps
@@ -162,13 +163,13 @@ def host_time(args, prep) -> float:
         fit_one_cycle(learn, 1, 1e-3, cbs=[timer, *_training_callbacks()])
         return timer.seconds
 
-    kw = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-5, fused=True)
+    kw = dict(lr=1e-3, betas=BETAS, eps=EPS, fused=True)
     # the Learner's optimizer keeps weight decay off the bias, in a second torch parameter group (a
     # second fused kernel a step); the bare loop of the target does the same, so that the two sides
     # differ only by fastai's per-batch work; the one-group loop is what many scripts write
-    same_groups = torch.optim.AdamW([{"params": [p], "weight_decay": 0.01 if p.ndim > 1 else 0.0}
+    same_groups = torch.optim.AdamW([{"params": [p], "weight_decay": WEIGHT_DECAY if decays(p) else 0.0}
                                      for p in model.parameters()], **kw)
-    one_group = torch.optim.AdamW(model.parameters(), weight_decay=0.01, **kw)
+    one_group = torch.optim.AdamW(model.parameters(), weight_decay=WEIGHT_DECAY, **kw)
     plain_batches = [(x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor).float()) for x, y in batches]
     bce = nn.BCEWithLogitsLoss()
 

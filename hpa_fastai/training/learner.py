@@ -136,9 +136,9 @@ class Learner(fastai_learner.Learner):
 
     def _set_device(self, b):
         b = tuple(D.plain_tensor(t) for t in b)  # first: reading a fastai tensor's device dispatches in Python
-        device = next(self.model.parameters()).device
+        device = D.model_device(self.model)
         if not all(t.device == device for t in b if isinstance(t, torch.Tensor)):
-            b = tuple(D.plain_tensor(t) for t in super()._set_device(b))
+            b = super()._set_device(b)  # moving plain tensors gives plain tensors
         return b
 
 

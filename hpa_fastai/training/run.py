@@ -393,7 +393,8 @@ def _catch_signals(handler) -> dict:
 
 def _restore_signals(previous: dict) -> None:
     for sig, handler in previous.items():
-        signal.signal(sig, handler)
+        # None: a handler set outside Python, which cannot be put back; the default is the nearest
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @dataclass
